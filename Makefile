@@ -1,0 +1,43 @@
+# One target per developer task; CI runs `make test` (see .ci/run).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-unit test-job test-cluster lint crds chart-lint bench clean
+
+# Create or reuse .venv; reinstall when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Trains (or reuses) the digits model and runs examples/requests/digits-gdpr.yaml locally.
+demo: $(STAMP)
+	$(BIN)/unlearn demo
+
+# Everything CI checks: lint, types, and every test tier against a real control plane.
+test: $(STAMP)
+	bash tests/cluster/build.sh
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "unit"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Regenerate the CRD from the spec models (and the chart's copy).
+crds: $(STAMP)
+	$(BIN)/python -m unlearning_operator.crdgen
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

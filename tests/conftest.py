@@ -1,0 +1,1 @@
+"""Test tiers (see pyproject markers): unit, job, cluster, e2e, gpu."""
