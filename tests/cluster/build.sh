@@ -7,7 +7,7 @@
 # Env:   GO=/path/to/go   BUILD_JOBS=N   XDG_CACHE_HOME=...
 #
 # The output dir is keyed by the pinned versions and a hash of the go.sum files
-# and this script, so a pin bump builds into a fresh dir and a warm run only
+# (and a revision number for the build flags), so a pin bump builds into a fresh dir and a warm run only
 # checks that the binaries exist. Go's own build and module caches stay in
 # their default user locations so that CI on the same machine stays warm.
 set -euo pipefail
@@ -35,8 +35,11 @@ k8s_version="$(required "$tools/kubernetes/go.mod" k8s.io/kubernetes)"
 etcd_version="$(required "$tools/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 helm_version="$(required "$tools/helm/go.mod" helm.sh/helm/v3)"
 go_version="$("$go_bin" env GOVERSION)"
-pin_hash="$(cat "$tools"/*/go.mod "$tools"/*/go.sum "$0" | sha256sum | cut -c1-12)"
-key="k8s-${k8s_version}_etcd-${etcd_version}_helm-${helm_version}_${go_version}_${pin_hash}"
+# Bump when the flags below change, so that cached binaries are rebuilt;
+# editing comments here must not cost a relink of everything.
+build_rev=1
+pin_hash="$(cat "$tools"/*/go.mod "$tools"/*/go.sum | sha256sum | cut -c1-12)"
+key="k8s-${k8s_version}_etcd-${etcd_version}_helm-${helm_version}_${go_version}_r${build_rev}_${pin_hash}"
 
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/unlearning-operator"
 bin_dir="$cache_root/bin/$key"
@@ -77,11 +80,11 @@ export GOFLAGS="-mod=readonly -buildvcs=false"
 jobs="${BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
 step() {
-  local name="$1" dir="$2" ldflags="$3"
-  shift 3
+  local name="$1" dir="$2" out="$3" ldflags="$4"
+  shift 4
   local start=$SECONDS
   echo "build.sh: building $name ..." >&2
-  if ! (cd "$dir" && "$go_bin" build -p "$jobs" -trimpath -ldflags "-s -w $ldflags" -o "$staging/" "$@") >>"$log" 2>&1; then
+  if ! (cd "$dir" && "$go_bin" build -p "$jobs" -trimpath -ldflags "-s -w $ldflags" -o "$out" "$@") >>"$log" 2>&1; then
     echo "build.sh: building $name failed; see $log" >&2
     tail -n 20 "$log" >&2
     exit 1
@@ -98,27 +101,24 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_x+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor"
   k8s_x+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$k8s_date"
 done
-step kubernetes "$tools/kubernetes" "$k8s_x" \
+step kubernetes "$tools/kubernetes" "$staging/" "$k8s_x" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl
 
-step etcd "$tools/etcd" "-X go.etcd.io/etcd/api/v3/version.GitSHA=$etcd_version" \
+step etcd "$tools/etcd" "$staging/etcd" "-X go.etcd.io/etcd/api/v3/version.GitSHA=$etcd_version" \
   go.etcd.io/etcd/server/v3
-# The server module's main package is named after the module path ("v3").
-mv "$staging/v3" "$staging/etcd"
 
 # Helm's Makefile derives its default Kubernetes version (used by `helm
 # template` and lint without a cluster) from the client-go it links.
-client_go="$(required "$tools/helm/go.sum" k8s.io/client-go)"
 client_go="$(cd "$tools/helm" && "$go_bin" list -m -f '{{.Version}}' k8s.io/client-go 2>>"$log")"
 helm_k8s_minor="$(echo "$client_go" | cut -d. -f2)"
 helm_x="-X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   helm_x+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$helm_k8s_minor"
 done
-step helm "$tools/helm" "$helm_x" helm.sh/helm/v3/cmd/helm
+step helm "$tools/helm" "$staging/" "$helm_x" helm.sh/helm/v3/cmd/helm
 
 for b in "${binaries[@]}"; do
   [[ -x "$staging/$b" ]] || { echo "build.sh: $b missing after build; see $log" >&2; exit 1; }

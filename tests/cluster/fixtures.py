@@ -1,0 +1,240 @@
+"""pytest plugin: a real control plane, a fake GPU node and per-test namespaces.
+
+Load with ``pytest_plugins = ["tests.cluster.fixtures"]`` in tests/conftest.py.
+
+Fixtures:
+
+* ``control_plane`` (session): a started :class:`ControlPlane` (``.kubeconfig``,
+  ``.server``, ``.bin_dir``, ``.kubectl(*args)``, ``.helm(*args)``,
+  ``.api_client()``). Builds the binaries first if needed (tests/cluster/build.sh).
+* ``gpu_node`` (session): the node agent running ``gpu-node-0`` with one
+  ``nvidia.com/gpu``; ``.pvc_path(ns, claim)`` is the host dir behind a claim.
+* ``namespace`` (function): a fresh namespace whose ``default`` ServiceAccount
+  and ``kube-root-ca.crt`` exist; deleted after the test.
+* ``helm`` (function): ``helm(*args)`` with the built helm against the cluster.
+
+A component that dies mid-session fails the tests that use it with its log;
+the tails of the component logs (and of the test's pod logs) are attached to
+every failing test that used the cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.controlplane import ControlPlane, ControlPlaneError, build_binaries, tail
+
+NODE_NAME = "gpu-node-0"
+NODE_GPUS = 1
+AGENT = Path(__file__).resolve().parent / "nodeagent.py"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class GpuNode:
+    """The node agent subprocess and where its pods keep their files."""
+
+    name: str
+    gpus: int
+    root: Path
+    log: Path
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pvc_root(self) -> Path:
+        return self.root / "pvcs"
+
+    def pvc_path(self, namespace: str, claim: str) -> Path:
+        """Host dir that backs PersistentVolumeClaim ``claim``; created here so
+        tests can put inputs in place before the pod starts."""
+        path = self.pvc_root / namespace / claim
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def pod_dirs(self, namespace: str | None = None) -> list[Path]:
+        pods = self.root / "pods"
+        if not pods.is_dir():
+            return []
+        return sorted(p for p in pods.iterdir() if namespace is None or p.name.startswith(f"{namespace}_"))
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        """What the container wrote to stdout/stderr (``kubectl logs`` needs a
+        kubelet API the agent does not serve)."""
+        for d in self.pod_dirs(namespace):
+            if d.name.rsplit("_", 1)[0] == f"{namespace}_{pod}":
+                return (d / f"{container}.log").read_text(errors="replace")
+        raise FileNotFoundError(f"no log for {namespace}/{pod}/{container} under {self.root / 'pods'}")
+
+    def check_alive(self) -> None:
+        if (code := self.popen.poll()) is not None:
+            raise ControlPlaneError(f"node agent exited with {code}; log {self.log}:\n{tail(self.log)}")
+
+    def diagnostics(self, namespace: str | None = None) -> str:
+        parts = [f"--- node agent, log {self.log}, last lines:\n{tail(self.log)}"]
+        for d in self.pod_dirs(namespace) if namespace else []:
+            for f in sorted(d.glob("*.log")):
+                parts.append(f"--- pod {d.name} container {f.stem}:\n{tail(f, 20)}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    try:
+        bin_dir = build_binaries()
+    except ControlPlaneError as exc:
+        pytest.fail(f"cluster binaries: {exc}", pytrace=False)
+    cp = ControlPlane(bin_dir, tmp_path_factory.mktemp("cluster"))
+    try:
+        cp.start()
+    except ControlPlaneError as exc:
+        pytest.fail(f"control plane did not start: {exc}", pytrace=False)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def gpu_node(control_plane: ControlPlane) -> Iterator[GpuNode]:
+    # The agent authenticates as a real node, so the Node authorizer and the
+    # NodeRestriction admission plugin hold it to what a kubelet may do.
+    kubeconfig = control_plane.kubeconfig_for(NODE_NAME, f"/O=system:nodes/CN=system:node:{NODE_NAME}")
+    root = control_plane.workdir / "node"
+    root.mkdir(exist_ok=True)
+    log = control_plane.workdir / "logs" / "nodeagent.log"
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                str(AGENT),
+                f"--kubeconfig={kubeconfig}",
+                f"--root={root}",
+                f"--node-name={NODE_NAME}",
+                f"--gpus={NODE_GPUS}",
+                f"--provisioner-kubeconfig={control_plane.kubeconfig}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    node = GpuNode(NODE_NAME, NODE_GPUS, root, log, popen)
+    api = client.CoreV1Api(control_plane.api_client())
+
+    def ready() -> bool:
+        node.check_alive()
+        try:
+            obj = api.read_node(NODE_NAME)
+        except client.ApiException:
+            return False
+        conditions = {c.type: c.status for c in obj.status.conditions or []}
+        return conditions.get("Ready") == "True" and not obj.spec.taints
+
+    try:
+        wait_for(f"node {NODE_NAME} Ready and untainted", ready, timeout=60)
+    except (TimeoutError, ControlPlaneError) as exc:
+        node.stop()
+        pytest.fail(f"{exc}\n{node.diagnostics()}\n{control_plane.diagnostics()}", pytrace=False)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    api = client.CoreV1Api(control_plane.api_client())
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{base}-{uuid.uuid4().hex[:6]}"
+    api.create_namespace({"metadata": {"name": name, "labels": {"unlearning-operator.test": "true"}}})
+
+    # Pods are refused until the ServiceAccount controller made `default`, and
+    # their token volume waits for root-ca-cert-publisher's ConfigMap.
+    def populated() -> bool:
+        sas = api.list_namespaced_service_account(name, field_selector="metadata.name=default").items
+        cms = api.list_namespaced_config_map(name, field_selector="metadata.name=kube-root-ca.crt").items
+        return bool(sas) and bool(cms)
+
+    wait_for(f"namespace {name} to get its default ServiceAccount", populated, timeout=30)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(client.ApiException):
+            api.delete_namespace(name)
+
+
+@pytest.fixture
+def helm(control_plane: ControlPlane) -> Callable[..., subprocess.CompletedProcess[str]]:
+    return control_plane.helm
+
+
+@pytest.fixture(autouse=True)
+def _cluster_alive(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Fail fast, with the logs, instead of letting a test time out against a
+    # control plane or node agent that has already died.
+    watched: list[ControlPlane | GpuNode] = []
+    for name in ("control_plane", "gpu_node"):
+        if name in request.fixturenames:
+            watched.append(request.getfixturevalue(name))
+    for thing in watched:
+        try:
+            thing.check_alive()
+        except ControlPlaneError as exc:
+            pytest.fail(str(exc), pytrace=False)
+    yield
+    for thing in watched:
+        try:
+            thing.check_alive()
+        except ControlPlaneError as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed:
+        return
+    funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+    cp = funcargs.get("control_plane")
+    node = funcargs.get("gpu_node")
+    if isinstance(cp, ControlPlane):
+        report.sections.append(("control plane logs", cp.diagnostics()))
+    if isinstance(node, GpuNode):
+        ns = funcargs.get("namespace")
+        report.sections.append(("node agent and pod logs", node.diagnostics(ns if isinstance(ns, str) else None)))

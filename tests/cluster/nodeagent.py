@@ -1,0 +1,1075 @@
+"""A fake kubelet: registers a GPU Node and runs its pods as local processes.
+
+Run as ``python tests/cluster/nodeagent.py --kubeconfig K --root DIR`` (the
+``gpu_node`` fixture does). It does what the kubelet does, as far as the
+operator, the Job controller and the scheduler can tell:
+
+* registers ``Node/<name>`` with ``nvidia.com/gpu`` capacity, keeps it Ready by
+  renewing its Lease in ``kube-node-lease`` (the node lifecycle controller
+  taints nodes whose lease goes stale) and re-posting its status;
+* watches the pods bound to it and runs each container's ``command + args`` as
+  a local process, with the container's env, volumes and termination message;
+* reports pod status (Pending -> Running -> Succeeded/Failed, container states,
+  exit codes, termination messages) and removes deleted pods.
+
+Images are not pulled. A container runs on this host with the environment of
+the agent's Python: ``PATH`` starts with the directory of ``sys.executable``
+(the project venv), so ``unlearn ...`` or ``python -m unlearning_operator``
+run the working tree's code. A container without ``command`` takes it from
+``--image-command IMAGE=JSON`` (matching the image name without tag), else
+it fails like a container whose image has no entrypoint.
+
+Paths: containers expect absolute paths (``/data``, ``/etc/unlearning``,
+``/var/run/secrets/kubernetes.io/serviceaccount``, ``/dev/termination-log``).
+Each container runs in its own mount namespace (``unshare --mount``, needs
+root) where each volume is bind-mounted at its mountPath, so nothing on the
+host sees them. Mount points that do not exist on the host are created
+empty and removed when the last agent on the host exits. Without mount
+namespaces (not root) nothing is mounted and the env var
+``HARNESS_PATH_MAP`` (JSON: mountPath -> host dir) tells the process where
+each volume really is.
+
+Volumes: configMap, secret, downwardAPI, projected (service-account token via
+the TokenRequest API, kube-root-ca.crt, namespace), emptyDir (a per-pod dir),
+hostPath, persistentVolumeClaim (``<root>/pvcs/<namespace>/<claimName>``,
+created on first use; tests pre-populate it).
+
+Networking is the host's (hostNetwork semantics): podIP is 127.0.0.1, the
+in-cluster API is ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and the real
+apiserver port. Probes are not run: a started container is Ready.
+Resource limits are not enforced; GPU pods get ``CUDA_VISIBLE_DEVICES`` from a
+pool of ``--gpus`` indices, pods without GPUs get an empty one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+log = logging.getLogger("nodeagent")
+
+LEASE_SECONDS = 40
+HEARTBEAT_SECONDS = 5.0
+STATUS_SECONDS = 30.0
+MESSAGE_LIMIT = 4096
+FALLBACK_LOG_LINES = 80
+MOUNT_REGISTRY = Path("/tmp/unlearning-harness-mountpoints")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def can_unshare() -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+class MountPoints:
+    """Host mount points created for containers, shared by agents on a host.
+
+    Each agent holds a shared lock while alive; the last one to exit (the one
+    that can take the lock exclusively) removes the empty mount points it finds
+    in the registry. Removing one while another agent's container has
+    something mounted on it would detach that mount, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock_file = open(f"{MOUNT_REGISTRY}.lock", "a+")  # noqa: SIM115 - held for the agent's life
+        fcntl.flock(self._lock_file, fcntl.LOCK_SH)
+        self._mutex = threading.Lock()
+
+    def ensure(self, target: Path, is_file: bool) -> None:
+        if target.exists() or target.is_symlink():
+            return
+        top = target
+        while not top.parent.exists():
+            top = top.parent
+        with self._mutex, open(MOUNT_REGISTRY, "a") as reg:
+            reg.write(f"{top}\n")
+        if is_file:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        try:
+            entries = MOUNT_REGISTRY.read_text().split()
+        except FileNotFoundError:
+            entries = []
+        for entry in sorted(set(entries), key=len, reverse=True):
+            _remove_empty_tree(Path(entry))
+        with contextlib.suppress(FileNotFoundError):
+            MOUNT_REGISTRY.unlink()
+        self._lock_file.close()
+
+
+def _remove_empty_tree(top: Path) -> None:
+    if top.is_file():
+        if top.stat().st_size == 0:
+            top.unlink()
+        return
+    if not top.is_dir():
+        return
+    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
+        with contextlib.suppress(OSError):
+            for f in Path(dirpath).iterdir():
+                if f.is_file() and f.stat().st_size == 0:
+                    f.unlink()
+            os.rmdir(dirpath)
+
+
+@dataclass
+class Mount:
+    source: Path
+    target: str
+    read_only: bool
+
+
+@dataclass
+class ContainerRun:
+    """One container of one pod: its process and what is reported about it."""
+
+    name: str
+    spec: dict[str, Any]
+    log_path: Path
+    message_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: str = ""
+    restart_count: int = 0
+    last_terminated: dict[str, Any] | None = None
+    terminated: dict[str, Any] | None = None
+    waiting: dict[str, Any] | None = None
+
+    def status(self, image: str) -> dict[str, Any]:
+        if self.terminated is not None:
+            state: dict[str, Any] = {"terminated": self.terminated}
+        elif self.popen is not None:
+            state = {"running": {"startedAt": self.started_at}}
+        else:
+            state = {"waiting": self.waiting or {"reason": "ContainerCreating"}}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "image": image,
+            "imageID": f"harness://{image}",
+            "ready": self.popen is not None and self.terminated is None,
+            "started": self.popen is not None and self.terminated is None,
+            "restartCount": self.restart_count,
+            "state": state,
+        }
+        if self.popen is not None:
+            out["containerID"] = f"harness://{self.popen.pid}"
+        if self.last_terminated is not None:
+            out["lastState"] = {"terminated": self.last_terminated}
+        return out
+
+
+class GpuPool:
+    def __init__(self, count: int) -> None:
+        self._free = list(range(count))
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[int]:
+        with self._lock:
+            got, self._free = self._free[:n], self._free[n:]
+            return got
+
+    def give(self, ids: list[int]) -> None:
+        with self._lock:
+            self._free = sorted(set(self._free) | set(ids))
+
+
+def _quantity_int(value: Any) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return 0
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    # Kubernetes' $(VAR) expansion: $$ escapes, unknown references stay as is.
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", sub, text)
+
+
+class PodWorker(threading.Thread):
+    """Runs one pod from volume set-up to its final status."""
+
+    def __init__(self, agent: Agent, pod: client.V1Pod) -> None:
+        super().__init__(name=f"pod-{pod.metadata.namespace}-{pod.metadata.name}", daemon=True)
+        self.agent = agent
+        # Plain dicts in the API's camelCase: what the status patch speaks.
+        self.pod: dict[str, Any] = agent.api.api_client.sanitize_for_serialization(pod)
+        self.ns: str = pod.metadata.namespace
+        self.pod_name: str = pod.metadata.name
+        self.uid: str = pod.metadata.uid
+        self.dir = agent.root / "pods" / f"{self.ns}_{self.pod_name}_{self.uid[:8]}"
+        self.stop_event = threading.Event()
+        self.grace = 30.0
+        self.gpus: list[int] = []
+        self.runs: dict[str, ContainerRun] = {}
+        self.init_runs: dict[str, ContainerRun] = {}
+        self._lock = threading.Lock()
+        self.start_time = now()
+        self.deadline: float | None = None
+
+    # ---- API helpers --------------------------------------------------------
+    def _get(self, kind: str, name: str) -> dict[str, Any]:
+        reader = {
+            "configmap": self.agent.api.read_namespaced_config_map,
+            "secret": self.agent.api.read_namespaced_secret,
+            "pvc": self.agent.api.read_namespaced_persistent_volume_claim,
+        }[kind]
+        obj = reader(name, self.ns)
+        return dict(self.agent.api.api_client.sanitize_for_serialization(obj))
+
+    def _data(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
+        try:
+            obj = self._get(kind, name)
+        except ApiException as exc:
+            if exc.status == 404 and optional:
+                return None
+            raise
+        if kind == "secret":
+            return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        out = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+        out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        return out
+
+    def _field(self, path: str) -> str:
+        meta, spec = self.pod["metadata"], self.pod["spec"]
+        if m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
+            return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+        simple = {
+            "metadata.name": meta.get("name"),
+            "metadata.namespace": meta.get("namespace"),
+            "metadata.uid": meta.get("uid"),
+            "spec.nodeName": spec.get("nodeName"),
+            "spec.serviceAccountName": spec.get("serviceAccountName"),
+            "status.podIP": "127.0.0.1",
+            "status.podIPs": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+            "status.hostIPs": "127.0.0.1",
+        }
+        if path not in simple:
+            raise ValueError(f"unsupported fieldRef {path}")
+        return str(simple[path] or "")
+
+    def _token(self, audience: str | None, seconds: int) -> str:
+        sa = self.pod["spec"].get("serviceAccountName") or "default"
+        spec: dict[str, Any] = {
+            "expirationSeconds": max(seconds, 600),
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.pod_name, "uid": self.uid},
+        }
+        if audience:
+            spec["audiences"] = [audience]
+        got = self.agent.api.create_namespaced_service_account_token(sa, self.ns, {"spec": spec})
+        return str(got.status.token)
+
+    # ---- volumes --------------------------------------------------------------
+    @staticmethod
+    def _write(directory: Path, files: dict[str, bytes], mode: int | None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for rel, content in files.items():
+            path = directory / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            path.chmod(mode if mode is not None else 0o644)
+
+    @staticmethod
+    def _select(data: dict[str, bytes], items: list[dict[str, Any]] | None) -> dict[str, bytes]:
+        if not items:
+            return dict(data)
+        return {it.get("path", it["key"]): data[it["key"]] for it in items if it["key"] in data}
+
+    def _projection(self, src: dict[str, Any]) -> dict[str, bytes]:
+        if sat := src.get("serviceAccountToken"):
+            token = self._token(sat.get("audience"), int(sat.get("expirationSeconds", 3600)))
+            return {sat["path"]: token.encode()}
+        if cm := src.get("configMap"):
+            data = self._data("configmap", cm["name"], bool(cm.get("optional")))
+            return self._select(data or {}, cm.get("items"))
+        if sec := src.get("secret"):
+            data = self._data("secret", sec["name"], bool(sec.get("optional")))
+            return self._select(data or {}, sec.get("items"))
+        if dapi := src.get("downwardAPI"):
+            return self._downward(dapi)
+        raise ValueError(f"unsupported projected source {sorted(src)}")
+
+    def _downward(self, dapi: dict[str, Any]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for item in dapi.get("items") or []:
+            if "fieldRef" in item:
+                out[item["path"]] = self._field(item["fieldRef"]["fieldPath"]).encode()
+        return out
+
+    def _volumes(self) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
+        for vol in self.pod["spec"].get("volumes") or []:
+            name = vol["name"]
+            target = self.dir / "volumes" / name
+            mode = vol.get(next((k for k in vol if k != "name"), ""), {}) or {}
+            default_mode = mode.get("defaultMode") if isinstance(mode, dict) else None
+            if "emptyDir" in vol:
+                target.mkdir(parents=True, exist_ok=True)
+            elif cm := vol.get("configMap"):
+                data = self._data("configmap", cm["name"], bool(cm.get("optional")))
+                self._write(target, self._select(data or {}, cm.get("items")), default_mode)
+            elif sec := vol.get("secret"):
+                data = self._data("secret", sec["secretName"], bool(sec.get("optional")))
+                self._write(target, self._select(data or {}, sec.get("items")), default_mode)
+            elif proj := vol.get("projected"):
+                files: dict[str, bytes] = {}
+                for src in proj.get("sources") or []:
+                    files.update(self._projection(src))
+                self._write(target, files, default_mode)
+            elif dapi := vol.get("downwardAPI"):
+                self._write(target, self._downward(dapi), default_mode)
+            elif pvc := vol.get("persistentVolumeClaim"):
+                # Fails (and is retried) while the claim does not exist yet,
+                # as a kubelet waits for it.
+                self._get("pvc", pvc["claimName"])
+                target = self.agent.pvc_path(self.ns, pvc["claimName"])
+                target.mkdir(parents=True, exist_ok=True)
+            elif hp := vol.get("hostPath"):
+                target = Path(hp["path"])
+                if hp.get("type") in ("DirectoryOrCreate",):
+                    target.mkdir(parents=True, exist_ok=True)
+            else:
+                raise ValueError(f"volume {name}: unsupported type {sorted(k for k in vol if k != 'name')}")
+            paths[name] = target
+        return paths
+
+    # ---- containers -----------------------------------------------------------
+    def _env(self, spec: dict[str, Any]) -> dict[str, str]:
+        base = {
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": os.environ.get("HOME", "/root"),
+            "HOSTNAME": self.pod_name,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
+            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in self.gpus),
+            "PYTHONUNBUFFERED": "1",
+        }
+        for key in ("LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV"):
+            if key in os.environ:
+                base[key] = os.environ[key]
+        env: dict[str, str] = {}
+        for src in spec.get("envFrom") or []:
+            prefix = src.get("prefix", "")
+            if ref := src.get("configMapRef"):
+                data = self._data("configmap", ref["name"], bool(ref.get("optional"))) or {}
+            elif ref := src.get("secretRef"):
+                data = self._data("secret", ref["name"], bool(ref.get("optional"))) or {}
+            else:
+                continue
+            env.update({prefix + k: v.decode(errors="replace") for k, v in data.items()})
+        for var in spec.get("env") or []:
+            name = var["name"]
+            if "value" in var:
+                env[name] = _expand(var["value"] or "", {**base, **env})
+                continue
+            source = var.get("valueFrom") or {}
+            value: str | None = ""
+            if ref := source.get("fieldRef"):
+                value = self._field(ref["fieldPath"])
+            elif ref := source.get("configMapKeyRef"):
+                data = self._data("configmap", ref["name"], bool(ref.get("optional"))) or {}
+                value = data[ref["key"]].decode() if ref["key"] in data else None
+                if value is None and not ref.get("optional"):
+                    raise ValueError(f"env {name}: key {ref['key']} not in ConfigMap {ref['name']}")
+            elif ref := source.get("secretKeyRef"):
+                data = self._data("secret", ref["name"], bool(ref.get("optional"))) or {}
+                value = data[ref["key"]].decode() if ref["key"] in data else None
+                if value is None and not ref.get("optional"):
+                    raise ValueError(f"env {name}: key {ref['key']} not in Secret {ref['name']}")
+            elif ref := source.get("resourceFieldRef"):
+                resources = spec.get("resources") or {}
+                kind, _, res = ref["resource"].partition(".")
+                value = str((resources.get(kind) or {}).get(res, "0"))
+            if value is not None:
+                env[name] = value
+        return {**base, **env}
+
+    def _argv(self, spec: dict[str, Any], env: dict[str, str]) -> list[str]:
+        command = list(spec.get("command") or [])
+        args = list(spec.get("args") or [])
+        if not command:
+            image = str(spec.get("image", ""))
+            default = self.agent.image_command(image)
+            if default is None:
+                raise ValueError(f"image {image!r} has no entrypoint here: set command, or --image-command")
+            command = default
+        return [_expand(a, env) for a in command + args]
+
+    def _mounts(self, spec: dict[str, Any], volumes: dict[str, Path], run: ContainerRun) -> list[Mount]:
+        mounts: list[Mount] = []
+        for vm in spec.get("volumeMounts") or []:
+            source = volumes[vm["name"]]
+            if sub := vm.get("subPath"):
+                source = source / sub
+                if not source.exists():
+                    source.mkdir(parents=True, exist_ok=True)
+            mounts.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly"))))
+        term_path = spec.get("terminationMessagePath") or "/dev/termination-log"
+        mounts.append(Mount(run.message_path, term_path, False))
+        # Parents before children, so a nested mount lands inside its parent.
+        return sorted(mounts, key=lambda m: m.target.count("/"))
+
+    def _spawn(self, run: ContainerRun, volumes: dict[str, Path]) -> None:
+        spec = run.spec
+        env = self._env(spec)
+        argv = self._argv(spec, env)
+        mounts = self._mounts(spec, volumes, run)
+        cwd = spec.get("workingDir") or str(self.dir / "cwd" / run.name)
+        run.message_path.write_bytes(b"")
+        if self.agent.mount_namespaces:
+            lines = ["set -e"]
+            covered: list[str] = []
+            for m in mounts:
+                inside = any(m.target == c or m.target.startswith(c.rstrip("/") + "/") for c in covered)
+                if not inside:
+                    self.agent.mountpoints.ensure(Path(m.target), m.source.is_file())
+                elif m.source.is_file():
+                    lines.append(f"[ -e {shlex.quote(m.target)} ] || touch {shlex.quote(m.target)}")
+                else:
+                    lines.append(f"mkdir -p {shlex.quote(m.target)}")
+                lines.append(f"mount --bind {shlex.quote(str(m.source))} {shlex.quote(m.target)}")
+                if m.read_only:
+                    lines.append(f"mount -o remount,bind,ro {shlex.quote(m.target)}")
+                covered.append(m.target)
+            if not spec.get("workingDir"):
+                Path(cwd).mkdir(parents=True, exist_ok=True)
+            lines.append(f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)}")
+            lines.append('exec "$@"')
+            full = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "\n".join(lines), "sh"]
+            full += argv
+            popen_cwd = None
+        else:
+            env["HARNESS_PATH_MAP"] = json.dumps({m.target: str(m.source) for m in mounts})
+            Path(cwd).mkdir(parents=True, exist_ok=True)
+            full, popen_cwd = argv, cwd
+        with run.log_path.open("ab") as out:
+            out.write(f"=== {shlex.join(argv)}\n".encode())
+            out.flush()
+            run.popen = subprocess.Popen(
+                full,
+                env=env,
+                cwd=popen_cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        run.started_at = now()
+        run.terminated = None
+
+    def _finish(self, run: ContainerRun, code: int) -> None:
+        message = run.message_path.read_bytes()[:MESSAGE_LIMIT].decode(errors="replace")
+        policy = run.spec.get("terminationMessagePolicy") or "File"
+        if not message and code != 0 and policy == "FallbackToLogsOnError":
+            text = run.log_path.read_text(errors="replace").splitlines()[-FALLBACK_LOG_LINES:]
+            message = "\n".join(text)[-2048:]
+        if code < 0:
+            # Killed by a signal: report it the way a container runtime does.
+            code = 128 - code
+        term: dict[str, Any] = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": run.started_at,
+            "finishedAt": now(),
+            "containerID": f"harness://{run.popen.pid if run.popen else 0}",
+        }
+        if message:
+            term["message"] = message
+        run.terminated = term
+
+    def _kill(self, run: ContainerRun, grace: float) -> None:
+        if run.popen is None or run.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.popen.pid, signal.SIGTERM)
+        try:
+            run.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.popen.pid, signal.SIGKILL)
+            run.popen.wait()
+
+    # ---- status ---------------------------------------------------------------
+    def _report(self, phase: str, reason: str | None = None, message: str | None = None) -> None:
+        spec = self.pod["spec"]
+        images = {c["name"]: c.get("image", "") for c in spec.get("initContainers", []) + spec["containers"]}
+        with self._lock:
+            statuses = [r.status(images[n]) for n, r in self.runs.items()]
+            init_statuses = [r.status(images[n]) for n, r in self.init_runs.items()]
+        ready = phase == "Running" and all(s["ready"] for s in statuses)
+        init_done = all(r.terminated is not None and r.terminated["exitCode"] == 0 for r in self.init_runs.values())
+        t = now()
+
+        def cond(kind: str, ok: bool, why: str | None = None) -> dict[str, Any]:
+            c: dict[str, Any] = {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": t}
+            if why and not ok:
+                c["reason"] = why
+            return c
+
+        done_reason = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+        status: dict[str, Any] = {
+            "phase": phase,
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "startTime": self.start_time,
+            "qosClass": self.pod.get("status", {}).get("qosClass", "BestEffort"),
+            "containerStatuses": statuses,
+            "conditions": [
+                cond("PodReadyToStartContainers", True),
+                cond("Initialized", init_done, "ContainersNotInitialized"),
+                cond("ContainersReady", ready, done_reason),
+                cond("Ready", ready, done_reason),
+            ],
+        }
+        if init_statuses:
+            status["initContainerStatuses"] = init_statuses
+        if reason:
+            status["reason"] = reason
+        if message:
+            status["message"] = message
+        try:
+            self.agent.api.patch_namespaced_pod_status(self.pod_name, self.ns, {"status": status})
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, exc.reason)
+
+    # ---- life cycle -----------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:
+            # A kubelet reports what went wrong on the pod and carries on.
+            log.exception("pod %s/%s failed", self.ns, self.pod_name)
+            self._report("Failed", "HarnessError", f"{type(exc).__name__}: {exc}")
+        finally:
+            for r in [*self.init_runs.values(), *self.runs.values()]:
+                self._kill(r, 0)
+            self.agent.gpus.give(self.gpus)
+            self.agent.worker_done(self)
+
+    def _requested_gpus(self) -> int:
+        total = 0
+        for c in self.pod["spec"]["containers"]:
+            res = c.get("resources") or {}
+            total += _quantity_int(
+                (res.get("limits") or {}).get("nvidia.com/gpu")
+                or (res.get("requests") or {}).get("nvidia.com/gpu")
+                or 0
+            )
+        return total
+
+    def _run(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec = self.pod["spec"]
+        for section, target in (("initContainers", self.init_runs), ("containers", self.runs)):
+            for c in spec.get(section) or []:
+                target[c["name"]] = ContainerRun(
+                    c["name"], c, self.dir / f"{c['name']}.log", self.dir / f"{c['name']}.termination-log"
+                )
+        self.gpus = self.agent.gpus.take(self._requested_gpus())
+        self._report("Pending")
+        volumes = self._prepare_volumes()
+        if volumes is None:
+            return
+        deadline = spec.get("activeDeadlineSeconds")
+        self.deadline = time.monotonic() + float(deadline) if deadline else None
+        policy = spec.get("restartPolicy", "Always")
+        for run in self.init_runs.values():
+            self._spawn(run, volumes)
+            self._report("Pending")
+            code = self._wait([run])
+            if code is None:
+                return
+            if self.init_runs[run.name].terminated and code != 0:
+                self._report("Failed")
+                return
+        for run in self.runs.values():
+            self._spawn(run, volumes)
+        self._report("Running")
+        self._supervise(policy, volumes)
+
+    def _prepare_volumes(self) -> dict[str, Path] | None:
+        # Missing ConfigMaps/claims are retried, as the kubelet retries mounts.
+        while not self.stop_event.is_set():
+            try:
+                return self._volumes()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                for r in self.runs.values():
+                    r.waiting = {"reason": "ContainerCreating", "message": f"waiting for volume: {exc.reason}"}
+                self._report("Pending")
+            self.stop_event.wait(1.0)
+        return None
+
+    def _wait(self, runs: list[ContainerRun]) -> int | None:
+        """Wait for one of ``runs`` to exit; None when the pod is being stopped."""
+        while True:
+            for run in runs:
+                assert run.popen is not None
+                code = run.popen.poll()
+                if code is not None and run.terminated is None:
+                    self._finish(run, code)
+                    return code
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                for run in runs:
+                    self._kill(run, self.grace)
+                    if run.popen is not None and run.terminated is None:
+                        self._finish(run, run.popen.wait())
+                self._report(
+                    "Failed", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline"
+                )
+                return None
+            if self.stop_event.wait(0.2):
+                for run in runs:
+                    self._kill(run, self.grace)
+                    if run.popen is not None and run.terminated is None:
+                        self._finish(run, run.popen.wait())
+                return None
+
+    def _supervise(self, policy: str, volumes: dict[str, Path]) -> None:
+        backoff: dict[str, float] = {}
+        while True:
+            live = [r for r in self.runs.values() if r.terminated is None]
+            if not live:
+                codes = [r.terminated["exitCode"] for r in self.runs.values() if r.terminated]
+                self._report("Succeeded" if all(c == 0 for c in codes) else "Failed")
+                return
+            code = self._wait(live)
+            if code is None:
+                self._report(
+                    "Failed" if any((r.terminated or {}).get("exitCode") for r in self.runs.values()) else "Succeeded"
+                )
+                return
+            exited = next(r for r in live if r.terminated is not None)
+            if policy == "Always" or (policy == "OnFailure" and code != 0):
+                # CrashLoopBackOff, shortened: tests should not wait minutes.
+                delay = backoff.get(exited.name, 0.5)
+                backoff[exited.name] = min(delay * 2, 10.0)
+                exited.last_terminated, exited.terminated = exited.terminated, None
+                exited.popen = None
+                exited.restart_count += 1
+                exited.waiting = {"reason": "CrashLoopBackOff", "message": f"back-off {delay:.1f}s"}
+                self._report("Running")
+                if self.stop_event.wait(delay):
+                    return
+                self._spawn(exited, volumes)
+            self._report("Running")
+
+    def stop(self, grace: float) -> None:
+        self.grace = min(grace, 30.0)
+        self.stop_event.set()
+
+
+STORAGE_CLASS = "standard"
+PROVISIONER = "harness.local/hostpath"
+
+
+class Provisioner:
+    """Binds each pending PersistentVolumeClaim to a hostPath PersistentVolume
+    at ``<root>/pvcs/<namespace>/<claim>``, which is what pods on this node see.
+
+    The scheduler leaves pods with unbound claims Pending, so claims need a
+    real volume; a node cannot create PVs, hence the separate (admin) client.
+    A default StorageClass ``standard`` is created, like kind's, so charts
+    that leave storageClassName empty work unchanged.
+    """
+
+    def __init__(self, kubeconfig: str, agent: Agent) -> None:
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        api_client = client.ApiClient(configuration)
+        self.api = client.CoreV1Api(api_client)
+        self.storage = client.StorageV1Api(api_client)
+        self.agent = agent
+
+    def ensure_storage_class(self) -> None:
+        body = {
+            "metadata": {
+                "name": STORAGE_CLASS,
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": PROVISIONER,
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
+        }
+        try:
+            self.storage.create_storage_class(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def _provision(self, pvc: client.V1PersistentVolumeClaim) -> None:
+        spec = pvc.spec
+        cls = spec.storage_class_name
+        if pvc.status.phase != "Pending" or spec.volume_name or cls not in (None, "", STORAGE_CLASS):
+            return
+        ns, name = pvc.metadata.namespace, pvc.metadata.name
+        path = self.agent.pvc_path(ns, name)
+        path.mkdir(parents=True, exist_ok=True)
+        size = ((spec.resources.requests or {}) if spec.resources else {}).get("storage", "1Gi")
+        body = {
+            "metadata": {
+                "name": f"pvc-{pvc.metadata.uid}",
+                "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
+                "labels": {"harness.local/claim-namespace": ns},
+            },
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": spec.access_modes or ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": cls or "",
+                "volumeMode": spec.volume_mode or "Filesystem",
+                "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": ns,
+                    "name": name,
+                    "uid": pvc.metadata.uid,
+                },
+            },
+        }
+        try:
+            self.api.create_persistent_volume(body)
+            log.info("provisioned %s for claim %s/%s", body["metadata"]["name"], ns, name)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def _reap(self) -> None:
+        # Retain + delete here: the PV controller cannot delete hostPath
+        # volumes outside /tmp, and the data stays for the test to inspect.
+        for pv in self.api.list_persistent_volume().items:
+            annotations = pv.metadata.annotations or {}
+            if annotations.get("pv.kubernetes.io/provisioned-by") == PROVISIONER and pv.status.phase == "Released":
+                with contextlib.suppress(ApiException):
+                    self.api.delete_persistent_volume(pv.metadata.name)
+
+    def run(self) -> None:
+        while not self.agent.stopping.is_set():
+            try:
+                w = watch.Watch()
+                for event in w.stream(self.api.list_persistent_volume_claim_for_all_namespaces, timeout_seconds=30):
+                    if self.agent.stopping.is_set():
+                        w.stop()
+                        break
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._provision(event["object"])
+                self._reap()
+            except Exception:
+                log.exception("provisioner failed")
+                self.agent.stopping.wait(1.0)
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.node_name: str = args.node_name
+        self.root = Path(args.root)
+        self.pvc_root = self.root / "pvcs"
+        self.gpu_count: int = args.gpus
+        self.gpus = GpuPool(args.gpus)
+        self.cpu: str = args.cpu
+        self.memory: str = args.memory
+        self.images: dict[str, list[str]] = {}
+        for item in args.image_command or []:
+            image, _, command = item.partition("=")
+            self.images[image] = json.loads(command)
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=args.kubeconfig, client_configuration=configuration)
+        self.api_port = int(configuration.host.rsplit(":", 1)[1])
+        self.api = client.CoreV1Api(client.ApiClient(configuration))
+        self.coord = client.CoordinationV1Api(client.ApiClient(configuration))
+        self.mount_namespaces = can_unshare()
+        self.mountpoints = MountPoints()
+        self.workers: dict[str, PodWorker] = {}
+        self.finished: set[str] = set()
+        self.deleting: set[str] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def pvc_path(self, ns: str, claim: str) -> Path:
+        return self.pvc_root / ns / claim
+
+    def image_command(self, image: str) -> list[str] | None:
+        name = image.rsplit("@", 1)[0]
+        if ":" in name.rsplit("/", 1)[-1]:
+            name = name.rsplit(":", 1)[0]
+        return self.images.get(image) or self.images.get(name)
+
+    # ---- node -----------------------------------------------------------------
+    def _node_status(self) -> dict[str, Any]:
+        resources = {
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "pods": "110",
+            "ephemeral-storage": "100Gi",
+            "nvidia.com/gpu": str(self.gpu_count),
+        }
+        t = now()
+
+        def cond(kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": t,
+            }
+
+        return {
+            "capacity": resources,
+            "allocatable": resources,
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.node_name},
+            ],
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "harness"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "harness"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "harness"),
+                cond("Ready", "True", "KubeletReady", "harness node agent is posting ready status"),
+            ],
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "harness",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "harness://local-processes",
+                "kernelVersion": os.uname().release,
+                "osImage": "local processes",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        }
+
+    def register(self) -> None:
+        body = {
+            "metadata": {
+                "name": self.node_name,
+                "labels": {
+                    "kubernetes.io/hostname": self.node_name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "nvidia.com/gpu.present": "true",
+                    "nvidia.com/gpu.count": str(self.gpu_count),
+                },
+            },
+            "spec": {},
+        }
+        try:
+            self.api.create_node(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        self.api.patch_node_status(self.node_name, {"status": self._node_status()})
+
+    def _renew_lease(self) -> None:
+        body = {
+            "metadata": {"name": self.node_name, "namespace": "kube-node-lease"},
+            "spec": {
+                "holderIdentity": self.node_name,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            },
+        }
+        try:
+            self.coord.replace_namespaced_lease(self.node_name, "kube-node-lease", body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.coord.create_namespaced_lease("kube-node-lease", body)
+
+    def heartbeat(self) -> None:
+        last_status = time.monotonic()
+        while not self.stopping.wait(HEARTBEAT_SECONDS):
+            try:
+                self._renew_lease()
+                if time.monotonic() - last_status > STATUS_SECONDS:
+                    self.api.patch_node_status(self.node_name, {"status": self._node_status()})
+                    last_status = time.monotonic()
+            except Exception:
+                # Keep beating: one failed renewal must not end the agent.
+                log.exception("heartbeat failed")
+
+    # ---- pods -----------------------------------------------------------------
+    def worker_done(self, worker: PodWorker) -> None:
+        with self.lock:
+            self.workers.pop(worker.uid, None)
+            self.finished.add(worker.uid)
+
+    def _delete(self, pod: client.V1Pod) -> None:
+        try:
+            self.api.delete_namespaced_pod(
+                pod.metadata.name,
+                pod.metadata.namespace,
+                grace_period_seconds=0,
+                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions={"uid": pod.metadata.uid}),
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def _finalize_delete(self, pod: client.V1Pod, worker: PodWorker | None) -> None:
+        if worker is not None:
+            worker.join()
+        self._delete(pod)
+
+    def on_pod(self, kind: str, pod: client.V1Pod) -> None:
+        uid = pod.metadata.uid
+        with self.lock:
+            worker = self.workers.get(uid)
+            finished = uid in self.finished
+        if kind == "DELETED":
+            if worker is not None:
+                worker.stop(0)
+            return
+        if pod.metadata.deletion_timestamp is not None:
+            with self.lock:
+                if uid in self.deleting:
+                    return
+                self.deleting.add(uid)
+            grace = float(pod.metadata.deletion_grace_period_seconds or 0)
+            if worker is not None:
+                worker.stop(grace)
+            threading.Thread(target=self._finalize_delete, args=(pod, worker), daemon=True).start()
+            return
+        phase = pod.status.phase if pod.status else None
+        if worker is None and not finished and phase not in ("Succeeded", "Failed"):
+            worker = PodWorker(self, pod)
+            with self.lock:
+                self.workers[uid] = worker
+            worker.start()
+
+    def watch_pods(self) -> None:
+        selector = f"spec.nodeName={self.node_name}"
+        resource_version = ""
+        while not self.stopping.is_set():
+            try:
+                if not resource_version:
+                    pods = self.api.list_pod_for_all_namespaces(field_selector=selector)
+                    for pod in pods.items:
+                        self.on_pod("ADDED", pod)
+                    resource_version = pods.metadata.resource_version
+                w = watch.Watch()
+                for event in w.stream(
+                    self.api.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=resource_version,
+                    timeout_seconds=60,
+                    allow_watch_bookmarks=True,
+                ):
+                    if self.stopping.is_set():
+                        w.stop()
+                        break
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        resource_version = ""
+                        break
+                    resource_version = obj.metadata.resource_version
+                    if event["type"] != "BOOKMARK":
+                        self.on_pod(event["type"], obj)
+            except ApiException as exc:
+                if exc.status == 410:
+                    resource_version = ""
+                    continue
+                log.warning("pod watch failed: %s", exc)
+                self.stopping.wait(1.0)
+            except Exception:
+                log.exception("pod watch failed")
+                resource_version = ""
+                self.stopping.wait(1.0)
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            w.stop(5)
+        for w in workers:
+            w.join(15)
+        self.mountpoints.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--root", required=True, help="state dir: pods/, pvcs/")
+    parser.add_argument("--node-name", default="gpu-node-0")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--cpu", default="8")
+    parser.add_argument("--memory", default="32Gi")
+    parser.add_argument("--provisioner-kubeconfig", help="admin kubeconfig: also bind PVCs to hostPath PVs")
+    parser.add_argument(
+        "--image-command", action="append", metavar="IMAGE=JSON", help='e.g. my/job=["unlearn","run"] (repeatable)'
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
+    agent = Agent(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.register()
+    agent._renew_lease()
+    log.info("node %s registered (mount namespaces: %s)", agent.node_name, agent.mount_namespaces)
+    threading.Thread(target=agent.heartbeat, name="heartbeat", daemon=True).start()
+    threading.Thread(target=agent.watch_pods, name="pods", daemon=True).start()
+    if args.provisioner_kubeconfig:
+        provisioner = Provisioner(args.provisioner_kubeconfig, agent)
+        provisioner.ensure_storage_class()
+        threading.Thread(target=provisioner.run, name="provisioner", daemon=True).start()
+    stop.wait()
+    log.info("stopping")
+    agent.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
