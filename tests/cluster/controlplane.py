@@ -487,6 +487,11 @@ class ControlPlane:
         ctx.load_cert_chain(str(self.pki.cert(user)), str(self.pki.key(user)))
         return ctx
 
+    def server_ssl_context(self) -> ssl.SSLContext:
+        """Trusts the apiserver, presents no client certificate."""
+        assert self.pki is not None
+        return ssl.create_default_context(cafile=str(self.pki.ca_cert))
+
     def kubectl(
         self, *args: str, check: bool = True, timeout: float = 60.0, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,339 @@
+"""The test harness itself: real control plane + fake GPU node behave like a cluster."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.fixtures import GpuNode, wait_for
+
+pytestmark = pytest.mark.cluster
+
+TOOLS = Path(__file__).resolve().parent / "tools"
+
+
+def pinned_kubernetes_version() -> str:
+    text = (TOOLS / "kubernetes" / "go.mod").read_text()
+    match = re.search(r"^require k8s\.io/kubernetes (v\S+)$", text, re.MULTILINE)
+    assert match, "k8s.io/kubernetes pin not found in go.mod"
+    return match.group(1)
+
+
+def core(cp: ControlPlane) -> client.CoreV1Api:
+    return client.CoreV1Api(cp.api_client())
+
+
+def python_pod(name: str, code: str, **spec: Any) -> dict[str, Any]:
+    """A one-container pod whose process is ``python -c code``."""
+    container: dict[str, Any] = {"name": "main", "image": "python:3.11", "command": ["python", "-c", code]}
+    container.update(spec.pop("container", {}))
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [container], **spec},
+    }
+
+
+def wait_pod(api: client.CoreV1Api, ns: str, name: str, phases: tuple[str, ...], timeout: float = 60) -> client.V1Pod:
+    def check() -> client.V1Pod | None:
+        pod = api.read_namespaced_pod(name, ns)
+        return pod if pod.status and pod.status.phase in phases else None
+
+    result: client.V1Pod = wait_for(f"pod {ns}/{name} in {phases}", check, timeout=timeout)
+    return result
+
+
+def terminated(pod: client.V1Pod) -> client.V1ContainerStateTerminated:
+    assert pod.status is not None
+    assert pod.status.container_statuses
+    state = pod.status.container_statuses[0].state
+    assert state is not None
+    assert state.terminated is not None, state
+    return state.terminated
+
+
+def test_version_is_pinned(control_plane: ControlPlane) -> None:
+    version = client.VersionApi(control_plane.api_client()).get_code()
+    assert version.git_version == pinned_kubernetes_version()
+    out = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
+    assert out["clientVersion"]["gitVersion"] == pinned_kubernetes_version()
+    assert out["serverVersion"]["gitVersion"] == pinned_kubernetes_version()
+
+
+def test_helm_version(control_plane: ControlPlane) -> None:
+    out = control_plane.helm("version", "--short").stdout
+    assert re.match(r"v3\.\d+\.\d+", out), out
+
+
+def test_namespace_created_and_deleted(control_plane: ControlPlane, namespace: str) -> None:
+    api = core(control_plane)
+    ns = api.read_namespace(namespace)
+    assert ns.status is not None
+    assert ns.status.phase == "Active"
+
+    other = f"{namespace}-gone"
+    api.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    api.create_namespaced_config_map(other, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="x")))
+    api.delete_namespace(other)
+
+    def gone() -> bool:
+        try:
+            api.read_namespace(other)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    # The namespace controller empties it and removes the finalizer.
+    wait_for(f"namespace {other} to be deleted", gone, timeout=60)
+
+
+def test_job_completes_with_termination_message(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    code = "import json; open('/dev/termination-log', 'w').write(json.dumps({'verdict': 'Passed'})); print('hello')"
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "hello"},
+        "spec": {
+            "backoffLimit": 0,
+            "ttlSecondsAfterFinished": 300,
+            "template": {"spec": python_pod("unused", code)["spec"]},
+        },
+    }
+    batch = client.BatchV1Api(control_plane.api_client())
+    batch.create_namespaced_job(namespace, job)
+
+    def complete() -> bool:
+        status = batch.read_namespaced_job("hello", namespace).status
+        conds = {c.type: c.status for c in (status.conditions or [])} if status else {}
+        assert conds.get("Failed") != "True", status
+        return conds.get("Complete") == "True"
+
+    wait_for("job hello to complete", complete, timeout=90)
+    pods = core(control_plane).list_namespaced_pod(namespace, label_selector="job-name=hello").items
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod.spec is not None
+    assert pod.spec.node_name == gpu_node.name
+    term = terminated(pod)
+    assert term.exit_code == 0
+    assert term.reason == "Completed"
+    assert json.loads(term.message or "") == {"verdict": "Passed"}
+    assert pod.metadata is not None
+    assert pod.metadata.name
+    assert "hello" in gpu_node.pod_log(namespace, pod.metadata.name, "main")
+
+
+def test_pod_requesting_more_gpus_than_node_has_stays_pending(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    api = core(control_plane)
+    resources = {"limits": {"nvidia.com/gpu": str(gpu_node.gpus + 1)}}
+    api.create_namespaced_pod(namespace, python_pod("greedy", "pass", container={"resources": resources}))
+
+    def unschedulable() -> bool:
+        pod = api.read_namespaced_pod("greedy", namespace)
+        assert pod.status is not None
+        assert pod.status.phase == "Pending"
+        conds = {c.type: c for c in pod.status.conditions or []}
+        sched = conds.get("PodScheduled")
+        return sched is not None and sched.status == "False" and sched.reason == "Unschedulable"
+
+    wait_for("pod greedy to be Unschedulable", unschedulable, timeout=60)
+    pod = api.read_namespaced_pod("greedy", namespace)
+    assert pod.spec is not None
+    assert not pod.spec.node_name
+    assert pod.status is not None
+    assert pod.status.conditions
+    message = next(c.message for c in pod.status.conditions if c.type == "PodScheduled")
+    assert "nvidia.com/gpu" in (message or "")
+
+
+def test_gpu_pod_fits_and_sees_its_device(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    api = core(control_plane)
+    code = "import os; open('/dev/termination-log', 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"
+    resources = {"limits": {"nvidia.com/gpu": str(gpu_node.gpus)}}
+    api.create_namespaced_pod(namespace, python_pod("gpu", code, container={"resources": resources}))
+    pod = wait_pod(api, namespace, "gpu", ("Succeeded", "Failed"))
+    assert pod.status is not None
+    assert pod.status.phase == "Succeeded", terminated(pod)
+    assert terminated(pod).message == ",".join(str(i) for i in range(gpu_node.gpus))
+
+
+def test_configmap_env_and_pvc_at_absolute_paths(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    api = core(control_plane)
+    api.create_namespaced_config_map(
+        namespace,
+        {"metadata": {"name": "request"}, "data": {"request.yaml": "model: digits\n", "mode": "fast"}},
+    )
+    for claim in ("inputs", "outputs"):
+        api.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+        )
+    (gpu_node.pvc_path(namespace, "inputs") / "data.txt").write_text("input bytes")
+    code = """
+import json, os, pathlib
+out = {
+    "request": pathlib.Path("/etc/unlearning/request.yaml").read_text(),
+    "data": pathlib.Path("/data/data.txt").read_text(),
+    "env": [os.environ["MODE"], os.environ["POD_NAME"], os.environ["POD_NAMESPACE"]],
+    "sa": sorted(os.listdir("/var/run/secrets/kubernetes.io/serviceaccount")),
+}
+try:
+    pathlib.Path("/data/x").write_text("must fail")
+    out["readonly"] = False
+except OSError:
+    out["readonly"] = True
+pathlib.Path("/output/result.json").write_text(json.dumps(out))
+pathlib.Path("/dev/termination-log").write_text(json.dumps(out))
+"""
+    pod = python_pod(
+        "mounts",
+        code,
+        container={
+            "env": [
+                {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "request", "key": "mode"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            ],
+            "volumeMounts": [
+                {"name": "request", "mountPath": "/etc/unlearning", "readOnly": True},
+                {"name": "inputs", "mountPath": "/data", "readOnly": True},
+                {"name": "outputs", "mountPath": "/output"},
+            ],
+        },
+        volumes=[
+            {"name": "request", "configMap": {"name": "request"}},
+            {"name": "inputs", "persistentVolumeClaim": {"claimName": "inputs", "readOnly": True}},
+            {"name": "outputs", "persistentVolumeClaim": {"claimName": "outputs"}},
+        ],
+    )
+    api.create_namespaced_pod(namespace, pod)
+    done = wait_pod(api, namespace, "mounts", ("Succeeded", "Failed"), timeout=90)
+    term = terminated(done)
+    assert term.exit_code == 0, (term.message, gpu_node.pod_log(namespace, "mounts", "main"))
+    result = json.loads(term.message or "")
+    assert result["request"] == "model: digits\n"
+    assert result["data"] == "input bytes"
+    assert result["env"] == ["fast", "mounts", namespace]
+    assert result["sa"] == ["ca.crt", "namespace", "token"]
+    assert result["readonly"] is True
+    assert json.loads((gpu_node.pvc_path(namespace, "outputs") / "result.json").read_text()) == result
+    # Bound by the harness provisioner, so the scheduler placed the pod.
+    pvc = api.read_namespaced_persistent_volume_claim("outputs", namespace)
+    assert pvc.status is not None
+    assert pvc.status.phase == "Bound"
+
+
+def test_failing_container_reports_exit_code_and_log_fallback(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    api = core(control_plane)
+    code = "import sys; print('something broke'); sys.exit(3)"
+    container = {"terminationMessagePolicy": "FallbackToLogsOnError"}
+    api.create_namespaced_pod(namespace, python_pod("fails", code, container=container))
+    pod = wait_pod(api, namespace, "fails", ("Succeeded", "Failed"))
+    assert pod.status is not None
+    assert pod.status.phase == "Failed"
+    term = terminated(pod)
+    assert term.exit_code == 3
+    assert term.reason == "Error"
+    assert "something broke" in (term.message or "")
+
+
+def test_deleted_pod_is_killed_and_removed(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    api = core(control_plane)
+    api.create_namespaced_pod(namespace, python_pod("sleeper", "import time; time.sleep(600)"))
+    wait_pod(api, namespace, "sleeper", ("Running",))
+    started = time.monotonic()
+    api.delete_namespaced_pod("sleeper", namespace, grace_period_seconds=5)
+
+    def gone() -> bool:
+        try:
+            api.read_namespaced_pod("sleeper", namespace)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for("pod sleeper to be removed", gone, timeout=30)
+    assert time.monotonic() - started < 15
+
+
+def test_rbac_is_enforced(control_plane: ControlPlane, namespace: str) -> None:
+    api = core(control_plane)
+    api.create_namespaced_service_account(namespace, {"metadata": {"name": "nobody"}})
+    user = f"system:serviceaccount:{namespace}:nobody"
+    can = control_plane.kubectl("auth", "can-i", "list", "pods", "-n", namespace, f"--as={user}", check=False)
+    assert can.stdout.strip() == "no", can
+    assert can.returncode == 1
+    admin = control_plane.kubectl("auth", "can-i", "list", "pods", "-n", namespace)
+    assert admin.stdout.strip() == "yes"
+
+    # And with a real token over HTTPS, not only the authorizer's opinion.
+    token = api.create_namespaced_service_account_token("nobody", namespace, {"spec": {}}).status.token
+    request = urllib.request.Request(
+        f"{control_plane.server}/api/v1/namespaces/{namespace}/pods",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=control_plane.server_ssl_context(), timeout=10)
+    assert refused.value.code == 403
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["iss"] == control_plane.server
+
+
+def test_pod_talks_to_api_with_its_service_account(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    api = core(control_plane)
+    # What an in-cluster client (kopf, the kubernetes package) does.
+    code = """
+import os, ssl, urllib.request, urllib.error
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+ns = open(f"{sa}/namespace").read()
+ctx = ssl.create_default_context(cafile=f"{sa}/ca.crt")
+req = urllib.request.Request(f"https://{host}:{port}/api/v1/namespaces/{ns}/pods",
+                             headers={"Authorization": "Bearer " + open(f"{sa}/token").read()})
+try:
+    urllib.request.urlopen(req, context=ctx, timeout=10)
+    result = "200"
+except urllib.error.HTTPError as exc:
+    result = str(exc.code)
+open("/dev/termination-log", "w").write(result)
+"""
+    api.create_namespaced_pod(namespace, python_pod("incluster", code))
+    pod = wait_pod(api, namespace, "incluster", ("Succeeded", "Failed"))
+    # Authenticated (not 401) as the default ServiceAccount, which may not list pods.
+    assert terminated(pod).message == "403", gpu_node.pod_log(namespace, "incluster", "main")
+
+
+def test_kubectl_apply_roundtrip(control_plane: ControlPlane, namespace: str) -> None:
+    manifest = json.dumps(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "applied"}, "data": {"a": "1"}}
+    )
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    got = control_plane.kubectl("get", "configmap", "applied", "-n", namespace, "-o", "jsonpath={.data.a}")
+    assert got.stdout == "1"
+
+
+def test_kubectl_failure_raises(control_plane: ControlPlane) -> None:
+    with pytest.raises(subprocess.CalledProcessError):
+        control_plane.kubectl("get", "nosuchkind")
