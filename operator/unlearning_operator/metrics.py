@@ -1,0 +1,173 @@
+"""Prometheus metrics, created at start-up in the operator's own registry.
+
+Nothing is registered at import: tests build as many registries as they
+like, and importing the package never opens a port. Labels are bounded sets
+only (phase, verdict, method, reason, gate, handler): a request or model
+name as a label would grow a time series per request forever.
+
+The dashboard in the chart is tested against ``metric_names``; rename a
+metric here and that test fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import status as st
+
+# Unlearning jobs take minutes to hours; queue waits seconds to hours.
+DURATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 43200.0)
+QUEUE_BUCKETS = (0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
+AUC_BUCKETS = (0.45, 0.5, 0.52, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
+GAP_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
+DROP_BUCKETS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    requests: Gauge
+    completed: Counter
+    job_duration: Histogram
+    queue_wait: Histogram
+    post_mia_auc: Histogram
+    post_confidence_gap: Histogram
+    test_accuracy_drop: Histogram
+    gate_failures: Counter
+    job_failures: Counter
+    handler_errors: Counter
+    gpu_seconds: Counter
+
+    def set_phase_counts(self, counts: dict[str, int]) -> None:
+        """Every phase always present (0 when empty) so dashboards do not show gaps."""
+        for phase in st.PHASES:
+            self.requests.labels(phase=phase).set(counts.get(phase, 0))
+
+
+def build_registry() -> Metrics:
+    registry = CollectorRegistry(auto_describe=True)
+    # Process and platform collectors give process_resident_memory_bytes and
+    # friends in this registry too (the default registry is not served).
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    metrics = Metrics(
+        registry=registry,
+        requests=Gauge("unlearning_requests", "UnlearningRequests by phase.", ["phase"], registry=registry),
+        completed=Counter(
+            "unlearning_requests_completed",
+            "Requests whose job ended, by verdict and method.",
+            ["verdict", "method"],
+            registry=registry,
+        ),
+        job_duration=Histogram(
+            "unlearning_job_duration_seconds",
+            "Job creation to completion.",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        ),
+        queue_wait=Histogram(
+            "unlearning_queue_wait_seconds",
+            "Request creation to Job creation.",
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        ),
+        post_mia_auc=Histogram(
+            "unlearning_post_mia_auc",
+            "Loss-attack AUC after unlearning (0.5: forget set indistinguishable from held-out).",
+            ["method"],
+            buckets=AUC_BUCKETS,
+            registry=registry,
+        ),
+        post_confidence_gap=Histogram(
+            "unlearning_post_confidence_gap",
+            "Mean max-softmax on forget minus held-out, after unlearning.",
+            ["method"],
+            buckets=GAP_BUCKETS,
+            registry=registry,
+        ),
+        test_accuracy_drop=Histogram(
+            "unlearning_test_accuracy_drop_points",
+            "Held-out accuracy before minus after unlearning (percentage points).",
+            ["method"],
+            buckets=DROP_BUCKETS,
+            registry=registry,
+        ),
+        gate_failures=Counter(
+            "unlearning_gate_failures", "Failed acceptance gates, by gate.", ["gate"], registry=registry
+        ),
+        job_failures=Counter(
+            "unlearning_job_failures",
+            "Requests that failed without passing, by reason (a status condition reason).",
+            ["reason"],
+            registry=registry,
+        ),
+        handler_errors=Counter(
+            "unlearning_handler_errors", "Unexpected errors in operator handlers.", ["handler"], registry=registry
+        ),
+        gpu_seconds=Counter(
+            "unlearning_gpu_seconds",
+            "GPU-seconds used by finished jobs (GPUs x duration).",
+            ["method"],
+            registry=registry,
+        ),
+    )
+    metrics.set_phase_counts({})
+    return metrics
+
+
+def gate_of(reason: str) -> str:
+    """Map a record's free-text gate reason to a bounded gate label.
+
+    The job names the spec field in each reason (for example
+    "maxMiaAuc: 0.71 > 0.6"); anything unrecognised is "other".
+    """
+    for gate in (
+        "maxForgetAccuracy",
+        "maxTestAccuracyDrop",
+        "maxConfidenceGap",
+        "maxMiaClassifierAccuracy",
+        "maxMiaAuc",
+    ):
+        if gate.lower() in reason.lower().replace("_", ""):
+            return gate
+    lowered = reason.lower()
+    for words, gate in (
+        ("forget acc", "maxForgetAccuracy"),
+        ("test acc", "maxTestAccuracyDrop"),
+        ("confidence", "maxConfidenceGap"),
+        ("classifier", "maxMiaClassifierAccuracy"),
+        ("auc", "maxMiaAuc"),
+    ):
+        if words in lowered:
+            return gate
+    return "other"
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry exposes (as written on /metrics, _total etc. included)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+    names: set[str] = set()
+    for family in registry.collect():
+        extra = suffixes.get(family.type)
+        if extra:
+            names.update(family.name + suffix for suffix in extra)
+        else:
+            names.add(family.name)
+        names.update(sample.name for sample in family.samples if not sample.name.endswith("_created"))
+    return names
+
+
+def serve(metrics: Metrics, port: int) -> None:
+    """Serve /metrics on a background thread."""
+    start_http_server(port, registry=metrics.registry)

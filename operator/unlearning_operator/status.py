@@ -1,0 +1,303 @@
+"""The request's status as a named state machine; transitions are pure functions.
+
+Phases::
+
+    (new) -> Pending -> Queued <-> Pending -> Running -> Succeeded | Failed
+          \\-> Rejected                                 (terminal phases never change)
+
+Every transition takes the current status (a camelCase dict, as stored) and
+returns the whole new status; the handler patches only the difference
+(``status_patch``), so an unchanged reconcile writes nothing and a restarted
+operator replaying events does not churn ``lastTransitionTime``.
+
+Conditions follow metav1.Condition (type, status, reason, message,
+lastTransitionTime, observedGeneration) so ``kubectl wait
+--for=condition=Complete`` and generic tooling work. Types and reasons are
+constants here, documented in docs/operator.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from typing import Any
+
+from unlearn.record import CompactRecord
+
+# Phases.
+PENDING = "Pending"
+QUEUED = "Queued"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+REJECTED = "Rejected"
+PHASES = (PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, REJECTED)
+TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED, REJECTED})
+
+# Condition types.
+ACCEPTED = "Accepted"
+"""The spec parsed and passed the operator's checks (False: Rejected, with what to change)."""
+JOB_CREATED = "JobCreated"
+"""The Job exists (False while queued, with what the request waits for)."""
+POD_PENDING = "PodPending"
+"""True while the pod has waited longer than the alert threshold, with why (unschedulable, image pull)."""
+COMPLETE = "Complete"
+"""The run ended (True with Succeeded or Failed; the reason says how)."""
+GATES_PASSED = "GatesPassed"
+"""The audit's acceptance gates held (set only when a result record was read)."""
+CONDITION_TYPES = (ACCEPTED, JOB_CREATED, POD_PENDING, COMPLETE, GATES_PASSED)
+
+# Condition reasons (CamelCase, as metav1.Condition requires).
+REASON_VALID = "SpecValid"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+REASON_WAITING_FOR_MODEL = "WaitingForModel"
+REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
+REASON_JOB_CREATED = "JobCreated"
+REASON_UNSCHEDULABLE = "Unschedulable"
+REASON_IMAGE_PULL = "ImagePullFailed"
+REASON_POD_STARTED = "PodStarted"
+REASON_PENDING = "PodPendingTooLong"
+REASON_PASSED = "Passed"
+REASON_GATES_FAILED = "GatesFailed"
+REASON_INVALID_INPUT = "InvalidInput"
+REASON_OOM = "OOMKilled"
+REASON_DEADLINE = "DeadlineExceeded"
+REASON_BACKOFF = "BackoffLimitExceeded"
+REASON_JOB_DELETED = "JobDeleted"
+REASON_BAD_RESULT = "MalformedResult"
+REASON_ERROR = "JobFailed"
+
+# Numbers copied from the compact record into status.pre / status.post.
+RESULT_METRICS = ("forgetAccuracy", "retainAccuracy", "testAccuracy", "confidenceGap", "miaAuc")
+
+
+def timestamp(now: datetime) -> str:
+    """RFC 3339 in UTC with second precision, as metav1.Time serialises."""
+    return now.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def phase_of(status: dict[str, Any] | None) -> str | None:
+    return None if not status else status.get("phase")
+
+
+def is_terminal(status: dict[str, Any] | None) -> bool:
+    return phase_of(status) in TERMINAL_PHASES
+
+
+def get_condition(status: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for condition in (status or {}).get("conditions", []) or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return None
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    *,
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Replace or add one condition; lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    result = []
+    found = False
+    for condition in conditions:
+        if condition.get("type") != type_:
+            result.append(condition)
+            continue
+        found = True
+        changed = condition.get("status") != value
+        result.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": timestamp(now)
+                if changed
+                else condition.get("lastTransitionTime", timestamp(now)),
+                "observedGeneration": generation,
+            }
+        )
+    if not found:
+        result.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": timestamp(now),
+                "observedGeneration": generation,
+            }
+        )
+    return result
+
+
+def _base(status: dict[str, Any] | None, generation: int) -> dict[str, Any]:
+    new = copy.deepcopy(status or {})
+    new["observedGeneration"] = generation
+    new.setdefault("conditions", [])
+    return new
+
+
+def _with(new: dict[str, Any], type_: str, ok: bool, reason: str, message: str, *, now: datetime) -> None:
+    new["conditions"] = set_condition(
+        new["conditions"],
+        type_=type_,
+        status=ok,
+        reason=reason,
+        message=message,
+        generation=new["observedGeneration"],
+        now=now,
+    )
+
+
+def rejected(
+    status: dict[str, Any] | None, reason: str, message: str, generation: int, now: datetime
+) -> dict[str, Any]:
+    """The spec cannot run; nothing is launched. Terminal: fixing it means a new request."""
+    new = _base(status, generation)
+    new["phase"] = REJECTED
+    new["message"] = message
+    new.setdefault("completionTime", timestamp(now))
+    _with(new, ACCEPTED, False, reason, message, now=now)
+    _with(new, COMPLETE, True, reason, message, now=now)
+    return new
+
+
+def pending(status: dict[str, Any] | None, generation: int, now: datetime) -> dict[str, Any]:
+    """Accepted; the scheduler decides next (usually within the same reconcile)."""
+    new = _base(status, generation)
+    new["phase"] = PENDING
+    new["message"] = "accepted: waiting for the scheduler"
+    _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
+    return new
+
+
+def queued(status: dict[str, Any] | None, reason: str, message: str, generation: int, now: datetime) -> dict[str, Any]:
+    """Waiting for the model's running job or for a free slot under the global cap."""
+    new = _base(status, generation)
+    new["phase"] = QUEUED
+    new["message"] = message
+    new.setdefault("queuedTime", timestamp(now))
+    _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
+    _with(new, JOB_CREATED, False, reason, message, now=now)
+    return new
+
+
+def running(
+    status: dict[str, Any] | None,
+    *,
+    job_name: str,
+    attempt: int,
+    model_version: int,
+    input_model: dict[str, Any],
+    generation: int,
+    now: datetime,
+) -> dict[str, Any]:
+    """The Job exists (created now or adopted after a restart)."""
+    new = _base(status, generation)
+    new["phase"] = RUNNING
+    new["jobName"] = job_name
+    new["attempt"] = attempt
+    new["modelVersion"] = model_version
+    new["inputModel"] = input_model
+    new.setdefault("startTime", timestamp(now))
+    new["message"] = f"Job {job_name} runs model version {model_version - 1} -> {model_version}"
+    _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
+    _with(new, JOB_CREATED, True, REASON_JOB_CREATED, f"created Job {job_name}", now=now)
+    return new
+
+
+def pod_pending(status: dict[str, Any], reason: str, message: str, now: datetime) -> dict[str, Any]:
+    """The pod has waited too long; say why (the question batch users ask most)."""
+    new = _base(status, int(status.get("observedGeneration", 1)))
+    _with(new, POD_PENDING, True, reason, message, now=now)
+    return new
+
+
+def pod_started(status: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Clear a PodPending alert once the pod runs (only if one was raised)."""
+    if get_condition(status, POD_PENDING) is None:
+        return status
+    new = _base(status, int(status.get("observedGeneration", 1)))
+    _with(new, POD_PENDING, False, REASON_POD_STARTED, "the pod started", now=now)
+    return new
+
+
+def _numbers(values: dict[str, float] | None) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {key: round(float(values[key]), 4) for key in RESULT_METRICS if key in values}
+
+
+def finished(status: dict[str, Any], record: CompactRecord, now: datetime) -> dict[str, Any]:
+    """The job wrote its compact record: copy the numbers and the verdict."""
+    new = _base(status, int(status.get("observedGeneration", 1)))
+    passed = record.verdict == "Passed" and record.exit_code == 0
+    new["phase"] = SUCCEEDED if passed else FAILED
+    new["verdict"] = record.verdict
+    new["reasons"] = list(record.reasons)
+    for key, values in (("pre", record.pre), ("post", record.post)):
+        numbers = _numbers(values)
+        if numbers:
+            new[key] = numbers
+    if record.model_version is not None:
+        new["modelVersion"] = record.model_version
+    if record.input_model is not None:
+        new["inputModel"] = record.input_model.dump()
+    if record.output_model is not None:
+        new["outputModel"] = record.output_model.dump()
+    new["completionTime"] = timestamp(now)
+    if passed:
+        reason, message = REASON_PASSED, "the model forgot and passed every acceptance gate"
+    elif record.error:
+        reason, message = REASON_INVALID_INPUT, record.error
+    else:
+        reason = REASON_GATES_FAILED
+        message = "gates failed: " + ("; ".join(record.reasons) or "no reason given")
+    new["message"] = message
+    if record.post is not None or record.verdict == "Passed":
+        _with(new, GATES_PASSED, passed, reason, message, now=now)
+    _with(new, COMPLETE, True, reason, message, now=now)
+    return new
+
+
+def failed(status: dict[str, Any], reason: str, message: str, now: datetime) -> dict[str, Any]:
+    """The run ended without a usable record (OOM, deadline, Job deleted, malformed result)."""
+    new = _base(status, int(status.get("observedGeneration", 1)))
+    new["phase"] = FAILED
+    new["message"] = message
+    new["completionTime"] = timestamp(now)
+    _with(new, COMPLETE, True, reason, message, now=now)
+    return new
+
+
+def with_audit(status: dict[str, Any], config_map: str) -> dict[str, Any]:
+    new = copy.deepcopy(status)
+    new["auditConfigMap"] = config_map
+    return new
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that turns old into new, or None when nothing changed.
+
+    Top-level keys only: conditions and the number blocks are replaced whole,
+    which a JSON merge patch does for lists anyway. Keys dropped from new are
+    set to None (deleted by the merge patch).
+    """
+    old = old or {}
+    patch: dict[str, Any] = {key: value for key, value in new.items() if old.get(key) != value}
+    for key in old:
+        if key not in new and key != "kopf":
+            patch[key] = None
+    return patch or None
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
