@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from unlearning_operator.metrics import build_registry
+from unlearning_operator.metrics import metric_names as exported_metric_names
 
 from tests.chart.promql import metric_names, variable_query_metrics
 
@@ -26,12 +28,24 @@ DOCS_DASHBOARD = ROOT / "docs" / "dashboard.json"
 EXTERNAL_METRICS = frozenset({"up", "kube_pod_container_status_restarts_total"})
 
 REQUIRED_ROWS = {
-    "Operator health": {"up", "kube_pod_container_status_restarts_total", "unlearning_handler_errors_total",
-                        "process_resident_memory_bytes"},
-    "Request flow": {"unlearning_requests", "unlearning_requests_completed_total",
-                     "unlearning_queue_wait_seconds_bucket", "unlearning_job_duration_seconds_bucket"},
-    "Forgetting quality": {"unlearning_post_mia_auc_bucket", "unlearning_post_confidence_gap_bucket",
-                           "unlearning_test_accuracy_drop_points_bucket", "unlearning_gate_failures_total"},
+    "Operator health": {
+        "up",
+        "kube_pod_container_status_restarts_total",
+        "unlearning_handler_errors_total",
+        "process_resident_memory_bytes",
+    },
+    "Request flow": {
+        "unlearning_requests",
+        "unlearning_requests_completed_total",
+        "unlearning_queue_wait_seconds_bucket",
+        "unlearning_job_duration_seconds_bucket",
+    },
+    "Forgetting quality": {
+        "unlearning_post_mia_auc_bucket",
+        "unlearning_post_confidence_gap_bucket",
+        "unlearning_test_accuracy_drop_points_bucket",
+        "unlearning_gate_failures_total",
+    },
     "GPU-hours": {"unlearning_gpu_seconds_total"},
 }
 
@@ -57,29 +71,8 @@ def panels_by_row(dashboard: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def exported_series() -> set[str]:
-    """Every series name the operator's registry exposes, by metric type.
-
-    A registry yields no samples for a labelled metric before its first
-    observation, so names come from each family's type, not its samples.
-    """
-    from unlearning_operator.metrics import build_registry
-
-    suffixes = {
-        "counter": ("_total",),
-        "gauge": ("",),
-        "histogram": ("_bucket", "_sum", "_count"),
-        "summary": ("_sum", "_count", ""),
-        "info": ("_info",),
-        "stateset": ("",),
-        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
-        "untyped": ("",),
-        "unknown": ("",),
-    }
-    names: set[str] = set()
-    for family in build_registry().collect():
-        names.update(family.name + suffix for suffix in suffixes[family.type])
-        names.update(sample.name for sample in family.samples)
-    return names
+    """Every series name the operator's registry exposes (``_total``, ``_bucket`` etc. included)."""
+    return exported_metric_names(build_registry().registry)
 
 
 def test_docs_copy_is_identical() -> None:

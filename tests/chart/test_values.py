@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from unlearning_operator.settings import OperatorSettings
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "unlearning-operator"
 
@@ -93,8 +94,6 @@ def test_schema_rejects_unknown_keys_everywhere() -> None:
 
 def test_defaults_match_the_operator_settings() -> None:
     # The chart's job defaults are what an operator without the chart would use.
-    from unlearning_operator.settings import OperatorSettings
-
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     defaults = OperatorSettings()
     job = values["job"]

@@ -1,44 +1,42 @@
 {{/*
 The operator's permissions: exactly unlearning_operator.permissions.RULES,
-split by scope. tests/chart/test_rbac.py renders both modes and fails when
-these differ from RULES, so edit them together. Nothing here touches Secrets.
+split by scope. tests/chart/test_rendered.py renders both modes and fails when
+the union differs from RULES, so edit them together. Nothing on Secrets; no
+delete anywhere (owner references let the garbage collector clean up).
 */}}
 
 {{/* Rules on namespaced resources: a ClusterRole (cluster-wide mode) or a Role per watched namespace. */}}
 {{- define "unlearning-operator.namespacedRules" -}}
+# Watch requests, add kopf's finalizer and annotations.
 - apiGroups: ["unlearn.dev"]
   resources: ["unlearningrequests"]
   verbs: ["get", "list", "watch", "patch"]
+# Phase, conditions and results.
 - apiGroups: ["unlearn.dev"]
   resources: ["unlearningrequests/status"]
-  verbs: ["get", "patch"]
+  verbs: ["get", "patch", "update"]
+# One Job per request (deleted by the garbage collector through its owner reference).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create"]
+# Job pods: pending reasons and the termination message with the result.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# Request spec, audit records (immutable) and model lineage.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "create", "patch"]
+  verbs: ["get", "create", "update"]
+# Events on requests.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
-{{/* Rules on cluster-scoped resources: always a (small) ClusterRole. */}}
+{{/* Rules on cluster-scoped resources: always a small ClusterRole. */}}
 {{- define "unlearning-operator.clusterRules" -}}
+# kopf discovers the resources it serves.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
-{{- end }}
-
-{{/* Rules needed only when watching the whole cluster (kopf lists namespaces then). */}}
-{{- define "unlearning-operator.clusterWideRules" -}}
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
 {{- end }}
