@@ -1,0 +1,262 @@
+"""The chart and the examples against the real API server of the test control plane.
+
+``kubectl apply --dry-run=server`` runs every admission step (schema, CEL
+rules, RBAC escalation checks, Pod Security) without persisting anything, so
+a manifest that a real cluster would refuse fails here. The release namespace
+enforces the restricted Pod Security Standard, as a careful platform team's
+would. The last test installs the chart for real and runs `helm test`: the
+operator runs on the fake GPU node under the chart's RBAC, so a missing
+permission shows as an operator that never becomes healthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from unlearn.spec import API_GROUP, API_VERSION, PLURAL, load_manifest
+
+from tests.chart.conftest import CHART, RELEASE, ROOT, VALUES, VALUES_FILES, template_args
+from tests.cluster.controlplane import ControlPlane, free_port
+from tests.cluster.fixtures import GpuNode, wait_for
+
+pytestmark = pytest.mark.cluster
+
+EXAMPLES = sorted((ROOT / "examples" / "requests").glob("*.yaml"))
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+# Namespaces the values files name (watchNamespaces, the dashboard's namespace).
+EXTRA_NAMESPACES = ("team-a", "team-b", "monitoring")
+MONITORING_CRDS = ("servicemonitors", "podmonitors")
+
+
+@pytest.fixture(scope="session")
+def crd(control_plane: ControlPlane) -> str:
+    """The chart's CRD, applied the way docs/upgrade.md tells users to."""
+    control_plane.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
+    control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    return CRD_NAME
+
+
+@pytest.fixture(scope="session")
+def extra_namespaces(control_plane: ControlPlane) -> tuple[str, ...]:
+    for name in EXTRA_NAMESPACES:
+        manifest = yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        control_plane.kubectl("apply", "-f", "-", input=manifest)
+    return EXTRA_NAMESPACES
+
+
+@pytest.fixture
+def restricted(control_plane: ControlPlane, namespace: str) -> str:
+    """The test namespace, enforcing (and warning about) the restricted Pod Security Standard."""
+    labels = [f"pod-security.kubernetes.io/{mode}=restricted" for mode in ("enforce", "warn")]
+    control_plane.kubectl("label", "namespace", namespace, *labels)
+    return namespace
+
+
+def dry_run(cp: ControlPlane, manifests: str, namespace: str) -> subprocess.CompletedProcess[str]:
+    return cp.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=manifests, check=False)
+
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES])
+def test_rendered_chart_is_accepted_by_the_api_server(
+    control_plane: ControlPlane, crd: str, extra_namespaces: tuple[str, ...], restricted: str, values_file: str | None
+) -> None:
+    done = control_plane.helm(*template_args(*([values_file] if values_file else []), namespace=restricted))
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(done.stdout) if doc}
+    applied = dry_run(control_plane, done.stdout, restricted)
+    assert applied.returncode == 0, applied.stderr
+    assert "PodSecurity" not in applied.stderr, applied.stderr
+    # Every object went through admission, the helm test pod under "enforce".
+    assert applied.stdout.count("(server dry run)") == sum(1 for d in yaml.safe_load_all(done.stdout) if d)
+    assert {"Deployment", "Pod", "Service"} <= kinds
+
+
+def test_the_api_server_refuses_what_restricted_forbids(control_plane: ControlPlane, crd: str, restricted: str) -> None:
+    # The control for the test above: the same namespace does refuse a pod that may escalate.
+    done = control_plane.helm(*template_args(namespace=restricted))
+    pod = next(d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "Pod")
+    pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    applied = dry_run(control_plane, yaml.safe_dump(pod), restricted)
+    assert applied.returncode != 0
+    assert "violates PodSecurity" in applied.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_is_valid_for_the_crd_and_the_spec(
+    control_plane: ControlPlane, crd: str, namespace: str, example: Path
+) -> None:
+    manifest = load_manifest(example)
+    assert manifest.spec.model.name
+    applied = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(example), check=False)
+    assert applied.returncode == 0, applied.stderr
+    assert "created (server dry run)" in applied.stdout
+
+
+def test_server_dry_run_refuses_an_invalid_request(control_plane: ControlPlane, crd: str, namespace: str) -> None:
+    # The control for the test above: the CRD's schema really is enforced by the dry run.
+    raw = yaml.safe_load((ROOT / "examples" / "requests" / "strict-gates-autotune.yaml").read_text())
+    raw["spec"]["tuning"]["maxAttempts"] = 50
+    applied = dry_run(control_plane, yaml.safe_dump(raw), namespace)
+    assert applied.returncode != 0
+    assert "spec.tuning.maxAttempts" in applied.stderr
+
+
+def test_helm_install_refuses_bad_values(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> None:
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("job:\n  gpus: two\nwatchNamespace: [team-a]\n")
+    done = control_plane.helm("install", RELEASE, str(CHART), "-n", namespace, "--values", str(bad), check=False)
+    assert done.returncode != 0
+    assert "- at '/job/gpus': got string, want integer" in done.stderr
+    assert "additional properties 'watchNamespace' not allowed" in done.stderr
+    listed = control_plane.helm("list", "-n", namespace, "-q")
+    assert listed.stdout.strip() == ""
+
+
+def monitoring_crd(plural: str) -> dict[str, Any]:
+    """A stand-in for the Prometheus Operator's CRD: same group, version and kind, open schema."""
+    kind = {"servicemonitors": "ServiceMonitor", "podmonitors": "PodMonitor"}[plural]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": plural[:-1], "kind": kind, "listKind": f"{kind}List"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture
+def monitoring_api(control_plane: ControlPlane) -> Iterator[None]:
+    manifests = "---\n".join(yaml.safe_dump(monitoring_crd(p)) for p in MONITORING_CRDS)
+    control_plane.kubectl("apply", "-f", "-", input=manifests)
+    try:
+        for plural in MONITORING_CRDS:
+            control_plane.kubectl(
+                "wait", "--for=condition=Established", f"crd/{plural}.monitoring.coreos.com", "--timeout=60s"
+            )
+        yield
+    finally:
+        control_plane.kubectl("delete", "-f", "-", "--wait=true", input=manifests, check=False)
+
+
+def install_dry_run(cp: ControlPlane, namespace: str, *args: str) -> tuple[list[str], str]:
+    """`helm install --dry-run=server`: the kinds it would create and its NOTES."""
+    done = cp.helm("install", RELEASE, str(CHART), "-n", namespace, "--dry-run=server", *args)
+    manifest, _, notes = done.stdout.partition("NOTES:")
+    kinds = [d["kind"] for d in yaml.safe_load_all(manifest.split("MANIFEST:", 1)[1]) if d]
+    return kinds, notes
+
+
+def test_monitors_follow_the_clusters_monitoring_api(
+    control_plane: ControlPlane, crd: str, namespace: str, request: pytest.FixtureRequest
+) -> None:
+    monitoring = ("--values", str(VALUES / "monitoring-on.yaml"))
+    kinds, notes = install_dry_run(control_plane, namespace, *monitoring)
+    assert "ServiceMonitor" not in kinds
+    assert "PodMonitor" not in kinds
+    assert "no ServiceMonitor was created" in notes
+    assert "no PodMonitor was created" in notes
+
+    request.getfixturevalue("monitoring_api")
+
+    def served() -> bool:
+        kinds, _ = install_dry_run(control_plane, namespace, *monitoring)
+        return "ServiceMonitor" in kinds
+
+    wait_for("helm to see monitoring.coreos.com/v1", served, timeout=60, interval=2)
+    kinds, notes = install_dry_run(control_plane, namespace, *monitoring)
+    assert kinds.count("ServiceMonitor") == kinds.count("PodMonitor") == 1
+    assert "SKIPPED" not in notes
+    assert "ServiceMonitor unlearning-unlearning-operator created" in notes
+    rendered = control_plane.helm(
+        *template_args("monitoring-on.yaml", namespace=namespace), "--api-versions", "monitoring.coreos.com/v1"
+    )
+    monitors = [d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    applied = dry_run(control_plane, "---\n".join(yaml.safe_dump(m) for m in monitors), namespace)
+    assert applied.returncode == 0, applied.stderr
+
+
+def test_notes_name_the_next_commands(control_plane: ControlPlane, crd: str, namespace: str) -> None:
+    _, notes = install_dry_run(control_plane, namespace)
+    assert "kubectl apply -n default -f examples/requests/digits-gdpr.yaml" in notes
+    assert f"helm test {RELEASE} -n {namespace}" in notes
+    assert "kubectl get configmaps -A -l unlearn.dev/audit=true" in notes
+    assert "kubectl apply --server-side -f charts/unlearning-operator/crds/" in notes
+    _, namespaced = install_dry_run(control_plane, namespace, "--values", str(VALUES / "namespaced.yaml"))
+    assert "kubectl apply -n team-a -f examples/requests/digits-gdpr.yaml" in namespaced
+
+
+def test_helm_install_then_helm_test(control_plane: ControlPlane, gpu_node: GpuNode, crd: str, namespace: str) -> None:
+    health, metrics = free_port(), free_port()
+    # The fake node runs pods on the host network without cluster DNS, so the
+    # test pod reaches the operator on 127.0.0.1 instead of the Service name.
+    settings = [
+        f"ports.health={health}",
+        f"ports.metrics={metrics}",
+        f"tests.healthUrl=http://127.0.0.1:{health}/healthz",
+        f"watchNamespaces={{{namespace}}}",
+    ]
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    control_plane.helm("install", RELEASE, str(CHART), "-n", namespace, *args, "--wait", "--timeout=120s")
+    try:
+
+        def healthy() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as response,
+            ):
+                return bool(response.status == 200)
+            return False
+
+        wait_for("the operator's /healthz", healthy, timeout=90, interval=1)
+        tested = control_plane.helm("test", RELEASE, "-n", namespace, "--logs", "--timeout=120s", check=False)
+        assert tested.returncode == 0, tested.stdout + tested.stderr + gpu_node.diagnostics(namespace)
+        assert "Phase:          Succeeded" in tested.stdout
+        assert "CRD served: unlearn.dev/v1alpha1 unlearningrequests" in gpu_node.pod_log(
+            namespace, "unlearning-unlearning-operator-test", "check"
+        )
+        # The operator really serves requests under the chart's RBAC: one naming an image
+        # outside the allow-list is Rejected by the operator (a status patch, no Job).
+        api = client.CustomObjectsApi(control_plane.api_client())
+        raw = yaml.safe_load((ROOT / "examples" / "requests" / "digits-gdpr.yaml").read_text())
+        raw["spec"]["job"] = {"image": "registry.example.com/not-allowed:1"}
+        name = raw["metadata"]["name"]
+        api.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, raw)
+
+        def phase() -> str | None:
+            obj = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            assert isinstance(obj, dict)
+            phase = (obj.get("status") or {}).get("phase")
+            return str(phase) if phase else None
+
+        wait_for("the request to be Rejected", lambda: phase() == "Rejected", timeout=60, interval=1)
+        # Deleted while the operator still runs, so no finalizer outlives it.
+        api.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+
+        def gone() -> bool:
+            try:
+                api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+            except client.ApiException as error:
+                return bool(error.status == 404)
+            return False
+
+        wait_for("the request to be deleted", gone, timeout=60, interval=1)
+    finally:
+        control_plane.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout=60s", check=False)
