@@ -243,8 +243,8 @@ def test_helm_install_then_helm_test(control_plane: ControlPlane, gpu_node: GpuN
         def phase() -> str | None:
             obj = api.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
             assert isinstance(obj, dict)
-            phase = (obj.get("status") or {}).get("phase")
-            return str(phase) if phase else None
+            value = (obj.get("status") or {}).get("phase")
+            return str(value) if value else None
 
         wait_for("the request to be Rejected", lambda: phase() == "Rejected", timeout=60, interval=1)
         # Deleted while the operator still runs, so no finalizer outlives it.
