@@ -133,7 +133,7 @@ _DROP = {"title", "additionalProperties", "$defs"}
 
 def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "$ref" in schema:
-        target = copy.deepcopy(defs[schema["$ref"].split("/")[-1]])
+        target: dict[str, Any] = copy.deepcopy(defs[schema["$ref"].split("/")[-1]])
         rest = {k: v for k, v in schema.items() if k != "$ref"}
         target.update(rest)
         return target
