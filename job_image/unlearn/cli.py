@@ -1,0 +1,180 @@
+"""The ``unlearn`` command: ``run`` a request manifest, the ``demo``, and ``prepare-demo``.
+
+In a pod the operator runs exactly
+``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --model-version N``
+and reads the compact record from ``/dev/termination-log``. The exit code says
+what happened (see ``unlearn.record``): 0 Passed, 3 gates Failed, 4 invalid
+input (both never retried), anything else an unexpected, retryable error.
+"""
+
+# Torch, matplotlib and the job load lazily, so `unlearn --help` and manifest errors stay instant.
+# ruff: noqa: PLC0415
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from unlearn.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord
+from unlearn.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
+
+log = logging.getLogger("unlearn")
+
+REPO_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "requests" / "digits-gdpr.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearn", description="Forget training samples from a model and audit it.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one UnlearningRequest manifest", epilog=_exit_codes())
+    run.formatter_class = argparse.RawDescriptionHelpFormatter
+    run.add_argument("manifest", type=Path, help="an UnlearningRequest YAML file (the one you would kubectl apply)")
+    _run_options(run)
+    run.add_argument("--model-version", type=int, default=None, help="version N of the output (default: next free)")
+
+    demo = sub.add_parser("demo", help="train (or reuse) the digits model and run the example request locally")
+    demo.add_argument("--workdir", type=Path, default=None, help="cache folder (default: the user cache)")
+    demo.add_argument("--manifest", type=Path, default=REPO_EXAMPLE, help="request to run (default: the example)")
+    _run_options(demo, volume_root=False)
+
+    prep = sub.add_parser("prepare-demo", help="write the demo model to DIR/digits/digits-mlp.pt2")
+    prep.add_argument("dir", type=Path)
+    return parser
+
+
+def _run_options(parser: argparse.ArgumentParser, volume_root: bool = True) -> None:
+    parser.add_argument("--result", type=Path, default=None, help="also write the full record JSON here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", action="store_true", help="print the full record as JSON instead of a table")
+    if volume_root:
+        parser.add_argument(
+            "--volume-root",
+            type=Path,
+            default=Path(DEFAULT_VOLUME_ROOT),
+            help="claims resolve to DIR/<claimName>/<path> (default /volumes, as in the Job)",
+        )
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        default=None,
+        help="compact record path (default: /dev/termination-log in a pod)",
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of confidence histograms before/after")
+
+
+def _exit_codes() -> str:
+    return (
+        "exit codes:\n"
+        + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+        + ("\n  other  unexpected error (retryable)")
+    )
+
+
+def format_table(record: ResultRecord) -> str:
+    """Before/after table of the audit, then the verdict and its reasons."""
+    rows = [
+        ("forget accuracy %", "forget_accuracy", ".1f"),
+        ("retain accuracy %", "retain_accuracy", ".1f"),
+        ("test accuracy %", "test_accuracy", ".1f"),
+        ("confidence gap", "confidence_gap", "+.3f"),
+        ("MIA loss AUC", "mia_auc", ".3f"),
+        ("MIA TPR@1%FPR", "mia_tpr_at_1fpr", ".3f"),
+        ("MIA classifier acc", "mia_classifier_accuracy", ".3f"),
+        ("forget loss", "forget_loss", ".3f"),
+    ]
+    lines = [f"{'':22}{'before':>10}{'after':>10}"]
+    for label, attr, fmt in rows:
+        pre = format(getattr(record.pre, attr), fmt) if record.pre else "-"
+        post = format(getattr(record.post, attr), fmt) if record.post else "-"
+        lines.append(f"{label:22}{pre:>10}{post:>10}")
+    lines.append("")
+    lines.append(
+        f"method {record.method}, {len(record.attempts)} attempt(s), {record.forget_samples} samples forgotten"
+    )
+    lines.append(f"verdict {record.verdict}")
+    lines.extend(f"  - {reason}" for reason in record.reasons)
+    if record.output_model is not None:
+        lines.append(f"new model {record.output_model.uri} (sha256 {record.output_model.sha256[:12]}...)")
+    return "\n".join(lines)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _finish(outcome_record: ResultRecord, args: argparse.Namespace) -> int:
+    from unlearn.job import default_termination_log, write_json, write_termination_message
+
+    termination = args.termination_log if args.termination_log is not None else default_termination_log()
+    if termination is not None:
+        write_termination_message(termination, outcome_record)
+    if args.result is not None:
+        write_json(args.result, outcome_record.dump())
+    if args.json:
+        print(json.dumps(outcome_record.dump(), indent=2, sort_keys=True))
+    elif outcome_record.error:
+        print(f"error: {outcome_record.error}", file=sys.stderr)
+    else:
+        print(format_table(outcome_record))
+    return outcome_record.exit_code
+
+
+def _run_manifest(args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None) -> int:
+    from unlearn.job import RunOptions, run
+
+    try:
+        manifest = load_manifest(manifest_path)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        if args.termination_log is not None:
+            args.termination_log.write_text(json.dumps({"exitCode": EXIT_INVALID_INPUT, "error": str(error)[:3000]}))
+        return EXIT_INVALID_INPUT
+    options = RunOptions(
+        volume_root=volume_root, device=args.device, model_version=version, progress=sys.stderr.isatty()
+    )
+    outcome = run(manifest, options)
+    if args.plot is not None and outcome.logits:
+        from unlearn.plot import plot_confidence
+
+        plot_confidence(outcome.logits, args.plot, title=f"{manifest.spec.model.name}: {outcome.record.method}")
+    return _finish(outcome.record, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command == "run":
+        return _run_manifest(args, args.manifest, args.volume_root, args.model_version)
+    if args.command == "prepare-demo":
+        import torch
+
+        from unlearn.demo import prepare_demo
+
+        torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+        print(prepare_demo(args.dir))
+        return 0
+    # demo
+    from unlearn.demo import cache_dir, ensure_demo_model
+
+    workdir = args.workdir or cache_dir()
+    if not args.manifest.is_file():
+        print(f"error: --manifest {args.manifest}: not found: run from a clone or pass --manifest", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    model = ensure_demo_model(workdir)
+    log.info("demo model %s", model)
+    # Version 1 every time: the demo is idempotent and its output folder does not grow.
+    return _run_manifest(args, args.manifest, workdir / "volumes", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""One unlearning request end to end: the thin edge that does the I/O.
+
+Read top to bottom: resolve the config (logged, and saved in the record) ->
+load data, forget set and model (every problem is ``InvalidInputError``) -> audit
+the original once -> attempts (restore the original weights, unlearn, audit,
+gates; the tuner decides the next attempt) -> on Passed, write the new model
+version atomically and the record beside it; on Failed, write only the record
+(``<name>-v<N>.failed.json``) so that nothing an operator could promote exists
+-> the compact record to the termination-message path.
+
+Deciding is done by pure modules (audit, gates, tuning); this one only wires
+them to files, devices and clocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+import unlearn
+from unlearn import audit, gates, tuning
+from unlearn.data import load_data, load_forget_indices
+from unlearn.engine import Context, TensorSet, predict
+from unlearn.engine import unlearn as run_method
+from unlearn.errors import DivergedError, InvalidInputError
+from unlearn.models import atomic_write, load_model, reinitialise, save_model, sha256_file
+from unlearn.record import (
+    EXIT_GATES_FAILED,
+    EXIT_INVALID_INPUT,
+    EXIT_PASSED,
+    Attempt,
+    AuditMetrics,
+    InputModel,
+    OutputModel,
+    ResultRecord,
+    compact,
+)
+from unlearn.spec import Manifest
+
+log = logging.getLogger("unlearn")
+
+EXIT_UNEXPECTED = 1
+DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    volume_root: Path = Path("/volumes")
+    device: str = "auto"
+    model_version: int | None = None
+    progress: bool = False
+    job_image: str = field(default_factory=lambda: os.environ.get("UNLEARN_JOB_IMAGE", ""))
+
+
+@dataclass
+class Outcome:
+    record: ResultRecord
+    model_path: Path | None = None
+    record_path: Path | None = None
+    # Logits of the audited forget and held-out samples, before and after (for --plot).
+    logits: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return self.record.exit_code
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def forget_digest(indices: npt.NDArray[np.int64]) -> str:
+    """sha256 of the sorted indices written as comma-separated decimals: identifies the set, names no one."""
+    return hashlib.sha256(",".join(str(int(i)) for i in np.sort(indices)).encode()).hexdigest()
+
+
+_VERSION_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.(pt2|pt|pth|safetensors|ts|json)$")
+
+
+def next_version(folder: Path, name: str) -> int:
+    """One more than the highest published version in ``folder`` (v0 is the original)."""
+    highest = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _VERSION_FILE.match(path.name)
+            if match and match["name"] == name:
+                highest = max(highest, int(match["version"]))
+    return highest + 1
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda: no CUDA device is visible: use --device cpu or request a GPU")
+    return torch.device(requested)
+
+
+def to_metrics(result: audit.AuditResult) -> AuditMetrics:
+    return AuditMetrics(
+        forget_accuracy=result.forget_accuracy,
+        retain_accuracy=result.retain_accuracy,
+        test_accuracy=result.test_accuracy,
+        confidence_gap=result.confidence_gap,
+        mia_auc=result.mia_auc,
+        mia_tpr_at_1fpr=result.mia_tpr_at_1fpr,
+        mia_classifier_accuracy=result.mia_classifier_accuracy,
+        forget_loss=result.forget_loss,
+        samples=result.samples,
+    )
+
+
+def _bounded(n: int, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """All of 0..n-1, or a seeded random ``limit`` of them (sorted)."""
+    if n <= limit:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(rng.choice(n, size=limit, replace=False)).astype(np.int64)
+
+
+class _Run:
+    """The state of one run; ``execute`` fills the record step by step."""
+
+    def __init__(self, manifest: Manifest, options: RunOptions) -> None:
+        self.manifest = manifest
+        self.options = options
+        self.spec = manifest.spec
+        self.started = time.perf_counter()
+        self.fields: dict[str, Any] = {
+            "request_id": manifest.request_id,
+            "request_name": manifest.name,
+            "namespace": manifest.namespace,
+            "model": self.spec.model.name,
+            "method": self.spec.method.name,
+            "started_at": now(),
+            "job_image": options.job_image,
+            "code_version": unlearn.__version__,
+        }
+        self.durations: dict[str, float] = {}
+        self.outcome = Outcome(record=self._record("Failed", EXIT_UNEXPECTED))
+
+    def _record(self, verdict: Literal["Passed", "Failed"], exit_code: int, **extra: Any) -> ResultRecord:
+        durations = dict(self.durations)
+        durations["total"] = round(time.perf_counter() - self.started, 3)
+        return ResultRecord(
+            verdict=verdict,
+            exit_code=exit_code,
+            finished_at=now(),
+            duration_seconds=durations,
+            **self.fields,
+            **extra,
+        )
+
+    def _timed(self, phase: str, start: float) -> None:
+        self.durations[phase] = round(self.durations.get(phase, 0.0) + time.perf_counter() - start, 3)
+
+    def execute(self) -> Outcome:
+        spec, options = self.spec, self.options
+        hyper = tuning.resolve(spec.method)
+        device = pick_device(options.device)
+        self.fields["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+        output_dir = spec.output.location.resolve(options.volume_root)
+        version = (
+            options.model_version if options.model_version is not None else next_version(output_dir, spec.model.name)
+        )
+        self.fields["model_version"] = version
+        self.fields["config"] = config = {
+            "request": self.manifest.request_id,
+            "model": spec.model.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "data": spec.data.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "forget": {"maxShare": spec.forget.max_share, "source": "inline" if spec.forget.indices else "file"},
+            "hyperparameters": hyper.as_dict(),
+            "gates": spec.gates.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "tuning": spec.tuning.model_dump(mode="json", by_alias=True),
+            "audit": spec.audit.model_dump(mode="json", by_alias=True),
+            "output": spec.output.location.uri,
+            "volumeRoot": str(options.volume_root),
+            "device": str(device),
+            "modelVersion": version,
+        }
+        log.info("config %s", json.dumps(config, sort_keys=True))
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Respect an explicit OMP_NUM_THREADS; otherwise stay within the pod's CPU limit.
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
+
+        # -- load ------------------------------------------------------------------
+        t = time.perf_counter()
+        data = load_data(spec.data, options.volume_root)
+        forget_idx = load_forget_indices(spec.forget, len(data.train), options.volume_root)
+        self.fields["forget_samples"] = len(forget_idx)
+        self.fields["forget_digest"] = forget_digest(forget_idx)
+        model_path = spec.model.source.resolve(options.volume_root)
+        loaded = load_model(spec.model, model_path)
+        self.fields["input_model"] = InputModel(uri=spec.model.source.uri, sha256=sha256_file(model_path))
+        suffix = loaded.suffix
+        model_dest = output_dir / f"{spec.model.name}-v{version}{suffix}"
+        if model_dest.resolve() == model_path.resolve():
+            raise InvalidInputError(
+                f"output.location: {model_dest} would overwrite the input model: choose another folder"
+            )
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidInputError(f"output.location: cannot create {output_dir} ({error.strerror})") from None
+        if not os.access(output_dir, os.W_OK):
+            raise InvalidInputError(f"output.location: {output_dir} is not writable by the job (mount it read-write)")
+        module = loaded.module.to(device)
+        if loaded.sample_shape is not None and len(loaded.sample_shape) == data.train.x.ndim - 1:
+            expected = loaded.sample_shape
+            got = data.train.x.shape[1:]
+            if any(e not in (-1, g) for e, g in zip(expected, got, strict=True)):
+                raise InvalidInputError(
+                    f"data: samples have shape {got} but the model takes {expected}: fix data or model"
+                )
+        ctx = Context(device=device, num_classes=2, mixed_precision=hyper.mixed_precision, progress=options.progress)
+        try:
+            probe = predict(module, torch.from_numpy(data.train.x[:2]).to(device), ctx)
+        except Exception as error:  # any forward failure here is a mismatch between data and model
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise InvalidInputError(
+                f"data: samples of shape {data.train.x.shape[1:]} do not fit the model ({first}): fix data or model"
+            ) from None
+        if probe.ndim != 2:
+            raise InvalidInputError(
+                f"model.source: the model returns shape {probe.shape[1:]} per sample, not class logits"
+            )
+        outputs = probe.shape[1]
+        if spec.model.num_classes is not None and spec.model.num_classes != outputs:
+            raise InvalidInputError(f"model.numClasses: {spec.model.num_classes} but the model has {outputs} outputs")
+        for name, part in (("data.train", data.train), ("data.test", data.test)):
+            top = int(part.y.max())
+            if top >= outputs:
+                raise InvalidInputError(
+                    f"{name}: label {top} is out of range for a model with {outputs} outputs: "
+                    "fix the labels or the model"
+                )
+        ctx.num_classes = outputs
+        if loaded.format != "state-dict" or loaded.build is not None:
+            ctx.reinitialise = lambda: reinitialise(loaded)
+        retain_mask = np.ones(len(data.train), dtype=bool)
+        retain_mask[forget_idx] = False
+        forget = TensorSet.from_numpy(data.train.x[forget_idx], data.train.y[forget_idx], device)
+        retain = TensorSet.from_numpy(data.train.x[retain_mask], data.train.y[retain_mask], device)
+        test = TensorSet.from_numpy(data.test.x, data.test.y, device)
+        self._timed("load", t)
+        log.info(
+            "data %s: %d train (%d forget, %d retain), %d held-out, %d classes",
+            data.description,
+            len(data.train),
+            len(forget),
+            len(retain),
+            len(test),
+            outputs,
+        )
+
+        # -- audit the original once ----------------------------------------------------
+        rng = np.random.default_rng(hyper.seed)
+        limit = spec.audit.max_samples
+        sets = {
+            "forget": forget.take(torch.from_numpy(_bounded(len(forget), limit, rng)).to(device)),
+            "retain": retain.take(torch.from_numpy(_bounded(len(retain), limit, rng)).to(device)),
+            "heldout": test.take(torch.from_numpy(_bounded(len(test), limit, rng)).to(device)),
+        }
+        labels = {k: v.y.cpu().numpy() for k, v in sets.items()}
+
+        def run_audit(tag: str) -> audit.AuditResult:
+            logits = {k: predict(module, v.x, ctx) for k, v in sets.items()}
+            for k in ("forget", "heldout"):
+                self.outcome.logits[f"{tag}_{k}"] = logits[k]
+            return audit.audit_outputs(
+                (logits["forget"], labels["forget"]),
+                (logits["retain"], labels["retain"]),
+                (logits["heldout"], labels["heldout"]),
+                seed=hyper.seed,
+            )
+
+        t = time.perf_counter()
+        pre = run_audit("pre")
+        self._timed("preAudit", t)
+        if (
+            not all(math.isfinite(v) for v in (pre.forget_loss, pre.test_accuracy))
+            or not np.isfinite(self.outcome.logits["pre_heldout"]).all()
+        ):
+            raise InvalidInputError(f"model.source {model_path}: the model gives non-finite outputs on the data")
+        self.fields["pre"] = to_metrics(pre)
+        log.info("pre-audit %s", _summary(pre))
+
+        # -- attempts -----------------------------------------------------------------------
+        original = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        attempts: list[Attempt] = []
+        current: tuning.Hyper | None = hyper
+        post: audit.AuditResult | None = None
+        verdict: gates.Verdict | None = None
+        while current is not None and len(attempts) < spec.tuning.max_attempts:
+            if attempts:
+                module.load_state_dict(original)
+            number = len(attempts) + 1
+            log.info("attempt %d: %s", number, json.dumps(current.as_dict(), sort_keys=True))
+            t = time.perf_counter()
+            diverged: str | None = None
+            try:
+                run_method(module, forget, retain, current, ctx)
+            except DivergedError as error:
+                diverged = str(error)
+            self._timed("unlearn", t)
+            attempt_seconds = time.perf_counter() - t
+            if diverged is None:
+                t = time.perf_counter()
+                post = run_audit("post")
+                self._timed("postAudit", t)
+                verdict = gates.evaluate(spec.gates, pre, post)
+                reasons = verdict.reasons
+                log.info("attempt %d post-audit %s -> %s %s", number, _summary(post), verdict.name, reasons)
+                kinds: set[str] = set(verdict.failed_kinds())
+            else:
+                post, verdict = None, None
+                reasons = [f"diverged: {diverged}"]
+                log.warning("attempt %d %s", number, reasons[0])
+                kinds = set()
+            attempts.append(
+                Attempt(
+                    number=number,
+                    hyperparameters=current.as_dict(),
+                    post=to_metrics(post) if post is not None else None,
+                    verdict=verdict.name if verdict is not None else "Failed",
+                    reasons=reasons,
+                    duration_seconds=round(attempt_seconds, 3),
+                )
+            )
+            if verdict is not None and verdict.passed:
+                break
+            current = tuning.next_attempt(current, kinds, diverged=diverged is not None)
+        self.fields["attempts"] = attempts
+        last = attempts[-1]
+        if post is not None:
+            self.fields["post"] = to_metrics(post)
+        self.fields["reasons"] = last.reasons
+        if last.post is not None:
+            self.fields["config"]["chosenAttempt"] = last.number
+
+        # -- outputs ------------------------------------------------------------------------------
+        passed = verdict is not None and verdict.passed
+        if passed:
+            t = time.perf_counter()
+            loaded.module = module.to("cpu")
+            save_model(loaded, model_dest)
+            self.fields["output_model"] = OutputModel(
+                uri=_join_uri(spec.output.location.uri, model_dest.name),
+                sha256=sha256_file(model_dest),
+                format=loaded.format,
+            )
+            self.outcome.model_path = model_dest
+            self._timed("save", t)
+        record = self._record("Passed" if passed else "Failed", EXIT_PASSED if passed else EXIT_GATES_FAILED)
+        suffix_json = ".json" if passed else ".failed.json"
+        record_path = output_dir / f"{spec.model.name}-v{version}{suffix_json}"
+        write_json(record_path, record.dump())
+        self.outcome.record = record
+        self.outcome.record_path = record_path
+        return self.outcome
+
+    def fail(self, exit_code: int, error: str) -> Outcome:
+        extra: dict[str, Any] = {"error": error, "reasons": [error]}
+        self.fields.pop("reasons", None)
+        self.outcome.record = self._record("Failed", exit_code, **extra)
+        self.outcome.model_path = None
+        return self.outcome
+
+
+def _join_uri(folder_uri: str, name: str) -> str:
+    return f"{folder_uri.rstrip('/')}/{name}"
+
+
+def _summary(result: audit.AuditResult) -> str:
+    return (
+        f"forget {result.forget_accuracy:.1f}% retain {result.retain_accuracy:.1f}% test {result.test_accuracy:.1f}% "
+        f"gap {result.confidence_gap:.3f} miaAuc {result.mia_auc:.3f} clfAcc {result.mia_classifier_accuracy:.3f}"
+    )
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    atomic_write(path, write)
+
+
+def run(manifest: Manifest, options: RunOptions) -> Outcome:
+    """Run one request; never raises for bad input or divergence (see the record's exitCode)."""
+    state = _Run(manifest, options)
+    try:
+        return state.execute()
+    except InvalidInputError as error:
+        message = str(error).splitlines()[0]
+        log.error("invalid input: %s", message)
+        return state.fail(EXIT_INVALID_INPUT, message)
+    except Exception as error:  # the retryable class: crash, OOM, a bug; the record says which
+        log.error("unexpected error:\n%s", traceback.format_exc())
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return state.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {first}")
+
+
+def write_termination_message(path: Path, record: ResultRecord) -> None:
+    """The compact record (<= 4 KiB) where the kubelet reads the termination message."""
+    path.write_text(compact(record))
+
+
+def default_termination_log() -> Path | None:
+    """``/dev/termination-log`` in a pod (it exists and is writable there), else nothing."""
+    path = DEFAULT_TERMINATION_LOG
+    return path if path.exists() and os.access(path, os.W_OK) else None
