@@ -63,7 +63,7 @@ class Attempt(_Record):
 
     number: int
     hyperparameters: dict[str, Any]
-    post: AuditMetrics
+    post: AuditMetrics | None = Field(default=None, description="Audit after this attempt; absent when it diverged.")
     verdict: Verdict
     reasons: list[str]
     duration_seconds: float
