@@ -86,7 +86,7 @@ def decide(requests: list[Candidate], max_concurrent: int) -> list[Decision]:
                     request.name,
                     False,
                     st.REASON_WAITING_FOR_CAPACITY,
-                    f"waiting for a free slot: {len(active)} of {max_concurrent} jobs running "
+                    f"waiting for a free slot: {max_concurrent - slots} of {max_concurrent} jobs running "
                     "(UNLEARNING_MAX_CONCURRENT_JOBS)",
                 )
             )

@@ -1,0 +1,112 @@
+"""Small factories for requests, records, Jobs and pods (table-driven tests build on these)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from unlearn.record import CompactRecord
+from unlearn.spec import UnlearningRequestSpec, parse_spec
+from unlearning_operator.jobs import RequestRef
+from unlearning_operator.lineage import Version
+
+BASE_SPEC: dict[str, Any] = {
+    "requestId": "GDPR-1",
+    "model": {"name": "digits-mlp", "format": "exported", "source": {"claimName": "models", "path": "digits/m.pt2"}},
+    "data": {"source": "digits"},
+    "forget": {"indices": [3, 17, 42]},
+    "output": {"location": {"claimName": "models", "path": "digits/versions"}},
+}
+
+REF = RequestRef(name="digits-gdpr", namespace="team-a", uid="0f1e2d3c-aaaa-bbbb-cccc-123456789abc")
+V0 = Version(version=0, uri="pvc://models/digits/m.pt2", sha256="", request="digits-gdpr", parent=None)
+
+
+def raw_spec(**overrides: Any) -> dict[str, Any]:
+    """BASE_SPEC with dotted-path overrides: raw_spec(**{"job.gpus": 2}); None deletes."""
+    spec = copy.deepcopy(BASE_SPEC)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = spec
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return spec
+
+
+def spec(**overrides: Any) -> UnlearningRequestSpec:
+    return parse_spec(raw_spec(**overrides))
+
+
+def record(**overrides: Any) -> CompactRecord:
+    raw: dict[str, Any] = {
+        "schemaVersion": 1,
+        "requestId": "GDPR-1",
+        "model": "digits-mlp",
+        "modelVersion": 1,
+        "method": "neggrad-plus",
+        "verdict": "Passed",
+        "reasons": [],
+        "exitCode": 0,
+        "forgetSamples": 3,
+        "forgetDigest": "ab" * 32,
+        "pre": {
+            "forgetAccuracy": 100.0,
+            "retainAccuracy": 99.5,
+            "testAccuracy": 97.1,
+            "confidenceGap": 0.08,
+            "miaAuc": 0.71,
+        },
+        "post": {
+            "forgetAccuracy": 66.7,
+            "retainAccuracy": 99.1,
+            "testAccuracy": 96.4,
+            "confidenceGap": 0.01,
+            "miaAuc": 0.52,
+        },
+        "attemptCount": 1,
+        "inputModel": {"uri": "pvc://models/digits/m.pt2", "sha256": "11" * 32},
+        "outputModel": {"uri": "pvc://models/digits/versions/v1/model.pt2", "sha256": "22" * 32, "format": "exported"},
+        "startedAt": "2026-01-01T00:00:00Z",
+        "finishedAt": "2026-01-01T00:01:00Z",
+    }
+    raw.update(overrides)
+    return CompactRecord.model_validate(raw)
+
+
+def job(conditions: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "digits-gdpr-1234abcd",
+            "namespace": "team-a",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"backoffLimit": 2, "activeDeadlineSeconds": 21600, **spec},
+        "status": {"conditions": conditions or []},
+    }
+
+
+def pod(
+    phase: str = "Failed",
+    terminated: dict[str, Any] | None = None,
+    waiting: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+    created: str = "2026-01-01T00:00:00Z",
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if terminated is not None:
+        state["terminated"] = terminated
+    if waiting is not None:
+        state["waiting"] = waiting
+    return {
+        "metadata": {"name": "digits-gdpr-1234abcd-xyz12", "creationTimestamp": created},
+        "spec": {"containers": [{"name": "unlearn", "image": "job:1", "resources": {"limits": {"memory": "16Gi"}}}]},
+        "status": {
+            "phase": phase,
+            "conditions": conditions or [],
+            "containerStatuses": [{"name": "unlearn", "state": state}],
+        },
+    }

@@ -1,0 +1,117 @@
+"""The CRD is generated from the spec models; both written copies must match (drift fails)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from unlearn.spec import MAX_REQUEST_NAME_LENGTH
+from unlearning_operator import crdgen
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("relative", crdgen.OUTPUTS, ids=str)
+def test_written_copy_matches_the_models(relative: Path) -> None:
+    path = ROOT / relative
+    assert path.exists(), f"{relative} missing: run `make crds`"
+    assert path.read_text() == crdgen.render(), f"{relative} drifted from job_image/unlearn/spec.py: run `make crds`"
+
+
+def test_check_flag_detects_drift(tmp_path: Path) -> None:
+    assert crdgen.main(["--root", str(tmp_path)]) == 0
+    assert crdgen.main(["--check", "--root", str(tmp_path)]) == 0
+    target = tmp_path / crdgen.OUTPUTS[1]
+    target.write_text(target.read_text().replace("maxLength: 63", "maxLength: 64", 1))
+    assert crdgen.main(["--check", "--root", str(tmp_path)]) == 1
+
+
+def walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    if isinstance(node, dict):
+        if "type" in node:
+            found.append((path, node))
+        for key, value in node.get("properties", {}).items():
+            found.extend(walk(value, f"{path}.{key}"))
+        if isinstance(node.get("items"), dict) and "properties" in node["items"]:
+            found.extend(walk(node["items"], f"{path}[]"))
+    return found
+
+
+def schema() -> dict[str, Any]:
+    crd = crdgen.build_crd()
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def test_structural_and_described() -> None:
+    text = crdgen.render()
+    for leftover in ("$ref", "anyOf", "allOf", "oneOf", "title:", "$defs", "&id"):
+        assert leftover not in text
+    for path, node in walk(schema()["properties"]["spec"], "spec"):
+        assert node.get("description"), f"{path} has no description"
+        assert node["type"] in {"object", "array", "string", "integer", "number", "boolean"}
+        if node["type"] == "object":
+            assert (
+                "properties" in node
+                or "additionalProperties" in node
+                or node.get("x-kubernetes-preserve-unknown-fields")
+            ), path
+
+
+def test_only_architecture_kwargs_is_free_form() -> None:
+    text = yaml.safe_dump(schema()["properties"]["spec"])
+    assert text.count("x-kubernetes-preserve-unknown-fields") == 1
+    kwargs = schema()["properties"]["spec"]["properties"]["model"]["properties"]["architecture"]["properties"]["kwargs"]
+    assert kwargs["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_defaults_enums_bounds_and_nullable_gates() -> None:
+    spec = schema()["properties"]["spec"]["properties"]
+    assert spec["method"]["properties"]["name"]["default"] == "neggrad-plus"
+    assert "scrub" in spec["method"]["properties"]["name"]["enum"]
+    assert spec["method"]["default"] == {}
+    lr = spec["method"]["properties"]["forget"]["properties"]["lr"]
+    assert (lr["minimum"], lr["exclusiveMinimum"], lr["maximum"]) == (0.0, True, 1.0)
+    share = spec["forget"]["properties"]["maxShare"]
+    assert (share["maximum"], share["default"]) == (0.5, 0.2)
+    mia = spec["gates"]["properties"]["maxMiaAuc"]
+    assert (mia["default"], mia["nullable"]) == (0.6, True)
+    assert "nullable" not in spec["gates"]["properties"]["maxForgetAccuracy"]
+    assert spec["model"]["properties"]["source"]["properties"]["claimName"]["pattern"].startswith("^[a-z0-9]")
+    assert set(schema()["properties"]["spec"]["required"]) == {"model", "forget", "output"}
+
+
+def test_cel_rules_present() -> None:
+    root = schema()
+    rules = [r["rule"] for r in root["x-kubernetes-validations"]]
+    assert f"self.metadata.name.size() <= {MAX_REQUEST_NAME_LENGTH}" in rules
+    assert any("oldSelf.spec" in r and "jobName" in r for r in rules)
+    spec = root["properties"]["spec"]["properties"]
+    assert "has(self.indices) != has(self.indicesFile)" in [
+        r["rule"] for r in spec["forget"]["x-kubernetes-validations"]
+    ]
+    arch = spec["model"]["properties"]["architecture"]
+    assert arch["x-kubernetes-validations"][0]["rule"] == "has(self.torchvision) != has(self.factory)"
+    assert "state-dict" in spec["model"]["x-kubernetes-validations"][0]["rule"]
+
+
+def test_names_status_and_printer_columns() -> None:
+    crd = crdgen.build_crd()
+    names = crd["spec"]["names"]
+    assert crd["metadata"]["name"] == "unlearningrequests.unlearn.dev"
+    assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
+        "UnlearningRequest",
+        "unlearningrequests",
+        ["ulr"],
+        ["unlearning"],
+    )
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Model", "Method", "Forget Acc", "Test Acc", "MIA AUC", "Verdict", "Age"]
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]

@@ -1,0 +1,277 @@
+"""The Job and spec ConfigMap builders, field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from unlearn.record import NON_RETRYABLE_EXIT_CODES
+from unlearn.spec import parse_manifest, parse_spec
+from unlearning_operator.jobs import (
+    ImageNotAllowedError,
+    build_job,
+    build_spec_configmap,
+    claims,
+    effective_spec,
+)
+from unlearning_operator.lineage import Version
+from unlearning_operator.settings import OperatorSettings, load_settings
+
+from tests.operator.factories import REF, V0, raw_spec, spec
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = OperatorSettings()
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    containers = job["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return dict(job["spec"]["template"]["spec"])
+
+
+def test_name_is_deterministic_and_short_enough_for_pods() -> None:
+    first = build_job(REF, spec(), SETTINGS, V0)
+    again = build_job(REF, spec(), SETTINGS, V0)
+    assert first == again
+    name = first["metadata"]["name"]
+    assert name.startswith("digits-gdpr-")
+    other = build_job(REF.__class__(REF.name, REF.namespace, "another-uid"), spec(), SETTINGS, V0)
+    assert other["metadata"]["name"] != name
+    long_ref = REF.__class__("r" * 48, REF.namespace, REF.uid)
+    assert len(build_job(long_ref, spec(), SETTINGS, V0)["metadata"]["name"]) + 6 <= 63
+
+
+def test_metadata_labels_owner_and_annotations() -> None:
+    job = build_job(REF, spec(), SETTINGS, V0)
+    meta = job["metadata"]
+    assert meta["namespace"] == "team-a"
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "unlearning-operator",
+        "app.kubernetes.io/instance": "digits-gdpr",
+        "app.kubernetes.io/component": "unlearning-job",
+        "app.kubernetes.io/managed-by": "unlearning-operator",
+        "app.kubernetes.io/part-of": "unlearning-operator",
+        "unlearn.dev/request": "digits-gdpr",
+        "unlearn.dev/model": "digits-mlp",
+    }
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "unlearn.dev/v1alpha1",
+            "kind": "UnlearningRequest",
+            "name": "digits-gdpr",
+            "uid": REF.uid,
+            "controller": True,
+        }
+    ]
+    assert meta["annotations"]["unlearn.dev/model-version"] == "1"
+    assert job["spec"]["template"]["metadata"]["labels"]["unlearn.dev/request"] == "digits-gdpr"
+
+
+def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
+    v3 = Version(3, "pvc://models/digits/versions/v3/model.pt2", "aa", "r3", 2)
+    c = container(build_job(REF, spec(), SETTINGS, v3))
+    assert c["command"] == [
+        "unlearn",
+        "run",
+        "/etc/unlearning/request.yaml",
+        "--volume-root",
+        "/volumes",
+        "--model-version",
+        "4",
+    ]
+    assert {"name": "UNLEARN_JOB_IMAGE", "value": SETTINGS.job_image} in c["env"]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "gpus", "cpu", "memory"),
+    [
+        ({}, {}, "1", "4", "16Gi"),
+        ({"job.gpus": 2, "job.cpu": "8", "job.memory": "32Gi"}, {}, "2", "8", "32Gi"),
+        ({}, {"UNLEARNING_JOB_GPUS": "4", "UNLEARNING_JOB_CPU": "2", "UNLEARNING_JOB_MEMORY": "4Gi"}, "4", "2", "4Gi"),
+        ({"job.gpus": 0}, {}, None, "4", "16Gi"),
+        ({}, {"UNLEARNING_JOB_GPUS": "0"}, None, "4", "16Gi"),
+    ],
+)
+def test_resources(overrides: dict[str, Any], env: dict[str, str], gpus: str | None, cpu: str, memory: str) -> None:
+    c = container(build_job(REF, spec(**overrides), load_settings(env), V0))
+    assert c["resources"]["requests"] == {"cpu": cpu, "memory": memory}
+    limits = c["resources"]["limits"]
+    assert (limits["cpu"], limits["memory"]) == (cpu, memory)
+    assert limits.get("nvidia.com/gpu") == gpus
+    assert "nvidia.com/gpu" not in c["resources"]["requests"]
+
+
+def test_restricted_pod_security() -> None:
+    job = build_job(REF, spec(), SETTINGS, V0)
+    pod = pod_spec(job)
+    c = container(job)
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsNonRoot"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+
+
+def test_job_limits_and_failure_policy() -> None:
+    job = build_job(REF, spec(), SETTINGS, V0)["spec"]
+    assert job["backoffLimit"] == 2
+    assert job["activeDeadlineSeconds"] == 21600
+    assert job["ttlSecondsAfterFinished"] == 86400
+    rules = job["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "unlearn", "operator": "In", "values": list(NON_RETRYABLE_EXIT_CODES)},
+    }
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert "suspend" not in job
+    custom = build_job(REF, spec(**{"job.activeDeadlineSeconds": 600}), SETTINGS, V0)["spec"]
+    assert custom["activeDeadlineSeconds"] == 600
+
+
+def test_placement_merges_settings_and_spec() -> None:
+    settings = load_settings(
+        {
+            "UNLEARNING_JOB_NODE_SELECTOR": '{"pool": "gpu", "zone": "a"}',
+            "UNLEARNING_JOB_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]',
+            "UNLEARNING_JOB_AFFINITY": '{"nodeAffinity": {"x": 1}}',
+            "UNLEARNING_JOB_PRIORITY_CLASS": "batch-low",
+        }
+    )
+    request = spec(
+        **{
+            "job.nodeSelector": {"zone": "b"},
+            "job.tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}],
+        }
+    )
+    pod = pod_spec(build_job(REF, request, settings, V0))
+    assert pod["nodeSelector"] == {"pool": "gpu", "zone": "b"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "ml"},
+    ]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["priorityClassName"] == "batch-low"
+    own = pod_spec(build_job(REF, spec(**{"job.priorityClassName": "urgent"}), settings, V0))
+    assert own["priorityClassName"] == "urgent"
+    bare = pod_spec(build_job(REF, spec(), SETTINGS, V0))
+    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & bare.keys()
+
+
+def test_kueue_queue_label_and_suspend() -> None:
+    job = build_job(REF, spec(**{"job.queueName": "gpu-queue"}), SETTINGS, V0)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize(
+    ("image", "env", "expected"),
+    [
+        (None, {}, OperatorSettings().job_image),
+        ("reg/job:2", {"UNLEARNING_ALLOWED_IMAGES": "reg/job:2"}, "reg/job:2"),
+        ("reg/default:1", {"UNLEARNING_JOB_IMAGE": "reg/default:1"}, "reg/default:1"),
+    ],
+)
+def test_image_from_settings_or_allow_list(image: str | None, env: dict[str, str], expected: str) -> None:
+    c = container(build_job(REF, spec(**{"job.image": image}), load_settings(env), V0))
+    assert c["image"] == expected
+
+
+def test_image_outside_allow_list_is_refused_with_what_to_do() -> None:
+    with pytest.raises(ImageNotAllowedError, match=r"spec\.job\.image: evil/miner:1 is not allowed"):
+        build_job(REF, spec(**{"job.image": "evil/miner:1"}), SETTINGS, V0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "current", "read_only", "read_write"),
+    [
+        # Model and output on one claim: mounted once, read-write.
+        ({}, V0, [], ["models"]),
+        # Separate output claim: models read-only.
+        ({"output.location.claimName": "outputs"}, V0, ["models"], ["outputs"]),
+        # Data and forget file on their own claims.
+        (
+            {
+                "output.location.claimName": "outputs",
+                "data": {"source": "npz", "train": {"claimName": "data", "path": "train.npz"}},
+                "forget": {"indicesFile": {"claimName": "tickets", "path": "t.json"}},
+            },
+            V0,
+            ["data", "models", "tickets"],
+            ["outputs"],
+        ),
+        # Version 2 lives on the output claim: the original claim is no longer mounted.
+        (
+            {"output.location.claimName": "outputs"},
+            Version(2, "pvc://outputs/digits/versions/v2/model.pt2", "", "r2", 1),
+            [],
+            ["outputs"],
+        ),
+    ],
+)
+def test_claims_mounts(
+    overrides: dict[str, Any], current: Version, read_only: list[str], read_write: list[str]
+) -> None:
+    request = spec(**overrides)
+    assert claims(effective_spec(request, current)) == (read_only, read_write)
+    job = build_job(REF, request, SETTINGS, current)
+    pod = pod_spec(job)
+    mounts = {m["mountPath"]: m for m in container(job)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for claim in read_only + read_write:
+        mount = mounts[f"/volumes/{claim}"]
+        volume = volumes[mount["name"]]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim
+        assert mount["readOnly"] is (claim in read_only)
+        assert volume["persistentVolumeClaim"]["readOnly"] is (claim in read_only)
+    claim_mounts = [p for p in mounts if p.startswith("/volumes/")]
+    assert len(claim_mounts) == len(read_only) + len(read_write)
+    assert mounts["/etc/unlearning"]["readOnly"] is True
+
+
+def test_volume_root_from_settings() -> None:
+    settings = load_settings({"UNLEARNING_JOB_VOLUME_ROOT": "/mnt"})
+    c = container(build_job(REF, spec(), settings, V0))
+    assert c["command"][4] == "/mnt"
+    assert any(m["mountPath"] == "/mnt/models" for m in c["volumeMounts"])
+
+
+def test_spec_configmap_carries_the_effective_manifest() -> None:
+    v2 = Version(2, "pvc://models/digits/versions/v2/model.pt2", "bb", "r2", 1)
+    request = spec(**{"gates.maxMiaAuc": None, "requestId": None})
+    cm = build_spec_configmap(REF, request, v2)
+    assert cm["metadata"]["name"] == build_job(REF, request, SETTINGS, v2)["metadata"]["name"] + "-spec"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == REF.uid
+    assert cm["metadata"]["labels"]["app.kubernetes.io/component"] == "unlearning-job"
+    manifest = parse_manifest(yaml.safe_load(cm["data"]["request.yaml"]))
+    assert manifest.spec.model.source.uri == "pvc://models/digits/versions/v2/model.pt2"
+    assert manifest.spec.forget.indices == [3, 17, 42]
+    assert manifest.request_id == "team-a/digits-gdpr"
+    # The default gate is kept as the spec resolved it, not re-defaulted by the job.
+    assert manifest.spec.gates.max_mia_auc == 0.6
+    volumes = {v["name"]: v for v in pod_spec(build_job(REF, request, SETTINGS, v2))["volumes"]}
+    assert volumes["request-spec"]["configMap"]["name"] == cm["metadata"]["name"]
+
+
+def test_disabled_gate_stays_disabled_in_the_manifest() -> None:
+    raw = raw_spec()
+    raw["gates"] = {"maxMiaAuc": None}
+    request = parse_spec(raw)
+    assert request.gates.max_mia_auc is None
+    manifest = parse_manifest(yaml.safe_load(build_spec_configmap(REF, request, V0)["data"]["request.yaml"]))
+    assert manifest.spec.gates.max_mia_auc is None

@@ -1,0 +1,88 @@
+"""Settings from the environment: defaults, parsing, and one-line errors naming the variable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from unlearning_operator.settings import OperatorSettings, SettingsError, load_settings
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_without_env() -> None:
+    settings = load_settings({})
+    assert settings == OperatorSettings()
+    assert settings.clusterwide
+    assert (settings.job_gpus, settings.job_cpu, settings.job_memory) == (1, "4", "16Gi")
+    assert (settings.job_deadline_seconds, settings.job_backoff_limit, settings.job_ttl_seconds) == (21600, 2, 86400)
+    assert (settings.max_concurrent_jobs, settings.pending_alert_seconds) == (4, 120)
+    assert (settings.metrics_port, settings.health_port, settings.job_volume_root) == (8080, 8081, "/volumes")
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "expected"),
+    [
+        ({"UNLEARNING_WATCH_NAMESPACES": "a, b,,c"}, "watch_namespaces", ("a", "b", "c")),
+        ({"UNLEARNING_WATCH_NAMESPACES": " "}, "watch_namespaces", ()),
+        ({"UNLEARNING_JOB_IMAGE": "reg/job:2"}, "job_image", "reg/job:2"),
+        ({"UNLEARNING_ALLOWED_IMAGES": "a:1,b:2"}, "allowed_images", frozenset({"a:1", "b:2"})),
+        ({"UNLEARNING_JOB_GPUS": "0"}, "job_gpus", 0),
+        ({"UNLEARNING_JOB_CPU": "500m"}, "job_cpu", "500m"),
+        ({"UNLEARNING_JOB_MEMORY": "8Gi"}, "job_memory", "8Gi"),
+        ({"UNLEARNING_JOB_NODE_SELECTOR": '{"gpu": "a100"}'}, "job_node_selector", {"gpu": "a100"}),
+        (
+            {"UNLEARNING_JOB_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists"}]'},
+            "job_tolerations",
+            ({"key": "nvidia.com/gpu", "operator": "Exists"},),
+        ),
+        ({"UNLEARNING_JOB_AFFINITY": '{"nodeAffinity": {}}'}, "job_affinity", {"nodeAffinity": {}}),
+        ({"UNLEARNING_JOB_PRIORITY_CLASS": "batch-low"}, "job_priority_class", "batch-low"),
+        ({"UNLEARNING_JOB_DEADLINE_SECONDS": "3600"}, "job_deadline_seconds", 3600),
+        ({"UNLEARNING_JOB_BACKOFF_LIMIT": "0"}, "job_backoff_limit", 0),
+        ({"UNLEARNING_JOB_TTL_SECONDS": "60"}, "job_ttl_seconds", 60),
+        ({"UNLEARNING_MAX_CONCURRENT_JOBS": "10"}, "max_concurrent_jobs", 10),
+        ({"UNLEARNING_PENDING_ALERT_SECONDS": "30"}, "pending_alert_seconds", 30),
+        ({"UNLEARNING_METRICS_PORT": "9090"}, "metrics_port", 9090),
+        ({"UNLEARNING_HEALTH_PORT": "9091"}, "health_port", 9091),
+        ({"UNLEARNING_JOB_VOLUME_ROOT": "/mnt/vols/"}, "job_volume_root", "/mnt/vols"),
+    ],
+)
+def test_each_variable(env: dict[str, str], field: str, expected: Any) -> None:
+    assert getattr(load_settings(env), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"UNLEARNING_JOB_GPUS": "one"}, "UNLEARNING_JOB_GPUS"),
+        ({"UNLEARNING_JOB_GPUS": "-1"}, "UNLEARNING_JOB_GPUS"),
+        ({"UNLEARNING_JOB_CPU": "4 cores"}, "UNLEARNING_JOB_CPU"),
+        ({"UNLEARNING_JOB_MEMORY": "16GB"}, "UNLEARNING_JOB_MEMORY"),
+        ({"UNLEARNING_JOB_NODE_SELECTOR": "gpu=a100"}, "UNLEARNING_JOB_NODE_SELECTOR"),
+        ({"UNLEARNING_JOB_NODE_SELECTOR": "[]"}, "UNLEARNING_JOB_NODE_SELECTOR"),
+        ({"UNLEARNING_JOB_NODE_SELECTOR": '{"gpu": 1}'}, "UNLEARNING_JOB_NODE_SELECTOR"),
+        ({"UNLEARNING_JOB_TOLERATIONS": "{}"}, "UNLEARNING_JOB_TOLERATIONS"),
+        ({"UNLEARNING_JOB_TOLERATIONS": "[1]"}, "UNLEARNING_JOB_TOLERATIONS"),
+        ({"UNLEARNING_JOB_AFFINITY": "[]"}, "UNLEARNING_JOB_AFFINITY"),
+        ({"UNLEARNING_JOB_DEADLINE_SECONDS": "10"}, "UNLEARNING_JOB_DEADLINE_SECONDS"),
+        ({"UNLEARNING_MAX_CONCURRENT_JOBS": "0"}, "UNLEARNING_MAX_CONCURRENT_JOBS"),
+        ({"UNLEARNING_METRICS_PORT": "70000"}, "UNLEARNING_METRICS_PORT"),
+        ({"UNLEARNING_WATCH_NAMESPACES": "team-*"}, "UNLEARNING_WATCH_NAMESPACES"),
+        ({"UNLEARNING_JOB_VOLUME_ROOT": "volumes"}, "UNLEARNING_JOB_VOLUME_ROOT"),
+        ({"UNLEARNING_METRICS_PORT": "9000", "UNLEARNING_HEALTH_PORT": "9000"}, "UNLEARNING_HEALTH_PORT"),
+    ],
+)
+def test_invalid_values_name_the_variable_in_one_line(env: dict[str, str], names: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert message.startswith(names)
+    assert "\n" not in message
+
+
+def test_job_image_is_always_allowed() -> None:
+    settings = load_settings({"UNLEARNING_JOB_IMAGE": "reg/job:2", "UNLEARNING_ALLOWED_IMAGES": "reg/job:3"})
+    assert settings.image_allowed("reg/job:2")
+    assert settings.image_allowed("reg/job:3")
+    assert not settings.image_allowed("evil/job:1")

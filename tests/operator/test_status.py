@@ -1,0 +1,191 @@
+"""Status transitions: phases, conditions (metav1 shape), lastTransitionTime, and patch-only-when-changed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from unlearning_operator import status as st
+
+from tests.operator.factories import record
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+T1 = T0 + timedelta(minutes=5)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def running(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return st.running(
+        status if status is not None else st.pending(None, 1, T0),
+        job_name="r-1234abcd",
+        attempt=1,
+        model_version=1,
+        input_model={"uri": "pvc://models/m.pt2", "sha256": ""},
+        generation=1,
+        now=T0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "phase", "expected"),
+    [
+        (lambda: st.pending(None, 1, T0), "Pending", {"Accepted": ("True", "SpecValid")}),
+        (
+            lambda: st.rejected(None, st.REASON_INVALID_SPEC, "spec.forget: set exactly one", 1, T0),
+            "Rejected",
+            {"Accepted": ("False", "InvalidSpec"), "Complete": ("True", "InvalidSpec")},
+        ),
+        (
+            lambda: st.queued(st.pending(None, 1, T0), st.REASON_WAITING_FOR_MODEL, "waiting for r0", 1, T0),
+            "Queued",
+            {"Accepted": ("True", "SpecValid"), "JobCreated": ("False", "WaitingForModel")},
+        ),
+        (running, "Running", {"Accepted": ("True", "SpecValid"), "JobCreated": ("True", "JobCreated")}),
+        (
+            lambda: st.finished(running(), record(), T1),
+            "Succeeded",
+            {
+                "Accepted": ("True", "SpecValid"),
+                "JobCreated": ("True", "JobCreated"),
+                "GatesPassed": ("True", "Passed"),
+                "Complete": ("True", "Passed"),
+            },
+        ),
+        (
+            lambda: st.finished(
+                running(), record(verdict="Failed", exitCode=3, reasons=["maxMiaAuc: 0.71 > 0.6"], outputModel=None), T1
+            ),
+            "Failed",
+            {
+                "Accepted": ("True", "SpecValid"),
+                "JobCreated": ("True", "JobCreated"),
+                "GatesPassed": ("False", "GatesFailed"),
+                "Complete": ("True", "GatesFailed"),
+            },
+        ),
+        (
+            lambda: st.finished(
+                running(), record(verdict="Failed", exitCode=4, error="model: file not found", post=None, pre=None), T1
+            ),
+            "Failed",
+            {
+                "Accepted": ("True", "SpecValid"),
+                "JobCreated": ("True", "JobCreated"),
+                "Complete": ("True", "InvalidInput"),
+            },
+        ),
+        (
+            lambda: st.failed(running(), st.REASON_OOM, "ran out of memory", T1),
+            "Failed",
+            {
+                "Accepted": ("True", "SpecValid"),
+                "JobCreated": ("True", "JobCreated"),
+                "Complete": ("True", "OOMKilled"),
+            },
+        ),
+    ],
+)
+def test_transitions(build: Any, phase: str, expected: dict[str, tuple[str, str]]) -> None:
+    status = build()
+    assert status["phase"] == phase
+    assert conditions(status) == expected
+    for condition in status["conditions"]:
+        assert set(condition) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+        assert condition["message"]
+    assert (phase in st.TERMINAL_PHASES) == st.is_terminal(status)
+
+
+def test_finished_copies_the_numbers_and_versions() -> None:
+    status = st.finished(running(), record(), T1)
+    assert status["verdict"] == "Passed"
+    assert status["reasons"] == []
+    assert status["post"] == {
+        "forgetAccuracy": 66.7,
+        "retainAccuracy": 99.1,
+        "testAccuracy": 96.4,
+        "confidenceGap": 0.01,
+        "miaAuc": 0.52,
+    }
+    assert status["pre"]["miaAuc"] == 0.71
+    assert status["outputModel"]["uri"] == "pvc://models/digits/versions/v1/model.pt2"
+    assert status["inputModel"]["sha256"] == "11" * 32
+    assert status["startTime"] == "2026-01-01T12:00:00Z"
+    assert status["completionTime"] == "2026-01-01T12:05:00Z"
+    assert status["jobName"] == "r-1234abcd"
+
+
+def test_gate_failure_message_lists_the_reasons() -> None:
+    status = st.finished(
+        running(), record(verdict="Failed", exitCode=3, reasons=["maxMiaAuc: 0.71 > 0.6", "x"], outputModel=None), T1
+    )
+    assert status["message"] == "gates failed: maxMiaAuc: 0.71 > 0.6; x"
+    assert status["reasons"] == ["maxMiaAuc: 0.71 > 0.6", "x"]
+
+
+def test_last_transition_time_moves_only_when_status_flips() -> None:
+    first = st.set_condition(
+        [], type_="PodPending", status=True, reason="Unschedulable", message="a", generation=1, now=T0
+    )
+    same = st.set_condition(
+        first, type_="PodPending", status=True, reason="Unschedulable", message="b", generation=1, now=T1
+    )
+    assert same[0]["lastTransitionTime"] == "2026-01-01T12:00:00Z"
+    assert same[0]["message"] == "b"
+    flipped = st.set_condition(
+        same, type_="PodPending", status=False, reason="PodStarted", message="c", generation=1, now=T1
+    )
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T12:05:00Z"
+
+
+def test_pod_pending_and_started() -> None:
+    alerted = st.pod_pending(running(), st.REASON_UNSCHEDULABLE, "no node with a free GPU", T1)
+    assert conditions(alerted)["PodPending"] == ("True", "Unschedulable")
+    assert alerted["phase"] == "Running"
+    cleared = st.pod_started(alerted, T1)
+    assert conditions(cleared)["PodPending"] == ("False", "PodStarted")
+    untouched = running()
+    assert st.pod_started(untouched, T1) is untouched
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ({"phase": "Pending"}, {"phase": "Pending"}, None),
+        (None, {"phase": "Pending"}, {"phase": "Pending"}),
+        ({"phase": "Pending", "message": "a"}, {"phase": "Queued", "message": "a"}, {"phase": "Queued"}),
+        ({"phase": "Queued", "queuedTime": "x"}, {"phase": "Queued"}, {"queuedTime": None}),
+        ({"phase": "Queued", "kopf": {}}, {"phase": "Queued"}, None),
+    ],
+)
+def test_status_patch_only_when_changed(
+    old: dict[str, Any] | None, new: dict[str, Any], patch: dict[str, Any] | None
+) -> None:
+    assert st.status_patch(old, new) == patch
+
+
+def test_replaying_a_transition_writes_nothing() -> None:
+    once = running()
+    again = st.running(
+        once,
+        job_name="r-1234abcd",
+        attempt=1,
+        model_version=1,
+        input_model={"uri": "pvc://models/m.pt2", "sha256": ""},
+        generation=1,
+        now=T1,
+    )
+    assert st.status_patch(once, again) is None
+
+
+def test_transitions_do_not_mutate_their_input() -> None:
+    before = running()
+    snapshot = repr(before)
+    st.finished(before, record(), T1)
+    st.failed(before, st.REASON_OOM, "x", T1)
+    assert repr(before) == snapshot
