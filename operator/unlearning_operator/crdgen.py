@@ -86,7 +86,7 @@ RULES: dict[str, list[dict[str, str]]] = {
             "message": "data.source digits is embedded: remove data.train and data.test",
         },
         {
-            "rule": "(has(self.source) && self.source == 'digits') || has(self.train)",
+            "rule": "!has(self.source) || self.source == 'digits' || has(self.train)",
             "message": "data.source npz, image-folder and torchvision need data.train",
         },
         {
@@ -364,7 +364,7 @@ def build_crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "unlearn.dev/v1alpha1"},
             "kind": {"type": "string", "description": "UnlearningRequest"},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},
             "spec": spec_schema(),
             "status": status_schema(),
         },
