@@ -520,7 +520,9 @@ class ControlPlane:
     def api_client(self) -> client.ApiClient:
         """A fresh ``kubernetes.client.ApiClient`` authenticated as admin."""
         configuration = client.Configuration()
-        config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(self.kubeconfig), client_configuration=configuration
+        )
         return client.ApiClient(configuration)
 
     def dead(self) -> list[Component]:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,8 @@ def gpu_node(control_plane: ControlPlane) -> Iterator[GpuNode]:
             obj = api.read_node(NODE_NAME)
         except client.ApiException:
             return False
-        conditions = {c.type: c.status for c in obj.status.conditions or []}
-        return conditions.get("Ready") == "True" and not obj.spec.taints
+        conditions = {c.type: c.status for c in (obj.status.conditions if obj.status else None) or []}
+        return conditions.get("Ready") == "True" and not (obj.spec and obj.spec.taints)
 
     try:
         wait_for(f"node {NODE_NAME} Ready and untainted", ready, timeout=60)
@@ -181,7 +181,9 @@ def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
     api = client.CoreV1Api(control_plane.api_client())
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"t-{base}-{uuid.uuid4().hex[:6]}"
-    api.create_namespace({"metadata": {"name": name, "labels": {"unlearning-operator.test": "true"}}})
+    api.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"unlearning-operator.test": "true"}))
+    )
 
     # Pods are refused until the ServiceAccount controller made `default`, and
     # their token volume waits for root-ca-cert-publisher's ConfigMap.
@@ -225,7 +227,7 @@ def _cluster_alive(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     if not report.failed:
