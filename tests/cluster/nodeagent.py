@@ -58,12 +58,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client import ApiException
 
 log = logging.getLogger("nodeagent")
 
@@ -73,6 +74,33 @@ STATUS_SECONDS = 30.0
 MESSAGE_LIMIT = 4096
 FALLBACK_LOG_LINES = 80
 MOUNT_REGISTRY = Path("/tmp/unlearning-harness-mountpoints")
+
+
+def api_clients(kubeconfig: str) -> tuple[Any, Any, Any]:
+    """CoreV1, CoordinationV1 and StorageV1 APIs, typed ``Any`` on purpose: the
+    agent reads and writes the API's JSON as plain dicts (what a status patch
+    speaks), and the generated models would only add None checks."""
+    configuration = client.Configuration()
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=kubeconfig, client_configuration=configuration
+    )
+    api_client = client.ApiClient(configuration)
+    return client.CoreV1Api(api_client), client.CoordinationV1Api(api_client), client.StorageV1Api(api_client)
+
+
+def to_dict(api: Any, obj: Any) -> dict[str, Any]:
+    return dict(api.api_client.sanitize_for_serialization(obj))
+
+
+def stream(api: Any, list_func: Any, stop: threading.Event, **kwargs: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Watch events as (type, object dict); ends at the server timeout or ``stop``."""
+    w = watch.Watch()  # type: ignore[no-untyped-call]
+    for event in w.stream(list_func, **kwargs):  # type: ignore[no-untyped-call]
+        if stop.is_set():
+            w.stop()  # type: ignore[no-untyped-call]
+            return
+        obj = event["object"]
+        yield event["type"], obj if isinstance(obj, dict) else to_dict(api, obj)
 
 
 def now() -> str:
@@ -229,14 +257,14 @@ def _expand(text: str, env: dict[str, str]) -> str:
 class PodWorker(threading.Thread):
     """Runs one pod from volume set-up to its final status."""
 
-    def __init__(self, agent: Agent, pod: client.V1Pod) -> None:
-        super().__init__(name=f"pod-{pod.metadata.namespace}-{pod.metadata.name}", daemon=True)
+    def __init__(self, agent: Agent, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}-{meta['name']}", daemon=True)
         self.agent = agent
-        # Plain dicts in the API's camelCase: what the status patch speaks.
-        self.pod: dict[str, Any] = agent.api.api_client.sanitize_for_serialization(pod)
-        self.ns: str = pod.metadata.namespace
-        self.pod_name: str = pod.metadata.name
-        self.uid: str = pod.metadata.uid
+        self.pod = pod
+        self.ns: str = meta["namespace"]
+        self.pod_name: str = meta["name"]
+        self.uid: str = meta["uid"]
         self.dir = agent.root / "pods" / f"{self.ns}_{self.pod_name}_{self.uid[:8]}"
         self.stop_event = threading.Event()
         self.grace = 30.0
@@ -255,7 +283,7 @@ class PodWorker(threading.Thread):
             "pvc": self.agent.api.read_namespaced_persistent_volume_claim,
         }[kind]
         obj = reader(name, self.ns)
-        return dict(self.agent.api.api_client.sanitize_for_serialization(obj))
+        return to_dict(self.agent.api, obj)
 
     def _data(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
         try:
@@ -720,11 +748,7 @@ class Provisioner:
     """
 
     def __init__(self, kubeconfig: str, agent: Agent) -> None:
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        api_client = client.ApiClient(configuration)
-        self.api = client.CoreV1Api(api_client)
-        self.storage = client.StorageV1Api(api_client)
+        self.api, _, self.storage = api_clients(kubeconfig)
         self.agent = agent
 
     def ensure_storage_class(self) -> None:
@@ -743,34 +767,36 @@ class Provisioner:
             if exc.status != 409:
                 raise
 
-    def _provision(self, pvc: client.V1PersistentVolumeClaim) -> None:
-        spec = pvc.spec
-        cls = spec.storage_class_name
-        if pvc.status.phase != "Pending" or spec.volume_name or cls not in (None, "", STORAGE_CLASS):
+    def _provision(self, pvc: dict[str, Any]) -> None:
+        spec, meta = pvc["spec"], pvc["metadata"]
+        cls = spec.get("storageClassName")
+        if (pvc.get("status") or {}).get("phase") != "Pending" or spec.get("volumeName"):
             return
-        ns, name = pvc.metadata.namespace, pvc.metadata.name
+        if cls not in (None, "", STORAGE_CLASS):
+            return
+        ns, name = meta["namespace"], meta["name"]
         path = self.agent.pvc_path(ns, name)
         path.mkdir(parents=True, exist_ok=True)
-        size = ((spec.resources.requests or {}) if spec.resources else {}).get("storage", "1Gi")
+        size = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
         body = {
             "metadata": {
-                "name": f"pvc-{pvc.metadata.uid}",
+                "name": f"pvc-{meta['uid']}",
                 "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
                 "labels": {"harness.local/claim-namespace": ns},
             },
             "spec": {
                 "capacity": {"storage": size},
-                "accessModes": spec.access_modes or ["ReadWriteOnce"],
+                "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
                 "persistentVolumeReclaimPolicy": "Retain",
                 "storageClassName": cls or "",
-                "volumeMode": spec.volume_mode or "Filesystem",
+                "volumeMode": spec.get("volumeMode") or "Filesystem",
                 "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
                 "claimRef": {
                     "apiVersion": "v1",
                     "kind": "PersistentVolumeClaim",
                     "namespace": ns,
                     "name": name,
-                    "uid": pvc.metadata.uid,
+                    "uid": meta["uid"],
                 },
             },
         }
@@ -784,22 +810,25 @@ class Provisioner:
     def _reap(self) -> None:
         # Retain + delete here: the PV controller cannot delete hostPath
         # volumes outside /tmp, and the data stays for the test to inspect.
-        for pv in self.api.list_persistent_volume().items:
-            annotations = pv.metadata.annotations or {}
-            if annotations.get("pv.kubernetes.io/provisioned-by") == PROVISIONER and pv.status.phase == "Released":
+        for pv in to_dict(self.api, self.api.list_persistent_volume())["items"]:
+            annotations = pv["metadata"].get("annotations") or {}
+            released = (pv.get("status") or {}).get("phase") == "Released"
+            if annotations.get("pv.kubernetes.io/provisioned-by") == PROVISIONER and released:
                 with contextlib.suppress(ApiException):
-                    self.api.delete_persistent_volume(pv.metadata.name)
+                    self.api.delete_persistent_volume(pv["metadata"]["name"])
 
     def run(self) -> None:
         while not self.agent.stopping.is_set():
             try:
-                w = watch.Watch()
-                for event in w.stream(self.api.list_persistent_volume_claim_for_all_namespaces, timeout_seconds=30):
-                    if self.agent.stopping.is_set():
-                        w.stop()
-                        break
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        self._provision(event["object"])
+                events = stream(
+                    self.api,
+                    self.api.list_persistent_volume_claim_for_all_namespaces,
+                    self.agent.stopping,
+                    timeout_seconds=30,
+                )
+                for kind, pvc in events:
+                    if kind in ("ADDED", "MODIFIED"):
+                        self._provision(pvc)
                 self._reap()
             except Exception:
                 log.exception("provisioner failed")
@@ -819,11 +848,8 @@ class Agent:
         for item in args.image_command or []:
             image, _, command = item.partition("=")
             self.images[image] = json.loads(command)
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=args.kubeconfig, client_configuration=configuration)
-        self.api_port = int(configuration.host.rsplit(":", 1)[1])
-        self.api = client.CoreV1Api(client.ApiClient(configuration))
-        self.coord = client.CoordinationV1Api(client.ApiClient(configuration))
+        self.api, self.coord, _ = api_clients(args.kubeconfig)
+        self.api_port = int(self.api.api_client.configuration.host.rsplit(":", 1)[1])
         self.mount_namespaces = can_unshare()
         self.mountpoints = MountPoints()
         self.workers: dict[str, PodWorker] = {}
@@ -945,25 +971,27 @@ class Agent:
             self.workers.pop(worker.uid, None)
             self.finished.add(worker.uid)
 
-    def _delete(self, pod: client.V1Pod) -> None:
+    def _delete(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
         try:
             self.api.delete_namespaced_pod(
-                pod.metadata.name,
-                pod.metadata.namespace,
+                meta["name"],
+                meta["namespace"],
                 grace_period_seconds=0,
-                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions={"uid": pod.metadata.uid}),
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
             )
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
 
-    def _finalize_delete(self, pod: client.V1Pod, worker: PodWorker | None) -> None:
+    def _finalize_delete(self, pod: dict[str, Any], worker: PodWorker | None) -> None:
         if worker is not None:
             worker.join()
         self._delete(pod)
 
-    def on_pod(self, kind: str, pod: client.V1Pod) -> None:
-        uid = pod.metadata.uid
+    def on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        uid: str = meta["uid"]
         with self.lock:
             worker = self.workers.get(uid)
             finished = uid in self.finished
@@ -971,17 +999,17 @@ class Agent:
             if worker is not None:
                 worker.stop(0)
             return
-        if pod.metadata.deletion_timestamp is not None:
+        if meta.get("deletionTimestamp"):
             with self.lock:
                 if uid in self.deleting:
                     return
                 self.deleting.add(uid)
-            grace = float(pod.metadata.deletion_grace_period_seconds or 0)
+            grace = float(meta.get("deletionGracePeriodSeconds") or 0)
             if worker is not None:
                 worker.stop(grace)
             threading.Thread(target=self._finalize_delete, args=(pod, worker), daemon=True).start()
             return
-        phase = pod.status.phase if pod.status else None
+        phase = (pod.get("status") or {}).get("phase")
         if worker is None and not finished and phase not in ("Succeeded", "Failed"):
             worker = PodWorker(self, pod)
             with self.lock:
@@ -994,28 +1022,32 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 if not resource_version:
-                    pods = self.api.list_pod_for_all_namespaces(field_selector=selector)
-                    for pod in pods.items:
+                    pods = to_dict(self.api, self.api.list_pod_for_all_namespaces(field_selector=selector))
+                    for pod in pods["items"]:
                         self.on_pod("ADDED", pod)
-                    resource_version = pods.metadata.resource_version
-                w = watch.Watch()
-                for event in w.stream(
+                    # Pods deleted while we were not watching get no DELETED event.
+                    listed = {p["metadata"]["uid"] for p in pods["items"]}
+                    with self.lock:
+                        vanished = [w for uid, w in self.workers.items() if uid not in listed]
+                    for w in vanished:
+                        w.stop(0)
+                    resource_version = pods["metadata"]["resourceVersion"]
+                events = stream(
+                    self.api,
                     self.api.list_pod_for_all_namespaces,
+                    self.stopping,
                     field_selector=selector,
                     resource_version=resource_version,
                     timeout_seconds=60,
                     allow_watch_bookmarks=True,
-                ):
-                    if self.stopping.is_set():
-                        w.stop()
-                        break
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
+                )
+                for kind, obj in events:
+                    if kind == "ERROR":
                         resource_version = ""
                         break
-                    resource_version = obj.metadata.resource_version
-                    if event["type"] != "BOOKMARK":
-                        self.on_pod(event["type"], obj)
+                    resource_version = obj["metadata"].get("resourceVersion") or resource_version
+                    if kind != "BOOKMARK":
+                        self.on_pod(kind, obj)
             except ApiException as exc:
                 if exc.status == 410:
                     resource_version = ""

@@ -30,7 +30,9 @@ def pinned_kubernetes_version() -> str:
     return match.group(1)
 
 
-def core(cp: ControlPlane) -> client.CoreV1Api:
+def core(cp: ControlPlane) -> Any:
+    # Any: the tests pass manifests as dicts, which the client serialises as
+    # they are, while its annotations ask for the generated model classes.
     return client.CoreV1Api(cp.api_client())
 
 
@@ -46,7 +48,7 @@ def python_pod(name: str, code: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def wait_pod(api: client.CoreV1Api, ns: str, name: str, phases: tuple[str, ...], timeout: float = 60) -> client.V1Pod:
+def wait_pod(api: Any, ns: str, name: str, phases: tuple[str, ...], timeout: float = 60) -> client.V1Pod:
     def check() -> client.V1Pod | None:
         pod = api.read_namespaced_pod(name, ns)
         return pod if pod.status and pod.status.phase in phases else None
@@ -92,7 +94,7 @@ def test_namespace_created_and_deleted(control_plane: ControlPlane, namespace: s
         try:
             api.read_namespace(other)
         except client.ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
     # The namespace controller empties it and removes the finalizer.
@@ -111,7 +113,7 @@ def test_job_completes_with_termination_message(control_plane: ControlPlane, gpu
             "template": {"spec": python_pod("unused", code)["spec"]},
         },
     }
-    batch = client.BatchV1Api(control_plane.api_client())
+    batch: Any = client.BatchV1Api(control_plane.api_client())
     batch.create_namespaced_job(namespace, job)
 
     def complete() -> bool:
@@ -269,7 +271,7 @@ def test_deleted_pod_is_killed_and_removed(control_plane: ControlPlane, gpu_node
         try:
             api.read_namespaced_pod("sleeper", namespace)
         except client.ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
     wait_for("pod sleeper to be removed", gone, timeout=30)
