@@ -21,6 +21,7 @@ every failing test that used the cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -130,7 +131,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 
 
 @pytest.fixture(scope="session")
-def gpu_node(control_plane: ControlPlane) -> Iterator[GpuNode]:
+def gpu_node_image_commands() -> dict[str, list[str]]:
+    """Entrypoints of images whose pods set no ``command`` (the agent cannot
+    read an image's ENTRYPOINT). Override in a conftest, e.g.
+    ``{"ghcr.io/x/unlearning-operator": ["unlearning-operator"]}``; keys match
+    the image with or without its tag."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def gpu_node(control_plane: ControlPlane, gpu_node_image_commands: dict[str, list[str]]) -> Iterator[GpuNode]:
     # The agent authenticates as a real node, so the Node authorizer and the
     # NodeRestriction admission plugin hold it to what a kubelet may do.
     kubeconfig = control_plane.kubeconfig_for(NODE_NAME, f"/O=system:nodes/CN=system:node:{NODE_NAME}")
@@ -147,6 +157,7 @@ def gpu_node(control_plane: ControlPlane) -> Iterator[GpuNode]:
                 f"--node-name={NODE_NAME}",
                 f"--gpus={NODE_GPUS}",
                 f"--provisioner-kubeconfig={control_plane.kubeconfig}",
+                *(f"--image-command={image}={json.dumps(cmd)}" for image, cmd in gpu_node_image_commands.items()),
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,

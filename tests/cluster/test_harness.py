@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import subprocess
 import time
 import urllib.error
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from tests.cluster import controlplane
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import GpuNode, wait_for
 
@@ -339,3 +341,28 @@ def test_kubectl_apply_roundtrip(control_plane: ControlPlane, namespace: str) ->
 def test_kubectl_failure_raises(control_plane: ControlPlane) -> None:
     with pytest.raises(subprocess.CalledProcessError):
         control_plane.kubectl("get", "nosuchkind")
+
+
+def test_port_clash_is_retried_and_death_is_reported(
+    control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port taken between picking and binding costs a retry, not the session;
+    a component that dies is reported with its log instead of hanging."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    picks = iter([busy.getsockname()[1]])
+    real = controlplane.free_port
+    monkeypatch.setattr(controlplane, "free_port", lambda: next(picks, None) or real())
+    cp = ControlPlane(control_plane.bin_dir, tmp_path / "cp")
+    try:
+        cp.start()
+        assert "address already in use" in (tmp_path / "cp" / "logs" / "etcd.log").read_text()
+        cp.check_alive()
+        cp.components["kube-scheduler"].stop()
+        with pytest.raises(controlplane.ControlPlaneError, match="kube-scheduler") as died:
+            cp.check_alive()
+        assert "--- kube-scheduler (exited" in str(died.value)
+    finally:
+        cp.stop()
+        busy.close()
