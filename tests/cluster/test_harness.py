@@ -366,3 +366,35 @@ def test_port_clash_is_retried_and_death_is_reported(
     finally:
         cp.stop()
         busy.close()
+
+
+def test_helm_install_waits_for_a_ready_deployment(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str, tmp_path: Path
+) -> None:
+    """What the e2e tier does with the real chart: helm install --wait needs the
+    Deployment's pod Ready, via the ReplicaSet controller and the node agent."""
+    chart = tmp_path / "tiny"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: tiny\nversion: 0.1.0\nkubeVersion: '>=1.30.0-0'\n")
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "tiny"}},
+            "template": {
+                "metadata": {"labels": {"app": "tiny"}},
+                "spec": {
+                    "containers": [
+                        {"name": "main", "image": "tiny:1", "command": ["python", "-c", "import time; time.sleep(600)"]}
+                    ]
+                },
+            },
+        },
+    }
+    (chart / "templates" / "deployment.yaml").write_text(json.dumps(deployment))
+    control_plane.helm("install", "tiny", str(chart), "-n", namespace, "--wait", "--timeout", "90s")
+    status = control_plane.helm("status", "tiny", "-n", namespace, "-o", "json").stdout
+    assert json.loads(status)["info"]["status"] == "deployed"
+    control_plane.helm("uninstall", "tiny", "-n", namespace, "--wait", "--timeout", "60s")
