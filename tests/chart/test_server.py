@@ -60,8 +60,15 @@ def restricted(control_plane: ControlPlane, namespace: str) -> str:
     return namespace
 
 
-def dry_run(cp: ControlPlane, manifests: str, namespace: str) -> subprocess.CompletedProcess[str]:
-    return cp.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=manifests, check=False)
+def dry_run(cp: ControlPlane, manifests: str, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+    where = ["-n", namespace] if namespace else []
+    return cp.kubectl("apply", "--dry-run=server", *where, "-f", "-", input=manifests, check=False)
+
+
+def create_service_accounts(cp: ControlPlane, objects: list[dict[str, Any]]) -> None:
+    """Create the release's ServiceAccounts for real: a dry-run pod is admitted only if its account exists."""
+    accounts = [o for o in objects if o["kind"] == "ServiceAccount"]
+    cp.kubectl("apply", "-f", "-", input="---\n".join(yaml.safe_dump(a) for a in accounts))
 
 
 @pytest.mark.parametrize("values_file", [None, *VALUES_FILES])
@@ -69,21 +76,24 @@ def test_rendered_chart_is_accepted_by_the_api_server(
     control_plane: ControlPlane, crd: str, extra_namespaces: tuple[str, ...], restricted: str, values_file: str | None
 ) -> None:
     done = control_plane.helm(*template_args(*([values_file] if values_file else []), namespace=restricted))
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(done.stdout) if doc}
-    applied = dry_run(control_plane, done.stdout, restricted)
+    objects = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    create_service_accounts(control_plane, objects)
+    applied = dry_run(control_plane, done.stdout)
     assert applied.returncode == 0, applied.stderr
     assert "PodSecurity" not in applied.stderr, applied.stderr
     # Every object went through admission, the helm test pod under "enforce".
-    assert applied.stdout.count("(server dry run)") == sum(1 for d in yaml.safe_load_all(done.stdout) if d)
-    assert {"Deployment", "Pod", "Service"} <= kinds
+    assert applied.stdout.count("(server dry run)") == len(objects)
+    assert {"Deployment", "Pod", "Service"} <= {o["kind"] for o in objects}
 
 
 def test_the_api_server_refuses_what_restricted_forbids(control_plane: ControlPlane, crd: str, restricted: str) -> None:
     # The control for the test above: the same namespace does refuse a pod that may escalate.
     done = control_plane.helm(*template_args(namespace=restricted))
-    pod = next(d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "Pod")
+    objects = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    create_service_accounts(control_plane, objects)
+    pod = next(o for o in objects if o["kind"] == "Pod")
     pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
-    applied = dry_run(control_plane, yaml.safe_dump(pod), restricted)
+    applied = dry_run(control_plane, yaml.safe_dump(pod))
     assert applied.returncode != 0
     assert "violates PodSecurity" in applied.stderr
 
@@ -108,7 +118,7 @@ def test_server_dry_run_refuses_an_invalid_request(control_plane: ControlPlane, 
     assert "spec.tuning.maxAttempts" in applied.stderr
 
 
-def test_helm_install_refuses_bad_values(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> None:
+def test_helm_install_refuses_bad_values(control_plane: ControlPlane, crd: str, namespace: str, tmp_path: Path) -> None:
     bad = tmp_path / "typo.yaml"
     bad.write_text("job:\n  gpus: two\nwatchNamespace: [team-a]\n")
     done = control_plane.helm("install", RELEASE, str(CHART), "-n", namespace, "--values", str(bad), check=False)
@@ -189,7 +199,7 @@ def test_monitors_follow_the_clusters_monitoring_api(
         *template_args("monitoring-on.yaml", namespace=namespace), "--api-versions", "monitoring.coreos.com/v1"
     )
     monitors = [d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] in ("ServiceMonitor", "PodMonitor")]
-    applied = dry_run(control_plane, "---\n".join(yaml.safe_dump(m) for m in monitors), namespace)
+    applied = dry_run(control_plane, "---\n".join(yaml.safe_dump(m) for m in monitors))
     assert applied.returncode == 0, applied.stderr
 
 
@@ -203,7 +213,10 @@ def test_notes_name_the_next_commands(control_plane: ControlPlane, crd: str, nam
     assert "kubectl apply -n team-a -f examples/requests/digits-gdpr.yaml" in namespaced
 
 
-def test_helm_install_then_helm_test(control_plane: ControlPlane, gpu_node: GpuNode, crd: str, namespace: str) -> None:
+@pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
+def test_helm_install_then_helm_test(
+    control_plane: ControlPlane, gpu_node: GpuNode, crd: str, namespace: str, mode: str
+) -> None:
     health, metrics = free_port(), free_port()
     # The fake node runs pods on the host network without cluster DNS, so the
     # test pod reaches the operator on 127.0.0.1 instead of the Service name.
@@ -211,8 +224,9 @@ def test_helm_install_then_helm_test(control_plane: ControlPlane, gpu_node: GpuN
         f"ports.health={health}",
         f"ports.metrics={metrics}",
         f"tests.healthUrl=http://127.0.0.1:{health}/healthz",
-        f"watchNamespaces={{{namespace}}}",
     ]
+    if mode == "namespaced":
+        settings.append(f"watchNamespaces={{{namespace}}}")
     args = [arg for setting in settings for arg in ("--set", setting)]
     control_plane.helm("install", RELEASE, str(CHART), "-n", namespace, *args, "--wait", "--timeout=120s")
     try:
@@ -226,7 +240,7 @@ def test_helm_install_then_helm_test(control_plane: ControlPlane, gpu_node: GpuN
             return False
 
         wait_for("the operator's /healthz", healthy, timeout=90, interval=1)
-        tested = control_plane.helm("test", RELEASE, "-n", namespace, "--logs", "--timeout=120s", check=False)
+        tested = control_plane.helm("test", RELEASE, "-n", namespace, "--timeout=120s", check=False)
         assert tested.returncode == 0, tested.stdout + tested.stderr + gpu_node.diagnostics(namespace)
         assert "Phase:          Succeeded" in tested.stdout
         assert "CRD served: unlearn.dev/v1alpha1 unlearningrequests" in gpu_node.pod_log(
