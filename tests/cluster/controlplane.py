@@ -69,6 +69,17 @@ def build_binaries(script: Path = BUILD_SCRIPT, timeout: float = 3 * 3600) -> Pa
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+def die_with_parent(signame: str = "KILL") -> list[str]:
+    """An argv prefix that signals the child when the thread that started it
+    exits. A CI job killed with SIGKILL (timeout) runs no teardown; without
+    this its etcd, apiserver and pods would outlive it and hold ports. KILL by
+    default: an orphaned apiserver's graceful shutdown waits on etcd and open
+    watches for a minute. ``setpriv`` (util-linux) execs, so the pid stays
+    the child's; where it is missing, children are only ended by teardown."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, f"--pdeathsig={signame}", "--"] if setpriv else []
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -222,7 +233,7 @@ class Component:
             out.write(f"\n=== {' '.join(self.argv)}\n".encode())
             out.flush()
             self.popen = subprocess.Popen(
-                self.argv,
+                [*die_with_parent(), *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -271,6 +282,7 @@ class ControlPlane:
     pki: Pki | None = None
     kubeconfig: Path = Path()
     startup_seconds: float = 0.0
+    first_death: str = ""
     _stopped: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -299,6 +311,18 @@ class ControlPlane:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - began
+        threading.Thread(target=self._watchdog, name="control-plane-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        # With etcd gone the apiserver still accepts connections and each
+        # request waits for etcd's timeouts; stopping everything turns that
+        # into immediate connection errors, and check_alive() names the cause.
+        while not self._stopped:
+            if dead := self.dead():
+                self.first_death = dead[0].describe()
+                self.stop()
+                return
+            time.sleep(0.5)
 
     def _deadline(self) -> float:
         return time.monotonic() + self.startup_timeout
@@ -497,7 +521,8 @@ class ControlPlane:
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl as admin; raises with stderr when ``check``."""
         argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, input=input)
+        # input="" rather than None: kubectl must never read pytest's stdin.
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, input=input or "")
         if check and done.returncode != 0:
             raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
         return done
@@ -512,7 +537,9 @@ class ControlPlane:
             "HELM_DATA_HOME": str(self.workdir / "helm" / "data"),
         }
         argv = [str(self.bin_dir / "helm"), *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=env, stdin=subprocess.DEVNULL
+        )
         if check and done.returncode != 0:
             raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
         return done
@@ -530,6 +557,8 @@ class ControlPlane:
 
     def check_alive(self) -> None:
         """Raise with the logs of any component that has exited."""
+        if self.first_death:
+            raise ControlPlaneError(f"control plane died; first to exit:\n{self.first_death}\n{self.diagnostics()}")
         if dead := self.dead():
             names = ", ".join(c.name for c in dead)
             raise ControlPlaneError(f"control plane component(s) died: {names}\n{self.diagnostics()}")

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.cluster.controlplane import ControlPlane, ControlPlaneError, build_binaries, tail
+from tests.cluster.controlplane import ControlPlane, ControlPlaneError, build_binaries, die_with_parent, tail
 
 NODE_NAME = "gpu-node-0"
 NODE_GPUS = 1
@@ -113,12 +113,36 @@ class GpuNode:
                 self.popen.wait(5)
 
 
-@pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+_BIN_DIR = pytest.StashKey[Path | ControlPlaneError]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Build here rather than in the fixture: a cold build takes many minutes
+    # on a small CI machine and would count against the first test's timeout.
+    if session.config.option.collectonly:
+        return
+    if not any("control_plane" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("tests/cluster/build.sh: control-plane binaries (first build: ~10-20 min) ...")
     try:
-        bin_dir = build_binaries()
+        session.stash[_BIN_DIR] = build_binaries()
     except ControlPlaneError as exc:
-        pytest.fail(f"cluster binaries: {exc}", pytrace=False)
+        session.stash[_BIN_DIR] = exc
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
+    built = request.session.stash.get(_BIN_DIR, None)
+    if built is None:  # e.g. the plugin was loaded after collection
+        try:
+            built = build_binaries()
+        except ControlPlaneError as exc:
+            built = exc
+    if isinstance(built, ControlPlaneError):
+        pytest.fail(f"cluster binaries: {built}", pytrace=False)
+    bin_dir = built
     cp = ControlPlane(bin_dir, tmp_path_factory.mktemp("cluster"))
     try:
         cp.start()
@@ -150,6 +174,8 @@ def gpu_node(control_plane: ControlPlane, gpu_node_image_commands: dict[str, lis
     with log.open("ab") as out:
         popen = subprocess.Popen(
             [
+                # TERM: the agent's shutdown ends its containers and mount points.
+                *die_with_parent("TERM"),
                 sys.executable,
                 str(AGENT),
                 f"--kubeconfig={kubeconfig}",

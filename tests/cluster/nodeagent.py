@@ -53,6 +53,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,13 @@ def stream(api: Any, list_func: Any, stop: threading.Event, **kwargs: Any) -> It
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def die_with_parent() -> list[str]:
+    """An argv prefix that SIGKILLs a container when its pod's worker thread
+    (and so the agent) dies without running its shutdown."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig=KILL", "--"] if setpriv else []
 
 
 def can_unshare() -> bool:
@@ -505,13 +513,24 @@ class PodWorker(threading.Thread):
                 Path(cwd).mkdir(parents=True, exist_ok=True)
             lines.append(f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)}")
             lines.append('exec "$@"')
-            full = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "\n".join(lines), "sh"]
+            full = [
+                *die_with_parent(),
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "/bin/sh",
+                "-c",
+                "\n".join(lines),
+                "sh",
+            ]
             full += argv
             popen_cwd = None
         else:
             env["HARNESS_PATH_MAP"] = json.dumps({m.target: str(m.source) for m in mounts})
             Path(cwd).mkdir(parents=True, exist_ok=True)
-            full, popen_cwd = argv, cwd
+            full, popen_cwd = [*die_with_parent(), *argv], cwd
         with run.log_path.open("ab") as out:
             out.write(f"=== {shlex.join(argv)}\n".encode())
             out.flush()
