@@ -282,6 +282,9 @@ class PodWorker(threading.Thread):
         self._lock = threading.Lock()
         self.start_time = now()
         self.deadline: float | None = None
+        self.api_volumes: set[str] = set()
+        # Set once a final phase with its own reason (DeadlineExceeded) is out.
+        self.final_reported = False
 
     # ---- API helpers --------------------------------------------------------
     def _get(self, kind: str, name: str) -> dict[str, Any]:
@@ -377,6 +380,8 @@ class PodWorker(threading.Thread):
         paths: dict[str, Path] = {}
         for vol in self.pod["spec"].get("volumes") or []:
             name = vol["name"]
+            if {"configMap", "secret", "projected", "downwardAPI"} & vol.keys():
+                self.api_volumes.add(name)
             target = self.dir / "volumes" / name
             mode = vol.get(next((k for k in vol if k != "name"), ""), {}) or {}
             default_mode = mode.get("defaultMode") if isinstance(mode, dict) else None
@@ -481,7 +486,9 @@ class PodWorker(threading.Thread):
                 source = source / sub
                 if not source.exists():
                     source.mkdir(parents=True, exist_ok=True)
-            mounts.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly"))))
+            # The kubelet mounts these read-only whatever the volumeMount says.
+            read_only = bool(vm.get("readOnly")) or vm["name"] in self.api_volumes
+            mounts.append(Mount(source, vm["mountPath"], read_only))
         term_path = spec.get("terminationMessagePath") or "/dev/termination-log"
         mounts.append(Mount(run.message_path, term_path, False))
         # Parents before children, so a nested mount lands inside its parent.
@@ -531,9 +538,8 @@ class PodWorker(threading.Thread):
             env["HARNESS_PATH_MAP"] = json.dumps({m.target: str(m.source) for m in mounts})
             Path(cwd).mkdir(parents=True, exist_ok=True)
             full, popen_cwd = [*die_with_parent(), *argv], cwd
+        log.info("pod %s/%s container %s: %s", self.ns, self.pod_name, run.name, shlex.join(argv))
         with run.log_path.open("ab") as out:
-            out.write(f"=== {shlex.join(argv)}\n".encode())
-            out.flush()
             run.popen = subprocess.Popen(
                 full,
                 env=env,
@@ -710,6 +716,7 @@ class PodWorker(threading.Thread):
                 self._report(
                     "Failed", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline"
                 )
+                self.final_reported = True
                 return None
             if self.stop_event.wait(0.2):
                 for run in runs:
@@ -728,6 +735,8 @@ class PodWorker(threading.Thread):
                 return
             code = self._wait(live)
             if code is None:
+                if self.final_reported:
+                    return
                 self._report(
                     "Failed" if any((r.terminated or {}).get("exitCode") for r in self.runs.values()) else "Succeeded"
                 )

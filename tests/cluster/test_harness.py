@@ -50,13 +50,14 @@ def python_pod(name: str, code: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def wait_pod(api: Any, ns: str, name: str, phases: tuple[str, ...], timeout: float = 60) -> client.V1Pod:
-    def check() -> client.V1Pod | None:
+def wait_pod(api: Any, ns: str, name: str, phases: tuple[str, ...], timeout: float = 60) -> Any:
+    """The pod (a V1Pod, typed Any like ``core()``) once its phase is in ``phases``."""
+
+    def check() -> Any:
         pod = api.read_namespaced_pod(name, ns)
         return pod if pod.status and pod.status.phase in phases else None
 
-    result: client.V1Pod = wait_for(f"pod {ns}/{name} in {phases}", check, timeout=timeout)
-    return result
+    return wait_for(f"pod {ns}/{name} in {phases}", check, timeout=timeout)
 
 
 def terminated(pod: client.V1Pod) -> client.V1ContainerStateTerminated:
@@ -398,3 +399,56 @@ def test_helm_install_waits_for_a_ready_deployment(
     status = control_plane.helm("status", "tiny", "-n", namespace, "-o", "json").stdout
     assert json.loads(status)["info"]["status"] == "deployed"
     control_plane.helm("uninstall", "tiny", "-n", namespace, "--wait", "--timeout", "60s")
+
+
+def test_on_failure_restarts_then_succeeds(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    api = core(control_plane)
+    # Fails on the first run, succeeds on the second: the marker survives in an emptyDir.
+    code = """
+import pathlib, sys
+marker = pathlib.Path("/scratch/ran-once")
+if not marker.exists():
+    marker.write_text("x")
+    sys.exit(1)
+"""
+    pod = python_pod(
+        "flaky",
+        code,
+        restartPolicy="OnFailure",
+        container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    api.create_namespaced_pod(namespace, pod)
+    done = wait_pod(api, namespace, "flaky", ("Succeeded", "Failed"))
+    assert done.status.phase == "Succeeded"
+    status = done.status.container_statuses[0]
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 1
+
+
+def test_active_deadline_fails_the_pod(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    api = core(control_plane)
+    api.create_namespaced_pod(namespace, python_pod("slow", "import time; time.sleep(600)", activeDeadlineSeconds=2))
+    pod = wait_pod(api, namespace, "slow", ("Succeeded", "Failed"))
+    assert pod.status.phase == "Failed"
+    assert pod.status.reason == "DeadlineExceeded"
+
+
+def test_job_backoff_limit_fails_the_job(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    batch: Any = client.BatchV1Api(control_plane.api_client())
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "broken"},
+        "spec": {"backoffLimit": 1, "template": {"spec": python_pod("x", "raise SystemExit(7)")["spec"]}},
+    }
+    batch.create_namespaced_job(namespace, job)
+
+    def failed() -> str | None:
+        status = batch.read_namespaced_job("broken", namespace).status
+        conds = {c.type: c for c in status.conditions or []}
+        return conds["Failed"].reason if "Failed" in conds and conds["Failed"].status == "True" else None
+
+    assert wait_for("job broken to fail", failed, timeout=120) == "BackoffLimitExceeded"
+    pods = core(control_plane).list_namespaced_pod(namespace, label_selector="job-name=broken").items
+    assert [terminated(p).exit_code for p in pods] == [7, 7]
