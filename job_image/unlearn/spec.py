@@ -269,7 +269,7 @@ class MethodSpec(_Model):
     """The unlearning method and its hyper-parameters."""
 
     name: Method = Field(
-        default="neggrad-plus",
+        default="scrub",
         description=(
             "gradient-ascent: ascent on the forget set, then fine-tuning on the retain set; "
             "neggrad-plus: ascent and descent in one joint loss; scrub: teacher-student "
