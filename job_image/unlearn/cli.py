@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -159,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from unlearn.demo import prepare_demo
+        from unlearn.job import cpu_threads
 
-        torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+        torch.set_num_threads(cpu_threads(0))  # the demo MLP is small: see cpu_threads
         print(prepare_demo(args.dir))
         return 0
     # demo
@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.manifest.is_file():
         print(f"error: --manifest {args.manifest}: not found: run from a clone or pass --manifest", file=sys.stderr)
         return EXIT_INVALID_INPUT
+    import torch
+
+    from unlearn.job import cpu_threads
+
+    torch.set_num_threads(cpu_threads(0))  # the demo MLP is small: see cpu_threads
     model = ensure_demo_model(workdir)
     log.info("demo model %s", model)
     # Version 1 every time: the demo is idempotent and its output folder does not grow.
