@@ -86,9 +86,10 @@ class GpuNode:
     def pod_log(self, namespace: str, pod: str, container: str) -> str:
         """What the container wrote to stdout/stderr (``kubectl logs`` needs a
         kubelet API the agent does not serve)."""
-        for d in self.pod_dirs(namespace):
-            if d.name.rsplit("_", 1)[0] == f"{namespace}_{pod}":
-                return (d / f"{container}.log").read_text(errors="replace")
+        # Newest first: a Job's or a test's pod may reuse a name.
+        dirs = [d for d in self.pod_dirs(namespace) if d.name.rsplit("_", 1)[0] == f"{namespace}_{pod}"]
+        for d in sorted(dirs, key=lambda d: d.stat().st_mtime, reverse=True):
+            return (d / f"{container}.log").read_text(errors="replace")
         raise FileNotFoundError(f"no log for {namespace}/{pod}/{container} under {self.root / 'pods'}")
 
     def check_alive(self) -> None:
