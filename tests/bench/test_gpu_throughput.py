@@ -1,0 +1,43 @@
+"""The GPU throughput script runs end to end on the CPU with ``--smoke`` (tiny sizes, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_throughput
+
+pytestmark = pytest.mark.job
+
+
+def test_smoke_run_measures_every_loop_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gpu.json"
+    assert gpu_throughput.main(["--smoke", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    names = [m["name"] for m in doc["measurements"]]
+    assert names[0] == "tutorial loop (DataLoader)"
+    assert any(n.startswith("engine loop") for n in names)
+    assert any(n.startswith("unlearn: " + doc["defaultMethod"]) for n in names)
+    assert any(n.startswith("retrain") for n in names)
+    for m in doc["measurements"]:
+        assert m["error"] == ""
+        assert m["samples"] > 0
+        assert m["samplesPerSecond"] > 0
+    (speed,) = doc["speedups"]  # on the CPU only float32 runs
+    assert speed["precision"] == "fp32"
+    assert speed["speedupMeasured"] > 0
+    assert speed["retrainSecondsExtrapolated"] == pytest.approx(
+        speed["retrainSeconds"] / speed["retrainEpochs"] * speed["recipeEpochs"]
+    )
+    printed = capsys.readouterr().out
+    assert "EXTRAPOLATED" in printed
+    assert "samples/s" in printed
+
+
+def test_no_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    if gpu_throughput.torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert gpu_throughput.main(["--out", "/dev/null"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

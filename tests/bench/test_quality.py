@@ -1,0 +1,129 @@
+"""Smoke tests of the quality benchmark on tiny settings (seconds), plus its pure parts.
+
+The real run (docs/benchmarks.md) takes minutes; here the same code runs on a
+few hundred digits rows with a few epochs, and the assertions check numbers
+that hold even at that size (retraining is its own reference; an original that
+saw a whole class is far from a model that never did).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from unlearn import audit
+
+from bench import __main__ as bench_main
+from bench import quality
+from bench.datasets import forget_set, load
+
+pytestmark = pytest.mark.job
+
+torch.set_num_threads(1)
+
+
+def test_forget_sets_of_three_kinds() -> None:
+    digits = load("digits")
+    n = len(digits.train)
+    random = forget_set(digits, "random", 0)
+    assert len(random.forget) == round(0.1 * n)
+    assert np.array_equal(random.labels, digits.train.y)  # random forgetting keeps the true labels
+    klass = forget_set(digits, "class", 1)
+    assert set(digits.train.y[klass.forget]) == {1}
+    assert np.count_nonzero(digits.train.y == 1) == len(klass.forget)
+    assert 1 not in set(digits.test.y[klass.test_rows])  # TA counts the remaining classes only
+    flipped = forget_set(digits, "mislabelled", 0)
+    assert np.all(flipped.labels[flipped.forget] != digits.train.y[flipped.forget])  # every label is wrong
+    keep = np.setdiff1d(np.arange(n), flipped.forget)
+    assert np.array_equal(flipped.labels[keep], digits.train.y[keep])
+    assert np.array_equal(forget_set(digits, "mislabelled", 0).forget, flipped.forget)  # deterministic
+
+
+def _logits(confidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Two-class logits whose softmax gives each sample ``confidence`` on its label."""
+    logits = np.zeros((len(labels), 2))
+    logits[np.arange(len(labels)), labels] = np.log(confidence / (1 - confidence))
+    return logits
+
+
+def test_mia_efficacy_tells_memorised_from_unseen() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    members = _logits(rng.uniform(0.97, 0.999, 400), labels)  # the model is sure of its training rows
+    unseen = _logits(rng.uniform(0.55, 0.9, 400), labels)
+    retain, heldout = (members[:200], labels[:200]), (unseen[:200], labels[:200])
+    still_remembered = audit.mia_efficacy(retain, heldout, (members[200:], labels[200:]))
+    forgotten = audit.mia_efficacy(retain, heldout, (unseen[200:], labels[200:]))
+    assert still_remembered < 5.0
+    assert forgotten > 95.0
+
+
+def test_avg_gap_is_the_mean_absolute_difference() -> None:
+    ref = {"ua": 10.0, "ra": 100.0, "ta": 90.0, "mia": 20.0}
+    assert quality.avg_gap({"ua": 12.0, "ra": 99.0, "ta": 90.0, "mia": 17.0}, ref) == pytest.approx(1.5)
+
+
+def test_variant_parsing_and_errors() -> None:
+    variant = quality.parse_variant("scrub:retain_epochs=2,retain_subset=300,forget_lr=0.001")
+    hyper = variant.hyper(seed=4)
+    assert (hyper.method, hyper.retain_epochs, hyper.retain_subset, hyper.forget_lr, hyper.seed) == (
+        "scrub",
+        2,
+        300,
+        0.001,
+        4,
+    )
+    assert isinstance(hyper.retain_epochs, int)
+    with pytest.raises(ValueError, match="not a hyper-parameter"):
+        quality.parse_variant("scrub:epochs=2")
+    with pytest.raises(ValueError, match="unknown method"):
+        quality.parse_variant("sgd:forget_lr=1")
+
+
+def test_docs_update_touches_only_the_generated_part(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# B\n\n## Job throughput\nkeep me\n\n{quality.DOCS_BEGIN}\nold\n{quality.DOCS_END}\n\ntail\n")
+    quality.update_docs(doc, "new table")
+    assert doc.read_text() == (
+        f"# B\n\n## Job throughput\nkeep me\n\n{quality.DOCS_BEGIN}\nnew table\n{quality.DOCS_END}\n\ntail\n"
+    )
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers not found"):
+        quality.update_docs(tmp_path / "bare.md", "x")
+
+
+def test_tiny_quality_run_writes_tables_plot_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, md, png = tmp_path / "q.json", tmp_path / "q.md", tmp_path / "q.png"
+    tiny = ["--datasets", "digits", "--kinds", "class", "--seeds", "1", "--epochs", "4", "--samples", "240"]
+    code = quality.main([*tiny, "--out", str(out), "--markdown", str(md), "--plot", str(png)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    methods = [row["method"] for row in result["runs"]]
+    assert methods == ["retrain", "original", *quality.VARIANTS]
+    rows = {row["method"]: row for row in result["runs"]}
+    assert rows["retrain"]["gap"] == 0.0
+    assert rows["retrain"]["ua"] == 100.0  # a model that never saw class 0 never predicts it
+    # The original saw the whole class: far from the retrained model, whatever the tiny recipe.
+    assert rows["original"]["gap"] > 10.0
+    for row in result["runs"]:
+        for metric in ("ua", "ra", "ta", "mia"):
+            assert 0.0 <= row[metric] <= 100.0
+        if row["method"] not in ("original", "retrain"):
+            assert row["seconds"] > 0
+            assert row["speedup"] > 0
+    assert rows[quality.TUNED]["attempts"][0]["verdict"] in ("Passed", "Failed")
+    tables = md.read_text()
+    assert "#### digits, class forgetting" in tables
+    assert f"**{quality.default_method()}** (default)" in tables
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Avg. Gap" in capsys.readouterr().out
+
+
+def test_bench_command_lists_and_rejects(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main.main([]) == 0
+    assert "quality" in capsys.readouterr().out
+    assert bench_main.main(["nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
