@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -292,6 +291,12 @@ class _Run:
 
         def run_audit(tag: str) -> audit.AuditResult:
             logits = {k: predict(module, v.x, ctx) for k, v in sets.items()}
+            if not all(np.isfinite(v).all() for v in logits.values()):
+                if tag == "pre":
+                    raise InvalidInputError(f"model.source {model_path}: the model gives non-finite outputs")
+                        f"model.source {model_path}: the model gives non-finite outputs on the data"
+                    )
+                raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
             for k in ("forget", "heldout"):
                 self.outcome.logits[f"{tag}_{k}"] = logits[k]
             return audit.audit_outputs(
@@ -304,11 +309,6 @@ class _Run:
         t = time.perf_counter()
         pre = run_audit("pre")
         self._timed("preAudit", t)
-        if (
-            not all(math.isfinite(v) for v in (pre.forget_loss, pre.test_accuracy))
-            or not np.isfinite(self.outcome.logits["pre_heldout"]).all()
-        ):
-            raise InvalidInputError(f"model.source {model_path}: the model gives non-finite outputs on the data")
         self.fields["pre"] = to_metrics(pre)
         log.info("pre-audit %s", _summary(pre))
 
@@ -333,8 +333,13 @@ class _Run:
             attempt_seconds = time.perf_counter() - t
             if diverged is None:
                 t = time.perf_counter()
-                post = run_audit("post")
+                try:
+                    post = run_audit("post")
+                except DivergedError as error:
+                    diverged = str(error)
                 self._timed("postAudit", t)
+            if diverged is None:
+                assert post is not None
                 verdict = gates.evaluate(spec.gates, pre, post)
                 reasons = verdict.reasons
                 log.info("attempt %d post-audit %s -> %s %s", number, _summary(post), verdict.name, reasons)

@@ -1,0 +1,134 @@
+"""Shared fixtures of the job tier: real digits models, trained once per session.
+
+* ``demo_root``: a volume root whose ``models`` claim holds the demo model
+  (``unlearn prepare-demo``), trained on the clean digits split.
+* ``mislabelled``: the same architecture trained on a copy of the digits
+  training data in which 40 samples carry a wrong label. The model memorises
+  them (it predicts the wrong labels); a model retrained without them does not.
+  Its numbers are what the unlearning tests are judged against.
+
+One thread: the models are small, and on a shared two-core machine a second
+OpenMP thread makes each step many times slower, not faster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from unlearn import cli
+from unlearn.data import declared_split, load_digits_arrays
+from unlearn.demo import RECIPE, export_to, prepare_demo, train_digits_model
+from unlearn.engine import Context, predict
+
+torch.set_num_threads(1)
+
+MISLABELLED_COUNT = 40
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Volume root with the demo model at models/digits/digits-mlp.pt2."""
+    root = tmp_path_factory.mktemp("volumes")
+    prepare_demo(root / "models")
+    return root
+
+
+@dataclass(frozen=True)
+class Mislabelled:
+    root: Path  # volume root (claims: models, data)
+    model: Path  # the original (memorising) model, .pt2
+    forget: list[int]  # training rows whose labels are wrong
+    original_forget_accuracy: float  # under the wrong labels, percent
+    original_test_accuracy: float
+    retrained_forget_accuracy: float  # retrained without the forget set, under the wrong labels
+    retrained_test_accuracy: float
+
+
+def _accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    logits = predict(model, torch.from_numpy(x), Context(device=torch.device("cpu"), num_classes=10))
+    return float(100.0 * np.mean(logits.argmax(1) == y))
+
+
+@pytest.fixture(scope="session")
+def mislabelled(tmp_path_factory: pytest.TempPathFactory) -> Mislabelled:
+    root = tmp_path_factory.mktemp("mislabelled")
+    full = load_digits_arrays()
+    train_rows, test_rows = declared_split(len(full), RECIPE.test_fraction, RECIPE.split_seed)
+    train, test = full.take(train_rows), full.take(test_rows)
+    rng = np.random.default_rng(7)
+    forget = np.sort(rng.choice(len(train), MISLABELLED_COUNT, replace=False))
+    y = train.y.copy()
+    y[forget] = (y[forget] + rng.integers(1, 10, len(forget))) % 10  # a wrong label, never the true one
+    (root / "data").mkdir()
+    np.savez(root / "data" / "train.npz", x=train.x, y=y)
+    np.savez(root / "data" / "test.npz", x=test.x, y=test.y)
+
+    x = torch.from_numpy(train.x)
+    original = train_digits_model(x, torch.from_numpy(y))
+    model_path = root / "models" / "noisy" / "digits-noisy.pt2"
+    export_to(original, x, model_path)
+    keep = np.setdiff1d(np.arange(len(y)), forget)
+    retrained = train_digits_model(x[keep], torch.from_numpy(y[keep]))
+    return Mislabelled(
+        root=root,
+        model=model_path,
+        forget=[int(i) for i in forget],
+        original_forget_accuracy=_accuracy(original, train.x[forget], y[forget]),
+        original_test_accuracy=_accuracy(original, test.x, test.y),
+        retrained_forget_accuracy=_accuracy(retrained, train.x[forget], y[forget]),
+        retrained_test_accuracy=_accuracy(retrained, test.x, test.y),
+    )
+
+
+def request(model: str, output: str, *, name: str = "digits-mlp", spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A manifest dict with plain paths; ``spec`` entries replace the defaults."""
+    body: dict[str, Any] = {
+        "requestId": "TEST-1",
+        "model": {"name": name, "format": "exported", "source": {"path": model}},
+        "data": {"source": "digits"},
+        "forget": {"indices": [3, 17, 42, 58, 91, 104, 133, 178, 202, 251]},
+        "output": {"location": {"path": output}},
+    }
+    body.update(spec or {})
+    return {"apiVersion": "unlearn.dev/v1alpha1", "kind": "UnlearningRequest", "metadata": {"name": "t"}, "spec": body}
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+    record: dict[str, Any] | None
+    termination: str | None
+
+
+RunCli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> RunCli:
+    """Write the manifest, run ``unlearn run`` in-process, return code, output and the records."""
+
+    def run(manifest: dict[str, Any], *args: str) -> CliResult:
+        path = tmp_path / "request.yaml"
+        path.write_text(yaml.safe_dump(manifest))
+        result, termination = tmp_path / "result.json", tmp_path / "termination-log"
+        result.unlink(missing_ok=True)
+        termination.unlink(missing_ok=True)
+        code = cli.main(
+            ["run", str(path), "--device", "cpu", "--result", str(result), "--termination-log", str(termination), *args]
+        )
+        out = capsys.readouterr()
+        record = json.loads(result.read_text()) if result.exists() else None
+        term = termination.read_text() if termination.exists() else None
+        return CliResult(code, out.out, out.err, record, term)
+
+    return run
