@@ -294,8 +294,6 @@ class _Run:
             if not all(np.isfinite(v).all() for v in logits.values()):
                 if tag == "pre":
                     raise InvalidInputError(f"model.source {model_path}: the model gives non-finite outputs")
-                        f"model.source {model_path}: the model gives non-finite outputs on the data"
-                    )
                 raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
             for k in ("forget", "heldout"):
                 self.outcome.logits[f"{tag}_{k}"] = logits[k]
