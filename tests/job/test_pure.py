@@ -1,0 +1,320 @@
+"""Unit tests of the pure parts: audit math, gates, tuning rules, the record, versions, splits, indices."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from unlearn import audit, gates, tuning
+from unlearn.data import declared_split, load_forget_indices
+from unlearn.errors import InvalidInputError
+from unlearn.job import forget_digest, next_version
+from unlearn.record import (
+    TERMINATION_MESSAGE_LIMIT,
+    Attempt,
+    AuditMetrics,
+    CompactRecord,
+    ResultRecord,
+    compact,
+    result_json_schema,
+)
+from unlearn.spec import ForgetSpec, GatesSpec, Location, MethodSpec, StageSpec
+
+pytestmark = pytest.mark.unit
+
+RNG = np.random.default_rng(0)
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+def test_auc_of_identical_distributions_is_half() -> None:
+    a, b = RNG.normal(size=4000), RNG.normal(size=4000)
+    assert audit.roc_auc(a, b) == pytest.approx(0.5, abs=0.03)
+    assert audit.tpr_at_fpr(a, b, 0.01) == pytest.approx(0.01, abs=0.01)
+
+
+def test_auc_of_separated_distributions_is_one() -> None:
+    members, others = RNG.normal(5.0, 1.0, 1000), RNG.normal(0.0, 1.0, 1000)
+    assert audit.roc_auc(members, others) > 0.99
+    assert audit.roc_auc(others, members) < 0.01
+    assert audit.tpr_at_fpr(members, others, 0.01) > 0.9
+
+
+def test_tpr_at_fpr_counts_strictly_above_the_threshold() -> None:
+    # 100 non-members 0..99: at 1% FPR one non-member (99) may lie above the threshold, so it is 98.
+    assert audit.tpr_at_fpr(np.array([98.5, 99.5, 200.0, 0.0, 98.0]), np.arange(100.0), 0.01) == pytest.approx(0.6)
+
+
+def _logits(confidence: float, n: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose softmax puts `confidence` on a random label."""
+    labels = RNG.integers(0, classes, n)
+    logits = np.zeros((n, classes))
+    logits[np.arange(n), labels] = np.log(confidence * (classes - 1) / (1 - confidence))
+    return logits, labels
+
+
+def test_accuracy_loss_and_confidence_gap() -> None:
+    sure, labels = _logits(0.99, 200)
+    unsure, _ = _logits(0.5, 200)
+    assert audit.accuracy(sure, labels) == 100.0
+    assert audit.per_sample_loss(sure, labels) == pytest.approx(np.full(200, -np.log(0.99)))
+    assert audit.confidence_gap(sure, unsure) == pytest.approx(0.49)
+    assert audit.confidence_gap(unsure, unsure) == pytest.approx(0.0)
+
+
+def test_classifier_attack_near_chance_on_identical_and_high_on_separated() -> None:
+    a = RNG.normal(size=(400, 10))
+    b = RNG.normal(size=(400, 10))
+    assert audit.classifier_attack_accuracy(a, b) == pytest.approx(0.5, abs=0.08)
+    sure, _ = _logits(0.999, 300)
+    unsure, _ = _logits(0.6, 300)
+    assert audit.classifier_attack_accuracy(sure, unsure) > 0.95
+
+
+def test_classifier_attack_balances_the_classes() -> None:
+    # 20 members against 2000 non-members drawn alike: a classifier that said "non-member" always
+    # would score 0.99 unbalanced; balanced, it is near chance.
+    a, b = RNG.normal(size=(20, 10)), RNG.normal(size=(2000, 10))
+    assert audit.classifier_attack_accuracy(a, b) < 0.75
+
+
+def test_membership_scores_accept_a_reference_offset() -> None:
+    logits, labels = _logits(0.9, 50)
+    reference = RNG.normal(size=50)
+    plain = audit.membership_scores(logits, labels)
+    assert audit.membership_scores(logits, labels, reference) == pytest.approx(plain - reference)
+
+
+# -- gates ---------------------------------------------------------------------------------------
+
+
+def _result(**changes: float) -> audit.AuditResult:
+    base = audit.AuditResult(
+        forget_accuracy=100.0,
+        retain_accuracy=100.0,
+        test_accuracy=97.0,
+        confidence_gap=0.01,
+        mia_auc=0.5,
+        mia_tpr_at_1fpr=0.0,
+        mia_classifier_accuracy=0.5,
+        forget_loss=0.1,
+        samples={},
+    )
+    return replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("gate_values", "post", "passed", "reason", "kind"),
+    [
+        ({"maxMiaAuc": 0.6}, {"mia_auc": 0.71}, False, "miaAuc 0.710 > maxMiaAuc 0.600", "forgetting"),
+        ({"maxMiaAuc": 0.6}, {"mia_auc": 0.55}, True, "", ""),
+        (
+            {"maxTestAccuracyDrop": 2.0},
+            {"test_accuracy": 94.0},
+            False,
+            "testAccuracyDrop 3.00 > maxTestAccuracyDrop 2.00",
+            "utility",
+        ),
+        ({"maxTestAccuracyDrop": 2.0}, {"test_accuracy": 96.0}, True, "", ""),
+        (
+            {"maxForgetAccuracy": 50.0},
+            {"forget_accuracy": 80.0},
+            False,
+            "forgetAccuracy 80.0 > maxForgetAccuracy 50.0",
+            "forgetting",
+        ),
+        (
+            {"maxConfidenceGap": 0.05},
+            {"confidence_gap": -0.2},
+            False,
+            "|confidenceGap| 0.200 > maxConfidenceGap 0.050",
+            "forgetting",
+        ),
+        (
+            {"maxMiaClassifierAccuracy": 0.6},
+            {"mia_classifier_accuracy": 0.9},
+            False,
+            "miaClassifierAccuracy 0.900 > maxMiaClassifierAccuracy 0.600",
+            "forgetting",
+        ),
+        ({"maxMiaAuc": 0.6}, {"mia_auc": float("nan")}, False, "miaAuc nan > maxMiaAuc 0.600", "forgetting"),
+    ],
+)
+def test_gates(gate_values: dict[str, float], post: dict[str, float], passed: bool, reason: str, kind: str) -> None:
+    spec = GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaAuc": None, **gate_values})
+    verdict = gates.evaluate(spec, _result(), _result(**post))
+    assert verdict.passed is passed
+    assert verdict.name == ("Passed" if passed else "Failed")
+    assert verdict.reasons == ([reason] if reason else [])
+    assert verdict.failed_kinds() == ({kind} if kind else set())
+
+
+def test_no_gates_set_passes_and_every_set_gate_is_checked() -> None:
+    none = GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaAuc": None})
+    assert gates.evaluate(none, _result(), _result(mia_auc=0.99)).passed
+    both = gates.evaluate(GatesSpec(), _result(), _result(mia_auc=0.9, test_accuracy=80.0))
+    assert len(both.reasons) == 2
+    assert both.failed_kinds() == {"forgetting", "utility"}
+
+
+# -- tuning --------------------------------------------------------------------------------------
+
+
+def test_resolve_takes_spec_values_over_method_defaults() -> None:
+    h = tuning.resolve(MethodSpec(name="gradient-ascent", retain=StageSpec(epochs=7), seed=3))
+    assert (h.forget_lr, h.forget_epochs, h.forget_batch) == (1e-4, 5, 64)
+    assert (h.retain_lr, h.retain_epochs) == (5e-5, 7)
+    assert h.seed == 3
+    assert tuning.resolve(MethodSpec()).method == "scrub"
+
+
+def test_forgetting_too_little_doubles_the_forget_lr_then_adds_epochs() -> None:
+    h = tuning.resolve(MethodSpec(name="neggrad-plus"))
+    nxt = tuning.next_attempt(h, {"forgetting"})
+    assert nxt is not None
+    assert nxt.forget_lr == 2 * h.forget_lr
+    assert nxt.forget_epochs == h.forget_epochs
+    capped = tuning.next_attempt(replace(h, forget_lr=tuning.MAX_FORGET_LR), {"forgetting"})
+    assert capped is not None
+    assert capped.forget_lr == tuning.MAX_FORGET_LR
+    assert capped.forget_epochs == h.forget_epochs + h.forget_epochs // 2
+
+
+@pytest.mark.parametrize(
+    ("kinds", "diverged"), [({"utility"}, False), ({"utility", "forgetting"}, True), (set(), True)]
+)
+def test_damage_or_divergence_halves_the_lr_and_cuts_epochs(kinds: set[str], diverged: bool) -> None:
+    h = replace(tuning.resolve(MethodSpec(name="gradient-ascent")), forget_epochs=6)
+    nxt = tuning.next_attempt(h, kinds, diverged=diverged)
+    assert nxt is not None
+    assert nxt.forget_lr == h.forget_lr / 2
+    assert nxt.forget_epochs == 4
+    assert tuning.next_attempt(replace(h, forget_epochs=1), kinds, diverged=diverged).forget_epochs == 1  # type: ignore[union-attr]
+
+
+def test_no_rule_means_stop() -> None:
+    assert tuning.next_attempt(tuning.resolve(MethodSpec()), set()) is None
+    assert tuning.next_attempt(tuning.resolve(MethodSpec(name="retrain")), {"forgetting"}) is None
+
+
+# -- record ----------------------------------------------------------------------------------------
+
+
+def _metrics() -> AuditMetrics:
+    return AuditMetrics(
+        forget_accuracy=12.5,
+        retain_accuracy=99.9,
+        test_accuracy=97.3,
+        confidence_gap=-0.01,
+        mia_auc=0.51,
+        mia_tpr_at_1fpr=0.0,
+        mia_classifier_accuracy=0.55,
+        forget_loss=3.2,
+        samples={"forget": 40},
+    )
+
+
+def _record(reasons: int, attempts: int) -> ResultRecord:
+    return ResultRecord(
+        request_id="GDPR-2026-0042",
+        request_name="r",
+        namespace="default",
+        model="digits-mlp",
+        model_version=3,
+        method="scrub",
+        verdict="Failed",
+        reasons=[
+            f"miaAuc 0.{i:03d} > maxMiaAuc 0.600 after a long explanation of what happened" for i in range(reasons)
+        ],
+        exit_code=3,
+        pre=_metrics(),
+        post=_metrics(),
+        attempts=[
+            Attempt(
+                number=i,
+                hyperparameters={"forget_lr": 1e-3},
+                post=_metrics(),
+                verdict="Failed",
+                reasons=["x" * 200],
+                duration_seconds=1.0,
+            )
+            for i in range(attempts)
+        ]
+        + [Attempt(number=attempts, hyperparameters={}, verdict="Failed", reasons=["diverged"], duration_seconds=0.1)],
+        started_at="2026-01-01T00:00:00+00:00",
+        finished_at="2026-01-01T00:01:00+00:00",
+        config={"big": "y" * 10000},
+    )
+
+
+def test_record_validates_against_its_schema() -> None:
+    jsonschema.validate(_record(3, 2).dump(), result_json_schema())
+
+
+@pytest.mark.parametrize(("reasons", "attempts"), [(2, 1), (300, 10)])
+def test_compact_copy_fits_the_termination_message(reasons: int, attempts: int) -> None:
+    text = compact(_record(reasons, attempts))
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    parsed = CompactRecord.model_validate(json.loads(text))
+    assert parsed.verdict == "Failed"
+    assert parsed.attempt_count == attempts + 1
+    assert parsed.post is not None
+    assert parsed.post["miaAuc"] == 0.51
+
+
+def test_forget_digest_names_the_set_not_the_order() -> None:
+    assert forget_digest(np.array([3, 1, 2])) == forget_digest(np.array([1, 2, 3]))
+    assert forget_digest(np.array([1, 2])) != forget_digest(np.array([1, 3]))
+
+
+# -- versions, splits, index files ------------------------------------------------------------------
+
+
+def test_next_version_counts_published_versions_only(tmp_path: Path) -> None:
+    assert next_version(tmp_path / "absent", "m") == 1
+    for name in ("m-v1.pt2", "m-v1.json", "m-v3.json", "m-v9.failed.json", "other-v7.pt2", ".m-v8.pt2.tmp-1-ab"):
+        (tmp_path / name).write_text("")
+    assert next_version(tmp_path, "m") == 4
+
+
+def test_declared_split_is_deterministic_and_disjoint() -> None:
+    train, test = declared_split(100, 0.25, 0)
+    again, _ = declared_split(100, 0.25, 0)
+    assert len(test) == 25
+    assert np.array_equal(train, again)
+    assert not set(train) & set(test)
+    assert not np.array_equal(declared_split(100, 0.25, 1)[1], test)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".json", ".txt"])
+def test_forget_indices_from_files(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"forget{suffix}"
+    if suffix == ".npy":
+        np.save(path, np.array([9, 2, 5]))
+    elif suffix == ".json":
+        path.write_text("[9, 2, 5]")
+    else:
+        path.write_text("# rows of subject 42\n9\n2\n5\n")
+    spec = ForgetSpec(indices_file=Location(path=str(path)))
+    assert load_forget_indices(spec, 100, tmp_path).tolist() == [2, 5, 9]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1.5]", "is not an index"),
+        ('{"a": 1}', "expected a JSON list"),
+        ("[true]", "is not an index"),
+        ("nope", "cannot read"),
+    ],
+)
+def test_bad_index_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "f.json"
+    path.write_text(content)
+    with pytest.raises(InvalidInputError, match=message):
+        load_forget_indices(ForgetSpec(indices_file=Location(path=str(path))), 100, tmp_path)
