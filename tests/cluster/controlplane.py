@@ -303,6 +303,7 @@ class ControlPlane:
             self.pki.issue("admin", "/O=system:masters/CN=admin")
             self.pki.issue("controller-manager", "/CN=system:kube-controller-manager")
             self.pki.issue("scheduler", "/CN=system:kube-scheduler")
+            self.pki.issue("front-proxy-client", "/CN=front-proxy-client")
             self._start_etcd()
             self._start_apiserver()
             self._start_controller_manager()
@@ -414,6 +415,16 @@ class ControlPlane:
                 f"--tls-cert-file={pki.cert('apiserver')}",
                 f"--tls-private-key-file={pki.key('apiserver')}",
                 f"--client-ca-file={pki.ca_cert}",
+                # The aggregation layer's front proxy: without it every client
+                # of extension-apiserver-authentication (controller-manager,
+                # scheduler, webhooks) logs "missing content for CA bundle".
+                f"--requestheader-client-ca-file={pki.ca_cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki.cert('front-proxy-client')}",
+                f"--proxy-client-key-file={pki.key('front-proxy-client')}",
                 "--authorization-mode=Node,RBAC",
                 "--anonymous-auth=false",
                 "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,NodeRestriction,"

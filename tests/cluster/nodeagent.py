@@ -21,9 +21,9 @@ it fails like a container whose image has no entrypoint.
 
 Paths: containers expect absolute paths (``/data``, ``/etc/unlearning``,
 ``/var/run/secrets/kubernetes.io/serviceaccount``, ``/dev/termination-log``).
-Each container runs in its own mount namespace (``unshare --mount``, needs
-root) where each volume is bind-mounted at its mountPath, so nothing on the
-host sees them. Mount points that do not exist on the host are created
+Each container starts under ``podinit.py``, which enters a private mount
+namespace (needs root) and bind-mounts each volume at its mountPath, so
+nothing on the host sees them. Mount points that do not exist on the host are created
 empty and removed when the last agent on the host exits. Without mount
 namespaces (not root) nothing is mounted and the env var
 ``HARNESS_PATH_MAP`` (JSON: mountPath -> host dir) tells the process where
@@ -53,7 +53,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +74,7 @@ STATUS_SECONDS = 30.0
 MESSAGE_LIMIT = 4096
 FALLBACK_LOG_LINES = 80
 MOUNT_REGISTRY = Path("/tmp/unlearning-harness-mountpoints")
+PODINIT = Path(__file__).resolve().parent / "podinit.py"
 
 
 def api_clients(kubeconfig: str) -> tuple[Any, Any, Any]:
@@ -108,20 +108,17 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def die_with_parent() -> list[str]:
-    """An argv prefix that SIGKILLs a container when its pod's worker thread
-    (and so the agent) dies without running its shutdown."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig=KILL", "--"] if setpriv else []
-
-
 def can_unshare() -> bool:
+    """Whether podinit can make mount namespaces here (root, or CAP_SYS_ADMIN)."""
+    spec = json.dumps({"namespace": True, "scratch": "/", "mounts": []})
+    argv = [sys.executable, "-I", "-S", str(PODINIT), spec, "--", "true"]
     try:
-        done = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("no mount namespaces: %s", exc)
         return False
+    if done.returncode != 0:
+        log.warning("no mount namespaces: %s", done.stderr.strip()[-500:])
     return done.returncode == 0
 
 
@@ -499,51 +496,34 @@ class PodWorker(threading.Thread):
         env = self._env(spec)
         argv = self._argv(spec, env)
         mounts = self._mounts(spec, volumes, run)
-        cwd = spec.get("workingDir") or str(self.dir / "cwd" / run.name)
+        # No image WORKDIR to honour: a per-container scratch dir keeps
+        # relative writes out of the host's /.
+        scratch = self.dir / "cwd" / run.name
+        scratch.mkdir(parents=True, exist_ok=True)
         run.message_path.write_bytes(b"")
         if self.agent.mount_namespaces:
-            lines = ["set -e"]
             covered: list[str] = []
             for m in mounts:
-                inside = any(m.target == c or m.target.startswith(c.rstrip("/") + "/") for c in covered)
-                if not inside:
+                # Targets nested in another mount are made by podinit inside it.
+                if not any(m.target == c or m.target.startswith(c.rstrip("/") + "/") for c in covered):
                     self.agent.mountpoints.ensure(Path(m.target), m.source.is_file())
-                elif m.source.is_file():
-                    lines.append(f"[ -e {shlex.quote(m.target)} ] || touch {shlex.quote(m.target)}")
-                else:
-                    lines.append(f"mkdir -p {shlex.quote(m.target)}")
-                lines.append(f"mount --bind {shlex.quote(str(m.source))} {shlex.quote(m.target)}")
-                if m.read_only:
-                    lines.append(f"mount -o remount,bind,ro {shlex.quote(m.target)}")
                 covered.append(m.target)
-            if not spec.get("workingDir"):
-                Path(cwd).mkdir(parents=True, exist_ok=True)
-            lines.append(f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)}")
-            lines.append('exec "$@"')
-            full = [
-                *die_with_parent(),
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "/bin/sh",
-                "-c",
-                "\n".join(lines),
-                "sh",
-            ]
-            full += argv
-            popen_cwd = None
         else:
             env["HARNESS_PATH_MAP"] = json.dumps({m.target: str(m.source) for m in mounts})
-            Path(cwd).mkdir(parents=True, exist_ok=True)
-            full, popen_cwd = [*die_with_parent(), *argv], cwd
+        init_spec = {
+            "namespace": self.agent.mount_namespaces,
+            **({"workingDir": spec["workingDir"]} if spec.get("workingDir") else {"scratch": str(scratch)}),
+            "mounts": [
+                {"source": str(m.source), "target": m.target, "readOnly": m.read_only, "isFile": m.source.is_file()}
+                for m in mounts
+            ],
+        }
+        full = [sys.executable, "-I", "-S", str(PODINIT), json.dumps(init_spec), "--", *argv]
         log.info("pod %s/%s container %s: %s", self.ns, self.pod_name, run.name, shlex.join(argv))
         with run.log_path.open("ab") as out:
             run.popen = subprocess.Popen(
                 full,
                 env=env,
-                cwd=popen_cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -452,3 +452,35 @@ def test_job_backoff_limit_fails_the_job(control_plane: ControlPlane, gpu_node: 
     assert wait_for("job broken to fail", failed, timeout=120) == "BackoffLimitExceeded"
     pods = core(control_plane).list_namespaced_pod(namespace, label_selector="job-name=broken").items
     assert [terminated(p).exit_code for p in pods] == [7, 7]
+
+
+def test_tmp_emptydir_does_not_hide_other_volumes(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    """The operator's Job mounts an emptyDir at /tmp; the harness keeps its own
+    files under /tmp too, and must still mount them (podinit opens every source
+    before the first mount)."""
+    api = core(control_plane)
+    api.create_namespaced_config_map(namespace, {"metadata": {"name": "spec"}, "data": {"request.yaml": "x: 1\n"}})
+    code = """
+import os, pathlib
+pathlib.Path("/tmp/scratch").write_text("ok")
+out = [pathlib.Path("/etc/unlearning/request.yaml").read_text(), sorted(os.listdir("/tmp")), os.getcwd() != "/"]
+pathlib.Path("/dev/termination-log").write_text(repr(out))
+"""
+    pod = python_pod(
+        "tmpmount",
+        code,
+        container={
+            "volumeMounts": [
+                {"name": "spec", "mountPath": "/etc/unlearning", "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ]
+        },
+        volumes=[{"name": "spec", "configMap": {"name": "spec"}}, {"name": "tmp", "emptyDir": {}}],
+    )
+    api.create_namespaced_pod(namespace, pod)
+    done = wait_pod(api, namespace, "tmpmount", ("Succeeded", "Failed"))
+    assert terminated(done).message == repr(["x: 1\n", ["scratch"], True]), gpu_node.pod_log(
+        namespace, "tmpmount", "main"
+    )

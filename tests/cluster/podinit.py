@@ -1,0 +1,91 @@
+"""Container init for the node agent: mount the volumes, then exec the command.
+
+``python podinit.py SPEC_JSON -- COMMAND...`` where SPEC_JSON is
+``{"mounts": [{"source", "target", "readOnly", "isFile"}], "namespace",
+"workingDir" (the container's, seen after mounting) or "scratch" (a host dir)}``.
+
+With ``namespace`` true it enters a private mount namespace (root only) and
+bind-mounts each source at its target, so the command sees the pod's volumes
+at their absolute paths and nothing outside the container sees them.
+
+Every source is opened (``O_PATH``) before the first mount, and mounted via
+``/proc/self/fd/N``: a pod that mounts an emptyDir at ``/tmp`` (the Job does)
+would otherwise hide the harness's own sources under ``/tmp`` from the later
+mounts. Standard library only, since it runs before every container starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+CLONE_NEWNS = 0x00020000
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str | None, target: str, flags: int) -> None:
+    src = source.encode() if source is not None else None
+    _check(_libc.mount(src, target.encode(), None, flags, None), f"mount {source} on {target}")
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    command = argv[argv.index("--") + 1 :]
+    # The agent's worker thread forked us: die with it, so a SIGKILLed agent
+    # leaves no containers behind.
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    if spec["namespace"]:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare")
+        mount(None, "/", MS_REC | MS_PRIVATE)
+    # Opened after unshare (a bind source must be a mount of this namespace:
+    # EINVAL otherwise) and before the first mount can hide any of them.
+    scratch = os.open(spec["scratch"], os.O_RDONLY | os.O_DIRECTORY) if spec.get("scratch") else None
+    if spec["namespace"]:
+        fds = [os.open(m["source"], os.O_PATH) for m in spec["mounts"]]
+        for m, fd in zip(spec["mounts"], fds, strict=True):
+            target = Path(m["target"])
+            # Missing host-level targets were made by the agent; these are
+            # nested in another volume (created inside it, as the kubelet does).
+            if not target.exists():
+                if m["isFile"]:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.touch()
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", str(target), MS_BIND)
+            if m["readOnly"]:
+                mount(None, str(target), MS_BIND | MS_REMOUNT | MS_RDONLY)
+            os.close(fd)
+    if scratch is not None:
+        os.fchdir(scratch)
+        os.close(scratch)
+    else:
+        os.makedirs(spec["workingDir"], exist_ok=True)
+        os.chdir(spec["workingDir"])
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        # What a container runtime reports for a missing executable.
+        print(f"exec {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
