@@ -12,6 +12,8 @@ Fixtures:
 * ``namespace`` (function): a fresh namespace whose ``default`` ServiceAccount
   and ``kube-root-ca.crt`` exist; deleted after the test.
 * ``helm`` (function): ``helm(*args)`` with the built helm against the cluster.
+* ``gpu_node_image_commands`` (session): override to give images without a
+  ``command`` in their pod spec an entrypoint.
 
 A component that dies mid-session fails the tests that use it with its log;
 the tails of the component logs (and of the test's pod logs) are attached to
