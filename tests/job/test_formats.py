@@ -147,7 +147,7 @@ def test_same_seed_same_numbers_on_cpu(method: str) -> None:
             model,
             forget,
             retain,
-            hyper.__class__(**{**hyper.as_dict(), "seed": seed}),
+            replace(hyper, seed=seed),
             Context(torch.device("cpu"), 10),
         )
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
