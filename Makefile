@@ -39,5 +39,10 @@ lint: $(STAMP)
 crds: $(STAMP)
 	$(BIN)/python -m unlearning_operator.crdgen
 
+# helm lint --strict and helm template with every values file under tests/chart/values/.
+chart-lint: $(STAMP)
+	bash tests/cluster/build.sh >/dev/null
+	$(BIN)/python -m pytest -q tests/chart/test_rendered.py tests/chart/test_values.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
