@@ -1,0 +1,391 @@
+"""Helpers for the end-to-end tier: a helm release of the chart and the objects it makes.
+
+The operator under test is the chart's Deployment pod, run by the fake GPU
+node agent (tests/cluster/nodeagent.py) from this checkout's virtual
+environment: the agent runs every image's container command from the venv,
+so the chart's ``command: ["unlearning-operator"]`` and the Job's ``unlearn
+run ...`` are this working tree's code, and the operator talks to the API
+server with the token of the chart's ServiceAccount, i.e. exactly the
+chart's RBAC. Pods share the host network, which is why the operator's
+metrics and health ports are picked free per release and read on 127.0.0.1.
+
+Reads go through the Python client with ``_preload_content=False``: plain
+camelCase dicts as the API serves them (the same shape the operator and
+the status assertions speak), without spawning kubectl in every poll.
+Writes a user would do with kubectl (apply, patch, auth can-i) use kubectl.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
+from unlearn.spec import API_GROUP, API_VERSION, PLURAL
+
+from tests.cluster.controlplane import ControlPlane, free_port
+from tests.cluster.fixtures import GpuNode, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "unlearning-operator"
+EXAMPLE = ROOT / "examples" / "requests" / "digits-gdpr.yaml"
+CHART_NAME = "unlearning-operator"
+TERMINAL = ("Succeeded", "Failed", "Rejected")
+# Generous: one digits job is ~30 s on an idle core, several times that on a loaded CI runner.
+JOB_TIMEOUT = 420.0
+OPERATOR_TIMEOUT = 120.0
+
+
+class Api:
+    """Plain-dict reads (and a few writes) as the cluster admin."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        api_client = cp.api_client()
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    @staticmethod
+    def _json(response: Any) -> dict[str, Any]:
+        return dict(json.loads(response.data))
+
+    def request(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._json(
+            self.custom.get_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False
+            )
+        )
+
+    def request_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.request(namespace, name)
+        except client.ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    def delete_request(self, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+
+    def jobs(self, namespace: str, request: str) -> list[dict[str, Any]]:
+        found = self.batch.list_namespaced_job(
+            namespace, label_selector=f"unlearn.dev/request={request}", _preload_content=False
+        )
+        return list(self._json(found)["items"])
+
+    def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+        return list(self._json(found)["items"])
+
+    def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        return self.pods(namespace, f"batch.kubernetes.io/job-name={job}")
+
+    def configmap(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False))
+
+    def configmaps(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_config_map(namespace, label_selector=selector, _preload_content=False)
+        return list(self._json(found)["items"])
+
+    def events(self, namespace: str, involved: str) -> list[dict[str, Any]]:
+        found = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={involved}", _preload_content=False
+        )
+        return list(self._json(found)["items"])
+
+
+def phase(obj: dict[str, Any]) -> str | None:
+    value = (obj.get("status") or {}).get("phase")
+    return str(value) if value else None
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    raise AssertionError(f"no condition {kind} in {json.dumps(obj.get('status'), indent=1)}")
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conditions = {c["type"]: c["status"] for c in (pod.get("status") or {}).get("conditions") or []}
+    return phase(pod) == "Running" and conditions.get("Ready") == "True"
+
+
+def terminated(pod: dict[str, Any], container: str) -> dict[str, Any]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status["name"] == container:
+            return dict(status.get("state", {}).get("terminated") or {})
+    return {}
+
+
+def when(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def job_finished_at(job: dict[str, Any]) -> datetime:
+    """When the Job controller declared the Job finished (Complete or Failed condition)."""
+    for cond in job["status"].get("conditions") or []:
+        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+            return when(cond["lastTransitionTime"])
+    raise AssertionError(f"Job {job['metadata']['name']} has not finished: {job['status']}")
+
+
+def example(name: str | None = None, **spec_changes: Any) -> dict[str, Any]:
+    """examples/requests/digits-gdpr.yaml, renamed and with top-level spec keys replaced."""
+    manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    manifest = copy.deepcopy(manifest)
+    if name is not None:
+        manifest["metadata"]["name"] = name
+    manifest["spec"].update(spec_changes)
+    return manifest
+
+
+def kubectl_apply(cp: ControlPlane, namespace: str, *manifests: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """``kubectl apply -f -`` of the manifests; never raises (the caller checks the outcome)."""
+    text = "---\n".join(yaml.safe_dump(m, sort_keys=False) for m in manifests)
+    return cp.kubectl("apply", "-n", namespace, "-f", "-", input=text, check=False)
+
+
+@dataclass
+class E2EContext:
+    """What a failing test's report should show: releases and namespaces it used."""
+
+    releases: list[Release] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Workspace:
+    """A watched namespace with the ``models`` claim holding the demo model."""
+
+    namespace: str
+    models: Path
+    """Host dir behind the claim (what the job pod sees at /volumes/models)."""
+
+
+@dataclass
+class Release:
+    """One helm release of the chart and its operator pod(s)."""
+
+    cp: ControlPlane
+    node: GpuNode
+    api: Api
+    name: str
+    namespace: str
+    watched: tuple[str, ...]
+    values: Path
+    metrics_port: int = 0
+    health_port: int = 0
+    pool: list[str] = field(default_factory=list)
+
+    @property
+    def fullname(self) -> str:
+        return self.name if CHART_NAME in self.name else f"{self.name}-{CHART_NAME}"
+
+    @property
+    def service_account(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.fullname}"
+
+    @property
+    def selector(self) -> str:
+        return f"app.kubernetes.io/instance={self.name},app.kubernetes.io/name={CHART_NAME}"
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cp.helm(*args, check=check)
+
+    def install(self) -> None:
+        self.helm(
+            "install", self.name, str(CHART), "-n", self.namespace, "--create-namespace",
+            "--values", str(self.values), "--wait", f"--timeout={OPERATOR_TIMEOUT:.0f}s",
+        )  # fmt: skip
+
+    def uninstall(self, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.helm("uninstall", self.name, "-n", self.namespace, "--wait", "--timeout=90s", check=check)
+
+    # ---- the operator pod -------------------------------------------------------
+    def operator_pods(self) -> list[dict[str, Any]]:
+        return [p for p in self.api.pods(self.namespace, self.selector) if not p["metadata"].get("deletionTimestamp")]
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, other_than: str | None = None, restarts: int = 0) -> dict[str, Any]:
+        """The one operator pod, Running and Ready with kopf's /healthz answering.
+
+        ``other_than``: a pod uid that must have been replaced (after an upgrade);
+        ``restarts``: the container restart count to wait for (after a kill).
+        """
+
+        def ready() -> dict[str, Any] | None:
+            self.node.check_alive()
+            pods = self.operator_pods()
+            if len(pods) != 1 or not pod_ready(pods[0]) or pods[0]["metadata"]["uid"] == other_than:
+                return None
+            statuses = pods[0]["status"].get("containerStatuses") or [{}]
+            if statuses[0].get("restartCount", 0) < restarts:
+                return None
+            return pods[0] if self.healthy() else None
+
+        pod: dict[str, Any] = wait_for(f"operator of release {self.name} Ready", ready, OPERATOR_TIMEOUT, 0.5)
+        return pod
+
+    def kill_operator(self) -> int:
+        """SIGKILL the operator's process, as an OOM kill or a crash would: no clean shutdown.
+
+        The agent reports ``harness://<pid>`` as the container id; the process is
+        its own process group leader (the agent starts containers in a new session).
+        """
+        (pod,) = self.operator_pods()
+        container_id = pod["status"]["containerStatuses"][0]["containerID"]
+        pid = int(container_id.removeprefix("harness://"))
+        os.killpg(pid, signal.SIGKILL)
+        return pid
+
+    def operator_log(self, lines: int = 200) -> str:
+        """Every operator container log of this release (old pods included), last ``lines`` each."""
+        parts = []
+        for pod_dir in self.node.pod_dirs(self.namespace):
+            log = pod_dir / "operator.log"
+            if pod_dir.name.startswith(f"{self.namespace}_{self.fullname}-") and log.is_file():
+                text = log.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- operator log {pod_dir.name}:\n" + "\n".join(text))
+        return "\n".join(parts) or f"(no operator log under {self.node.root / 'pods'})"
+
+    # ---- metrics ------------------------------------------------------------------
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A sample's value from /metrics; 0 when the labelled series does not exist yet."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    # ---- namespaces and requests -------------------------------------------------
+    def take_namespace(self) -> str:
+        if not self.pool:
+            raise AssertionError(f"release {self.name}: every watched namespace is taken; add to the pool")
+        return self.pool.pop(0)
+
+
+def release_values(
+    path: Path, watched: tuple[str, ...], metrics_port: int, health_port: int, **job: Any
+) -> tuple[Path, int, int]:
+    """Values for the test cluster: free host ports, a small Job, one GPU, the given namespaces.
+
+    The image names are arbitrary: the node agent runs every container's
+    command from the project venv (there is no registry to pull from).
+    """
+    values = {
+        "image": {"repository": "unlearning-operator", "tag": "e2e"},
+        "watchNamespaces": list(watched),
+        "ports": {"metrics": metrics_port, "health": health_port},
+        "job": {
+            "image": {"repository": "unlearn-job", "tag": "e2e"},
+            "gpus": 1,
+            "cpu": "1",
+            "memory": "2Gi",
+            "activeDeadlineSeconds": 900,
+            **job,
+        },
+    }
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path, metrics_port, health_port
+
+
+def new_release(
+    cp: ControlPlane, node: GpuNode, api: Api, *, name: str, namespace: str, watched: tuple[str, ...], workdir: Path,
+    **job: Any,
+) -> Release:  # fmt: skip
+    values, metrics_port, health_port = release_values(
+        workdir / f"{name}-values.yaml", watched, free_port(), free_port(), **job
+    )
+    return Release(cp, node, api, name, namespace, watched, values, metrics_port, health_port)
+
+
+def create_namespace(api: Api, name: str) -> None:
+    api.core.create_namespace({"metadata": {"name": name, "labels": {"unlearning-operator.test": "e2e"}}})
+
+    def populated() -> bool:
+        sas = api.core.list_namespaced_service_account(name, field_selector="metadata.name=default").items
+        return bool(sas)
+
+    # The ServiceAccount admission plugin refuses pods until `default` exists.
+    wait_for(f"namespace {name} to get its default ServiceAccount", populated, timeout=30)
+
+
+def models_workspace(api: Api, node: GpuNode, namespace: str, demo_model: Path) -> Workspace:
+    """The ``models`` claim the example names, holding digits/digits-mlp.pt2."""
+    api.core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "models"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+    models = node.pvc_path(namespace, "models")
+    (models / "digits").mkdir(parents=True, exist_ok=True)
+    (models / "digits" / "digits-mlp.pt2").write_bytes(demo_model.read_bytes())
+    return Workspace(namespace, models)
+
+
+def wait_request(
+    api: Api, node: GpuNode, namespace: str, name: str, *,
+    until: Callable[[dict[str, Any]], bool] | None = None, timeout: float = JOB_TIMEOUT,
+) -> dict[str, Any]:  # fmt: skip
+    """Poll the request until ``until(obj)`` (default: a terminal phase); the node must stay up."""
+    done = until or (lambda obj: phase(obj) in TERMINAL)
+
+    def check() -> dict[str, Any] | None:
+        node.check_alive()
+        obj = api.request(namespace, name)
+        return obj if done(obj) else None
+
+    result: dict[str, Any] = wait_for(f"request {namespace}/{name}", check, timeout, 0.5)
+    return result
+
+
+def diagnostics(cp: ControlPlane, api: Api, node: GpuNode, namespaces: list[str]) -> str:
+    """What a person needs to see when an e2e test fails: objects, statuses, pod logs."""
+    parts = []
+    for ns in namespaces:
+        listed = cp.kubectl("get", "unlearningrequests,jobs,pods,pvc,configmaps", "-n", ns, "-o", "wide", check=False)
+        parts.append(f"=== namespace {ns}\n{listed.stdout}{listed.stderr}")
+        try:
+            requests = api.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL)
+        except client.ApiException as error:
+            requests = {"items": [], "error": str(error)}
+        for obj in requests.get("items", []):
+            status = yaml.safe_dump(obj.get("status"), sort_keys=False)
+            parts.append(f"--- request {obj['metadata']['name']} status:\n{status}")
+        try:
+            for pod in api.pods(ns, ""):
+                status = pod.get("status") or {}
+                containers = status.get("containerStatuses") or []
+                states = [(c["name"], c.get("state"), c.get("restartCount")) for c in containers]
+                parts.append(f"--- pod {pod['metadata']['name']}: {status.get('phase')} {states}")
+        except client.ApiException as error:
+            parts.append(f"--- pods: {error}")
+        parts.append(node.diagnostics(ns))
+    return "\n".join(parts)
