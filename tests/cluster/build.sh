@@ -58,6 +58,8 @@ main() {
   }
 
   if complete; then
+    # Marks it used, for the pruning below.
+    touch "$bin_dir/.complete"
     echo "$bin_dir"
     exit 0
   fi
@@ -133,6 +135,10 @@ main() {
   mv "$staging" "$bin_dir"
   trap - EXIT
   echo "build.sh: done in ${SECONDS}s" >>"$log"
+  # Each pin or flag change leaves a ~450 MiB dir behind; drop those no run
+  # has used for two weeks.
+  find "$cache_root/bin" -mindepth 2 -maxdepth 2 -name .complete -mtime +14 -printf '%h\0' 2>/dev/null |
+    xargs -0 -r rm -rf
   echo "$bin_dir"
 }
 
