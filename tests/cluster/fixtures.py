@@ -13,7 +13,8 @@ Fixtures:
   and ``kube-root-ca.crt`` exist; deleted after the test.
 * ``helm`` (function): ``helm(*args)`` with the built helm against the cluster.
 * ``gpu_node_image_commands`` (session): override to give images without a
-  ``command`` in their pod spec an entrypoint.
+  ``command`` in their pod spec an entrypoint; ``gpu_node_gpus`` (session):
+  override the node's GPU count (default 1).
 
 A component that dies mid-session fails the tests that use it with its log;
 the tails of the component logs (and of the test's pod logs) are attached to
@@ -167,7 +168,15 @@ def gpu_node_image_commands() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="session")
-def gpu_node(control_plane: ControlPlane, gpu_node_image_commands: dict[str, list[str]]) -> Iterator[GpuNode]:
+def gpu_node_gpus() -> int:
+    """``nvidia.com/gpu`` capacity of the fake node; override in a conftest."""
+    return NODE_GPUS
+
+
+@pytest.fixture(scope="session")
+def gpu_node(
+    control_plane: ControlPlane, gpu_node_image_commands: dict[str, list[str]], gpu_node_gpus: int
+) -> Iterator[GpuNode]:
     # The agent authenticates as a real node, so the Node authorizer and the
     # NodeRestriction admission plugin hold it to what a kubelet may do.
     kubeconfig = control_plane.kubeconfig_for(NODE_NAME, f"/O=system:nodes/CN=system:node:{NODE_NAME}")
@@ -184,7 +193,7 @@ def gpu_node(control_plane: ControlPlane, gpu_node_image_commands: dict[str, lis
                 f"--kubeconfig={kubeconfig}",
                 f"--root={root}",
                 f"--node-name={NODE_NAME}",
-                f"--gpus={NODE_GPUS}",
+                f"--gpus={gpu_node_gpus}",
                 f"--provisioner-kubeconfig={control_plane.kubeconfig}",
                 *(f"--image-command={image}={json.dumps(cmd)}" for image, cmd in gpu_node_image_commands.items()),
             ],
@@ -193,7 +202,7 @@ def gpu_node(control_plane: ControlPlane, gpu_node_image_commands: dict[str, lis
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    node = GpuNode(NODE_NAME, NODE_GPUS, root, log, popen)
+    node = GpuNode(NODE_NAME, gpu_node_gpus, root, log, popen)
     api = client.CoreV1Api(control_plane.api_client())
 
     def ready() -> bool:
