@@ -137,9 +137,6 @@ class Kube:
         path = f"{_collection(obj)}/{quote(obj['metadata']['name'])}"
         return self._request("PUT", path, body=obj)
 
-    def read_request(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.get(f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}")
-
     def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch status; False when the request is gone (deleted meanwhile)."""
         path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}/status"

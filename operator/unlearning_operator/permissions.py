@@ -10,9 +10,13 @@ Nothing on Secrets. Checked against kopf 1.45 with ``standalone=True``
   unlearningrequests, jobs, pods.
 * kopf posts core/v1 ``events`` (create) for kopf.event() and handler errors.
 * The operator creates Jobs and ConfigMaps (spec, audit, lineage), reads
-  them back on 409 to adopt, updates lineage ConfigMaps, and patches
-  requests' status. It never deletes anything: garbage collection removes a
-  request's Job and spec ConfigMap through owner references.
+  them back on 409 to adopt, updates lineage ConfigMaps, lists a Job's pods
+  and patches requests' status. It never deletes anything: garbage
+  collection removes a request's Job and spec ConfigMap through owner
+  references.
+
+The integration tests run the operator as a user bound to exactly these
+rules, so a missing verb fails them.
 """
 
 from __future__ import annotations
@@ -22,15 +26,18 @@ from typing import Any
 from unlearn.spec import API_GROUP, PLURAL
 
 RULES: list[dict[str, Any]] = [
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
-    },
-    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    # kopf: resource discovery watch (cluster-wide mode only; list + watch, no get).
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    # kopf: the request watch and index.
+    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["list", "watch"]},
+    # Status patches (merge patch on the status subresource).
+    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    # kopf: the Job watch and index; the operator creates Jobs and reads one back on 409 or to check it exists.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    # A Job's pods: termination messages and pending reasons (listed by job-name label, never watched).
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    # Spec, audit and lineage ConfigMaps: create if absent, read back, replace the lineage.
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]},
+    # Events on requests (the operator's and kopf's).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

@@ -1,7 +1,7 @@
 """The operator as a subprocess against the real control plane (tests/cluster).
 
-``operator_process`` starts ``python -m unlearning_operator`` with the admin
-kubeconfig, watching only the test's namespace, and stops it after the test
+``operator_process`` starts ``python -m unlearning_operator`` as a user bound
+to exactly ``permissions.RULES``, watching only the test's namespace, and stops it after the test
 (its log is attached to a failing test). ``models_pvc`` creates the ``models``
 claim and fills it with the demo model from ``unlearn prepare-demo``.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client, watch
+from unlearning_operator.permissions import RULES
 
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
@@ -39,6 +40,7 @@ class OperatorProcess:
     control_plane: ControlPlane
     namespace: str
     log: Path
+    kubeconfig: Path
     env_overrides: dict[str, str] = field(default_factory=dict)
     metrics_port: int = 0
     health_port: int = 0
@@ -48,7 +50,7 @@ class OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.control_plane.kubeconfig),
+            "KUBECONFIG": str(self.kubeconfig),
             "UNLEARNING_WATCH_NAMESPACES": self.namespace,
             "UNLEARNING_JOB_IMAGE": JOB_IMAGE,
             "UNLEARNING_JOB_CPU": "1",
@@ -110,6 +112,22 @@ def crd(control_plane: ControlPlane) -> None:
     control_plane.kubectl("wait", "--for=condition=Established", "crd/unlearningrequests.unlearn.dev", "--timeout=60s")
 
 
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane: ControlPlane) -> Path:
+    """A user bound to exactly permissions.RULES: a missing verb fails the tests, an extra one is not used."""
+    rbac = client.RbacAuthorizationV1Api(control_plane.api_client())
+    name = "unlearning-operator-test"
+    rbac.create_cluster_role({"metadata": {"name": name}, "rules": RULES})
+    rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "unlearning-operator"}],
+        }
+    )
+    return control_plane.kubeconfig_for("unlearning-operator", "/CN=unlearning-operator")
+
+
 @pytest.fixture
 def operator_env() -> dict[str, str]:
     """Settings for this test's operator; override the fixture (or mutate it) per test."""
@@ -124,10 +142,11 @@ def operator_process(
     crd: None,
     namespace: str,
     operator_env: dict[str, str],
+    operator_kubeconfig: Path,
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(control_plane, namespace, tmp_path / "operator.log", operator_env)
+    process = OperatorProcess(control_plane, namespace, tmp_path / "operator.log", operator_kubeconfig, operator_env)
     process.start()
     try:
         yield process

@@ -103,7 +103,6 @@ def test_request_runs_to_succeeded_and_deletion_keeps_the_audit_record(
     assert status["verdict"] == "Passed"
     assert status["pre"] == {k: round(v, 4) for k, v in record["pre"].items()}
     assert status["post"] == {k: round(v, 4) for k, v in record["post"].items()}
-    assert status["post"]["forgetAccuracy"] < status["pre"]["forgetAccuracy"]
     assert status["outputModel"] == record["outputModel"]
     assert status["modelVersion"] == 1
     assert status["observedGeneration"] == done["metadata"]["generation"]

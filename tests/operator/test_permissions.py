@@ -25,6 +25,7 @@ def test_no_secrets_no_wildcards_no_delete() -> None:
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
         ("unlearn.dev", "unlearningrequests", "list"),
+        ("batch", "jobs", "list"),
         ("unlearn.dev", "unlearningrequests", "watch"),
         ("unlearn.dev", "unlearningrequests/status", "patch"),
         ("batch", "jobs", "create"),
