@@ -167,12 +167,6 @@ def avg_gap(metrics: dict[str, float], reference: dict[str, float]) -> float:
     return float(np.mean([abs(metrics[k] - reference[k]) for k in GAP_METRICS]))
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def run_plain(original: nn.Module, split: Split, hyper: tuning.Hyper) -> tuple[nn.Module, float, dict[str, Any]]:
     module = copy.deepcopy(original)
     if hyper.method == RETRAIN:
@@ -181,9 +175,15 @@ def run_plain(original: nn.Module, split: Split, hyper: tuning.Hyper) -> tuple[n
             module.load_state_dict(split.build().state_dict())
 
         split.ctx.reinitialise = fresh
-    seconds = _timed(lambda: run_method(module, split.forget, split.retain, hyper, split.ctx))
-    split.ctx.reinitialise = None
-    return module, seconds, {"hyper": hyper.as_dict()}
+    info: dict[str, Any] = {"hyper": hyper.as_dict()}
+    start = time.perf_counter()
+    try:
+        run_method(module, split.forget, split.retain, hyper, split.ctx)
+    except DivergedError as error:  # the job would answer Failed and write no model: so does the table
+        info["diverged"] = str(error)
+    finally:
+        split.ctx.reinitialise = None
+    return module, time.perf_counter() - start, info
 
 
 def run_tuned(original: nn.Module, split: Split, hyper: tuning.Hyper) -> tuple[nn.Module, float, dict[str, Any]]:
@@ -250,7 +250,10 @@ def run_split(
         hyper = variant.hyper(seed)
         runner = run_tuned if variant.tuned else run_plain
         module, seconds, info = runner(original, split, hyper)
-        metrics, _ = measure(module, split)
+        if "diverged" in info:
+            metrics = dict.fromkeys(("ua", "ra", "ta", "mia", "auc", "tpr"), math.nan)
+        else:
+            metrics, _ = measure(module, split)
         rows.append(
             {
                 **base,
@@ -273,8 +276,9 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (dataset, kind, method), members in groups.items():
         entry: dict[str, Any] = {"dataset": dataset, "kind": kind, "method": method, "seeds": len(members)}
+        entry["diverged"] = sum("diverged" in m for m in members)
         for metric in METRICS:
-            values = [float(m[metric]) for m in members if metric in m]
+            values = [float(m[metric]) for m in members if metric in m and math.isfinite(float(m[metric]))]
             if values:
                 entry[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
         out.append(entry)
@@ -297,6 +301,8 @@ def markdown_tables(summary: Sequence[dict[str, Any]], default: str) -> str:
     blocks: dict[tuple[str, str], list[str]] = {}
     for e in summary:
         label = f"**{e['method']}** (default)" if e["method"] == default else e["method"]
+        if e.get("diverged"):
+            label += f" ({e['diverged']} of {e['seeds']} diverged: left out)"
         line = (
             f"| {label} | {_cell(e, 'ua', 1)} | {_cell(e, 'ra', 1)} | {_cell(e, 'ta', 1)} | {_cell(e, 'mia', 1)} "
             f"| {_cell(e, 'auc', 3)} | {_cell(e, 'tpr', 1)} | **{_cell(e, 'gap', 2)}** | {_cell(e, 'seconds', 2)} "
