@@ -955,7 +955,15 @@ class Agent:
             },
         }
         try:
-            self.coord.replace_namespaced_lease(self.node_name, "kube-node-lease", body)
+            # A merge patch, not a replace: kube-apiserver 1.37 refuses a Lease
+            # update without metadata.resourceVersion (422), which left the node
+            # NotReady and tainted about 40 s into a session.
+            self.coord.patch_namespaced_lease(
+                self.node_name,
+                "kube-node-lease",
+                {"spec": body["spec"]},
+                _content_type="application/merge-patch+json",
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
