@@ -129,9 +129,10 @@ def explain_failure(job: dict[str, Any], pods: list[dict[str, Any]], container: 
         if meaning:
             return Explanation(st.REASON_ERROR, f"exit code {code}: {meaning}" + (f" ({detail})" if detail else ""))
         text = f"the job crashed with exit code {code}"
-        if failed.get("reason") == "BackoffLimitExceeded":
+        backoff = failed.get("reason") == "BackoffLimitExceeded"
+        if backoff:
             text += f" after {spec.get('backoffLimit', 0)} retries"
-        return Explanation(st.REASON_BACKOFF if failed else st.REASON_ERROR, text + (f": {detail}" if detail else ""))
+        return Explanation(st.REASON_BACKOFF if backoff else st.REASON_ERROR, text + (f": {detail}" if detail else ""))
     if failed:
         return Explanation(
             st.REASON_ERROR, f"the Job failed: {failed.get('reason')}: {failed.get('message', '')}".strip()
