@@ -328,3 +328,37 @@ def test_pod_that_cannot_be_scheduled_gets_a_condition_saying_why(
     assert pending["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in pending["message"]
     assert "spec.job.gpus" in pending["message"]
+
+
+def test_kubectl_explain_teaches_the_api(control_plane: ControlPlane, crd: None) -> None:
+    spec = control_plane.kubectl("explain", "unlearningrequest.spec").stdout
+    assert "forget\t<Object> -required-" in spec
+    assert "The samples to forget." in spec
+    gates = control_plane.kubectl("explain", "ulr.spec.gates.maxMiaAuc").stdout
+    assert "Largest loss-attack AUC" in gates
+    listed = control_plane.kubectl("api-resources", "--categories=unlearning", "-o", "name").stdout.split()
+    assert listed == ["unlearningrequests.unlearn.dev"]
+
+
+def test_spec_is_immutable_once_the_job_started(control_plane: ControlPlane, crd: None, namespace: str) -> None:
+    """No operator here: the API server's CEL transition rule alone enforces it."""
+    cp = control_plane
+    api = custom(cp)
+    create(cp, namespace, request_manifest("frozen"))
+    # Before launch the spec may still change.
+    api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "frozen", {"spec": {"requestId": "GDPR-2"}})
+    api.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "frozen", {"status": {"phase": "Running", "jobName": "frozen-1234abcd"}}
+    )
+    with pytest.raises(client.ApiException) as refused:
+        api.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "frozen", {"spec": {"requestId": "GDPR-3"}}
+        )
+    assert refused.value.status == 422
+    assert "spec is immutable once the Job has started" in str(refused.value.body)
+    # Status keeps changing through the subresource; labels through the main endpoint.
+    api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "frozen", {"status": {"message": "x"}})
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "frozen", {"metadata": {"labels": {"a": "b"}}}
+    )
+    assert get(cp, namespace, "frozen")["spec"]["requestId"] == "GDPR-2"
