@@ -66,7 +66,7 @@ DEFAULTS: dict[str, tuple[float, int, int, float, int, int, float, float]] = {
     "scrub": (5e-3, 8, 64, 1e-3, 8, 64, 0.5, 0.5),
     # Random wrong labels on the forget set plus retain CE, on the most forget-salient half of the weights.
     # Over-forgets typical samples (pushes them to wrong classes), so it suits mislabelled/poisoned data.
-    "salun": (1e-4, 5, 64, 0.0, 0, 64, 0.0, 0.5),
+    "salun": (1e-3, 5, 64, 0.0, 0, 64, 0.0, 0.5),
     # From scratch on the retain set.
     "retrain": (0.0, 0, 64, 1e-3, 150, 64, 0.0, 0.5),
 }

@@ -81,6 +81,7 @@ def test_torchvision_state_dict_roundtrip(tmp_path: Path, suffix: str) -> None:
     torch.testing.assert_close(again.module(x), loaded.module(x))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated upstream, still supported here
 def test_torchscript_roundtrip(tmp_path: Path) -> None:
     scripted = torch.jit.script(mlp())
     scripted.save(str(tmp_path / "m.ts"))  # type: ignore[no-untyped-call]
