@@ -38,7 +38,10 @@ main() {
   k8s_version="$(required "$tools/kubernetes/go.mod" k8s.io/kubernetes)"
   etcd_version="$(required "$tools/etcd/go.mod" go.etcd.io/etcd/server/v3)"
   helm_version="$(required "$tools/helm/go.mod" helm.sh/helm/v3)"
-  go_version="$("$go_bin" env GOVERSION)"
+  if ! go_version="$("$go_bin" env GOVERSION 2>/dev/null)" || [[ -z "$go_version" ]]; then
+    echo "build.sh: $go_bin does not work as a Go toolchain (set GO=/path/to/go)" >&2
+    exit 1
+  fi
   # Bump when the flags below change, so that cached binaries are rebuilt;
   # editing comments here must not cost a relink of everything.
   build_rev=2
