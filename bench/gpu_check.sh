@@ -15,4 +15,4 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/job_image:$PWD" PYTHONUNBUFFE
 nvidia-smi -L | tee "$out/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))' | tee -a "$out/gpu.txt"
 python3 -m pytest --noconftest -q -p no:cacheprovider -m gpu tests/job/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
-python3 -m bench.gpu_throughput --out "$out/gpu-throughput.json" --budget-s "${BUDGET_S:-300}" 2>&1 | tee "$out/gpu-throughput.txt"
+[ "${TESTS_ONLY:-0}" = 1 ] || python3 -m bench.gpu_throughput --out "$out/gpu-throughput.json" --budget-s "${BUDGET_S:-300}" 2>&1 | tee "$out/gpu-throughput.txt"
