@@ -31,6 +31,17 @@ last. Dependencies: torch, torchvision, numpy and the ``unlearn`` package
 
     PYTHONPATH=job_image python -m bench.gpu_throughput --out gpu.json
     python -m bench gpu-throughput --smoke --out /tmp/gpu.json   # CPU, seconds
+
+On the lent GPU machines (their image has torch, torchvision, numpy, tqdm,
+safetensors and pyyaml, but not pydantic, which ``unlearn.spec`` needs), carry
+the pydantic wheels in ``.whl/`` (pydantic, pydantic-core for cp312,
+annotated-types, typing-inspection) and run, from the repository root::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:job_image PYTHONUNBUFFERED=1 python3 -m bench gpu-throughput --out $OUT/gpu.json
+
+About two minutes on an H100 (estimate: ~4,000 ResNet-18 steps per precision
+for the default method); ``--budget-s`` (default 270) is the safety net.
 """
 
 from __future__ import annotations
