@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--forget", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each loop, alternated; the fastest counts")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -105,18 +106,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(0)
     initial = small_net().state_dict()
+    best: dict[str, tuple[float, dict[str, float]]] = {}
+    # Alternate the two loops and keep each one's fastest run: on a shared machine the
+    # load changes from minute to minute, and alternating exposes both to it alike.
+    for _ in range(args.repeats):
+        for name, run in (("baseline", baseline), ("engine", engine)):
+            model = small_net()
+            model.load_state_dict(initial)
+            model.to(device)
+            times = run(model, x, y, args.forget, device)
+            if name not in best or sum(times.values()) < sum(best[name][1].values()):
+                best[name] = (sum(times.values()), times)
     results: dict[str, float] = {}
-    for name, run in (("baseline", baseline), ("engine", engine)):
-        model = small_net()
-        model.load_state_dict(initial)
-        model.to(device)
-        times = run(model, x, y, args.forget, device)
-        total = sum(times.values())
+    for name, (total, times) in best.items():
         results[name] = work / total
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
         print(f"{name:9} {work / total:>10,.0f} samples/s  ({total:.2f}s: {stages})")
     print(f"ratio     {results['engine'] / results['baseline']:>10.2f}x  engine / DataLoader loop")
-    print(f"device {device}, threads {torch.get_num_threads()}, {work:,} sample-steps per loop")
+    print(f"device {device}, threads {torch.get_num_threads()}, {work:,} sample-steps per loop, best of {args.repeats}")
     return 0
 
 
