@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from unlearn.data import load_digits_arrays
+from unlearn.data import load_data, load_digits_arrays
 from unlearn.demo import mlp
 from unlearn.engine import Context, TensorSet, unlearn
 from unlearn.errors import InvalidInputError
 from unlearn.models import LoadedModel, atomic_write, load_model, reinitialise, save_model
-from unlearn.spec import Architecture, Location, MethodSpec, ModelSpec
+from unlearn.spec import Architecture, DataSpec, Location, MethodSpec, ModelSpec
 from unlearn.tuning import resolve
 
 from tests.job.conftest import RunCli, request
@@ -167,3 +168,49 @@ def test_retrain_on_an_exported_program(demo_root: Path, tmp_path: Path, run_cli
     assert result.record["post"]["testAccuracy"] >= result.record["pre"]["testAccuracy"] - 2.0
     assert (tmp_path / "out" / "digits-mlp-v1.pt2").is_file()
     assert (tmp_path / "confidence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _idx_file(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file: magic (dtype ubyte, ndim), big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_dataset_folder_is_read_without_download(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _idx_file(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _idx_file(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    spec = DataSpec(
+        source="torchvision",
+        torchvision_dataset="MNIST",
+        train=Location(path=str(tmp_path)),
+        test=Location(path=str(tmp_path)),
+    )
+    data = load_data(spec, tmp_path)
+    assert data.train.x.shape == (30, 1, 28, 28)
+    assert data.test.x.shape == (10, 1, 28, 28)
+    assert data.train.x.min() >= 0.0
+    assert data.train.x.max() <= 1.0
+    missing = DataSpec(source="torchvision", torchvision_dataset="MNIST", train=Location(path=str(tmp_path / "no")))
+    with pytest.raises(InvalidInputError, match=r"data.train: .* not found"):
+        load_data(missing, tmp_path)
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / label / f"{i}.png")
+    spec = DataSpec(source="image-folder", train=Location(path=str(tmp_path / "imgs")), test_fraction=0.34)
+    data = load_data(spec, tmp_path)
+    assert data.train.x.shape == (4, 3, 8, 8)
+    assert data.test.x.shape == (2, 3, 8, 8)
+    assert sorted(set(data.train.y.tolist()) | set(data.test.y.tolist())) == [0, 1]
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "dog" / "small.png")
+    with pytest.raises(InvalidInputError, match="images have different sizes"):
+        load_data(spec, tmp_path)
