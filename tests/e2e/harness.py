@@ -387,5 +387,9 @@ def diagnostics(cp: ControlPlane, api: Api, node: GpuNode, namespaces: list[str]
                 parts.append(f"--- pod {pod['metadata']['name']}: {status.get('phase')} {states}")
         except client.ApiException as error:
             parts.append(f"--- pods: {error}")
-        parts.append(node.diagnostics(ns))
+        # The node agent's own log is in the cluster plugin's section; here the containers' output.
+        for pod_dir in node.pod_dirs(ns):
+            for log in sorted(pod_dir.glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-40:]
+                parts.append(f"--- pod {pod_dir.name} container {log.stem}:\n" + "\n".join(tail))
     return "\n".join(parts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -238,6 +239,7 @@ def test_operator_killed_while_job_runs_adopts_its_job(
         return jobs[0] if any(phase(p) == "Running" for p in pods) else None
 
     job = wait_for("the job pod to run", job_pod_running, timeout=120, interval=0.5)
+    killed_at = datetime.now(UTC).replace(microsecond=0)
     killed = release.kill_operator()
     # The node agent restarts the container (restartPolicy Always): a new process, no memory of the old.
     after = release.wait_ready(restarts=restarts + 1)
@@ -251,7 +253,9 @@ def test_operator_killed_while_job_runs_adopts_its_job(
     again = only_job(e2e_api, ns, "digits-restart")
     assert again["metadata"]["uid"] == job["metadata"]["uid"]
     assert obj["status"]["jobName"] == job["metadata"]["name"]
-    assert len(e2e_api.job_pods(ns, job["metadata"]["name"])) == 1
+    (pod,) = e2e_api.job_pods(ns, job["metadata"]["name"])
+    # The job was still running when the operator died: its result reached the new process.
+    assert when(terminated(pod, "unlearn")["finishedAt"]) >= killed_at
     assert obj["status"]["modelVersion"] == 1
 
 
