@@ -65,7 +65,8 @@ def train_digits_model(x: torch.Tensor, y: torch.Tensor, recipe: Recipe = RECIPE
 
 def export_to(module: nn.Module, example: torch.Tensor, dest: Path) -> None:
     """Export with a dynamic batch dimension and write atomically."""
-    program = torch.export.export(module, (example[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    # clone(): a slice would keep (and serialise) the whole training tensor as the example input.
+    program = torch.export.export(module, (example[:2].clone(),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as handle:
