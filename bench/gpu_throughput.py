@@ -135,6 +135,23 @@ def engine_hyper(batch: int, mixed_precision: bool) -> tuning.Hyper:
     return replace(h, forget_epochs=1, retain_epochs=1, forget_batch=batch, retain_batch=batch)
 
 
+def samples_trained(h: tuning.Hyper, n_forget: int, n_retain: int) -> int:
+    """Samples that go through a training step (forward and backward) in ``unlearn.engine``'s method ``h.method``.
+
+    Mirrors the loops of unlearn/engine.py (teacher forwards and the saliency
+    pass are not counted: they are extra cost per sample, which lowers the rate).
+    """
+    forget_pass, retain_pass = h.forget_epochs * n_forget, h.retain_epochs * n_retain
+    if h.method in ("neggrad-plus", "salun"):
+        steps = -(-n_retain // h.retain_batch)  # each retain step carries one forget batch
+        return h.forget_epochs * (n_retain + steps * min(h.forget_batch, n_forget)) + retain_pass
+    if h.method == "scrub":
+        return forget_pass + max(h.retain_epochs, h.forget_epochs) * n_retain
+    if h.method == "retrain":
+        return retain_pass
+    return forget_pass + retain_pass  # gradient-ascent
+
+
 @dataclass
 class Measurement:
     name: str
@@ -296,7 +313,7 @@ class Bench:
 
         def unlearn_run() -> int:
             run_method(model, self.forget, self.retain, hyper, ctx)
-            return len(self.forget) + len(self.retain)
+            return samples_trained(hyper, len(self.forget), len(self.retain))
 
         self.measure(
             Measurement(

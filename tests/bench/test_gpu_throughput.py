@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,14 @@ def test_no_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.skip("a CUDA device is visible")
     assert gpu_throughput.main(["--out", "/dev/null"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_samples_trained_counts_every_pass_of_each_method() -> None:
+    base = gpu_throughput.engine_hyper(batch=64, mixed_precision=False)
+    fixed = {"forget_epochs": 2, "retain_epochs": 3, "forget_batch": 64, "retain_batch": 64}
+    count = gpu_throughput.samples_trained
+    assert count(replace(base, **fixed), 10, 100) == 2 * 10 + 3 * 100  # ascent passes, then fine-tuning passes
+    assert count(replace(base, method="scrub", **fixed), 10, 100) == 2 * 10 + 3 * 100
+    # Every retain step (2 of them for 100 samples) carries a forget batch of min(64, 10) samples.
+    assert count(replace(base, method="neggrad-plus", **fixed), 10, 100) == 2 * (100 + 2 * 10) + 3 * 100
+    assert count(replace(base, method="retrain", **fixed), 10, 100) == 3 * 100
