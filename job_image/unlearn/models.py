@@ -238,6 +238,8 @@ def save_model(loaded: LoadedModel, dest: Path) -> None:
                 raise InvalidInputError(
                     f"model.source {loaded.source}: the program has no example inputs to re-export with"
                 )
+            # clone(): a view would serialise its whole base tensor as the example input.
+            args = tuple(a.detach().clone().cpu() if isinstance(a, torch.Tensor) else a for a in args)
             dims = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) else None for a in args)
             with torch.no_grad():
                 program = torch.export.export(module, args, dynamic_shapes=dims)
