@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from unlearn import cli
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import mlp
@@ -227,3 +228,47 @@ def test_divergence_is_a_failed_verdict_not_a_crash(demo_root: Path, tmp_path: P
     assert model.read_bytes() == before
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["digits-mlp-v1.failed.json"]  # the record of what was tried, and no model
+
+
+class _BreaksOnLargeBatches(nn.Module):
+    """Loads and passes the two-sample probe, then fails like a crash would (a bug, not bad input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise RuntimeError("simulated CUDA error: an illegal memory access")
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def breaks_on_large_batches() -> nn.Module:
+    return _BreaksOnLargeBatches()
+
+
+def test_an_unexpected_error_is_retryable_and_recorded(tmp_path: Path, run_cli: RunCli) -> None:
+    weights = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in breaks_on_large_batches().state_dict().items()}, str(weights))
+    before = weights.read_bytes()
+    manifest = request(
+        str(weights),
+        str(tmp_path / "out"),
+        spec={
+            "model": {
+                "name": "digits-mlp",
+                "format": "state-dict",
+                "source": {"path": str(weights)},
+                "architecture": {"factory": "tests.job.test_bad_input:breaks_on_large_batches"},
+            }
+        },
+    )
+    result = run_cli(manifest)
+    assert result.code not in (0, EXIT_GATES_FAILED, EXIT_INVALID_INPUT)
+    assert result.record is not None
+    assert result.record["exitCode"] == result.code
+    assert result.record["error"].startswith("unexpected error: RuntimeError: simulated CUDA error")
+    assert result.termination is not None
+    assert json.loads(result.termination)["exitCode"] == result.code
+    assert weights.read_bytes() == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
