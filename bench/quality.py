@@ -506,6 +506,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def render(result: dict[str, Any]) -> str:
+    """The generated Markdown (header, the default against the goal, one table per split) from a results document."""
+    default = result["settings"]["defaultMethod"]
+    machine_info = result["machine"]
+    return (
+        f"Generated {result['date']} on {machine_info['cpu']} ({machine_info['cores']} cores, "
+        f"{machine_info['threads']} torch thread(s), torch {machine_info['torch']}, load average "
+        f"{machine_info['loadAverageAtStart']:.1f} at start) in {result['wallSeconds'] / 60:.1f} minutes; "
+        f"{result['settings']['seeds']} seeds, mean ± std. Default method: `{default}`.\n\n"
+        f"Command: `{result.get('command') or 'python -m bench quality'}`\n\n"
+        f"{goal_lines(result['summary'], default)}\n{markdown_tables(result['summary'], default)}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
@@ -526,16 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     default = result["settings"]["defaultMethod"]
-    tables = markdown_tables(result["summary"], default)
-    goal = goal_lines(result["summary"], default)
-    generated = (
-        f"Generated {result['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
-        f"{result['machine']['threads']} torch thread(s), torch {result['machine']['torch']}, load average "
-        f"{result['machine']['loadAverageAtStart']:.1f} at start) in {result['wallSeconds'] / 60:.1f} minutes; "
-        f"{result['settings']['seeds']} seeds, mean ± std. Default method: `{default}`.\n\n"
-        f"Command: `{result.get('command') or 'python -m bench quality'}`\n\n"
-        f"{goal}\n{tables}"
-    )
+    generated = render(result)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(generated)

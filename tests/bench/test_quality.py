@@ -127,3 +127,15 @@ def test_bench_command_lists_and_rejects(capsys: pytest.CaptureFixture[str]) -> 
     assert "quality" in capsys.readouterr().out
     assert bench_main.main(["nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_published_tables_match_the_published_results() -> None:
+    """docs/benchmarks.md's generated part is exactly what bench/results/quality.json renders (no drift)."""
+    root = Path(__file__).resolve().parents[2]
+    result = json.loads((root / "bench" / "results" / "quality.json").read_text())
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    published = doc.split(quality.DOCS_BEGIN, 1)[1].split(quality.DOCS_END, 1)[0]
+    assert published.strip() == quality.render(result).strip()
+    assert result["settings"]["seeds"] >= 3
+    assert set(result["settings"]["datasets"]) == {"digits", "mnist1d"}
+    assert set(result["settings"]["kinds"]) == {"random", "class", "mislabelled"}
