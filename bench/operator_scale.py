@@ -1,6 +1,6 @@
 """Operator scale: N requests applied at once against the real control plane.
 
-``python -m bench operator-scale [--sizes 100 500] [--cap 100] [--write-docs]``
+``python -m bench operator-scale [--sizes 100 500] [--caps 4 100] [--write-docs]``
 
 Starts etcd, kube-apiserver, controller-manager and scheduler from
 tests/cluster, a node agent, and the operator as a subprocess (the same
@@ -34,6 +34,7 @@ the operator, so the figures are upper bounds for a real cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -116,6 +117,16 @@ class Observed:
 
 
 def watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
+    with contextlib.suppress(Exception):  # the stream ends when the batch's namespace goes
+        _watch_jobs(api, namespace, seen, stop)
+
+
+def watch_requests(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
+    with contextlib.suppress(Exception):
+        _watch_requests(api, namespace, seen, stop)
+
+
+def _watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
     batch = client.BatchV1Api(api)
     w = watch.Watch()
     for event in w.stream(batch.list_namespaced_job, namespace, timeout_seconds=3600):
@@ -130,7 +141,7 @@ def watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: thre
             w.stop()
 
 
-def watch_requests(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
+def _watch_requests(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
     custom = client.CustomObjectsApi(api)
     w = watch.Watch()
     for event in w.stream(
@@ -168,6 +179,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -176,7 +192,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path) -> dict[str, Any]:
-    namespace = f"bench-{size}"
+    namespace = f"bench-{size}-cap-{cap}"
     api = cp.api_client()
     core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": namespace}})
@@ -193,7 +209,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
             raise RuntimeError(f"namespace {namespace}: no default ServiceAccount after 60 s")
         time.sleep(0.2)
 
-    log = workdir / f"operator-{size}.log"
+    log = workdir / f"operator-{size}-cap-{cap}.log"
     env = {
         **os.environ,
         "KUBECONFIG": str(cp.kubeconfig),
@@ -240,6 +256,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
             seen.applied[name] = time.monotonic()
 
         began = time.monotonic()
+        cpu_before = cpu_seconds(operator.pid)
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(apply, enumerate(names)))
         applied_in = time.monotonic() - began
@@ -254,6 +271,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         drained_in = time.monotonic() - began
         stop.set()
         rss = peak_rss_mib(operator.pid)
+        cpu = cpu_seconds(operator.pid) - cpu_before
     finally:
         operator.send_signal(signal.SIGTERM)
         try:
@@ -286,6 +304,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         "status_p99_s": percentile(status_latency, 99),
         "status_n": len(status_latency),
         "peak_rss_mib": rss,
+        "operator_cpu_s": cpu,
         "jobs": len(jobs),
         "max_jobs_per_request": max(per_request.values(), default=0),
     }
@@ -308,14 +327,15 @@ def render(results: list[dict[str, Any]], machine: str) -> str:
         "so these are upper bounds for a real cluster.",
         "",
         "| requests | cap | apply -> Job created p50 / p99 | Job done -> status p50 / p99 "
-        "| all Succeeded after | operator peak RSS | Jobs per request |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| all Succeeded after | operator CPU | operator peak RSS | Jobs per request |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['size']} | {r['cap']} | {r['create_p50_s']:.2f} s / {r['create_p99_s']:.2f} s (n={r['create_n']}) "
             f"| {r['status_p50_s']:.2f} s / {r['status_p99_s']:.2f} s (n={r['status_n']}) "
-            f"| {r['drained_in_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB | {r['max_jobs_per_request']} |"
+            f"| {r['drained_in_s']:.0f} s | {r['operator_cpu_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB "
+            f"| {r['max_jobs_per_request']} |"
         )
     lines += [
         "",
@@ -340,11 +360,17 @@ def write_docs(section: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench operator-scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
-    parser.add_argument("--cap", type=int, default=100, help="UNLEARNING_MAX_CONCURRENT_JOBS")
+    parser.add_argument(
+        "--caps", type=int, nargs="+", default=[4, 100], help="UNLEARNING_MAX_CONCURRENT_JOBS values (4: the default)"
+    )
     parser.add_argument("--write-docs", action="store_true", help="write the figures into docs/benchmarks.md")
     args = parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="operator-scale-"))
+    # Not under /tmp: the Job mounts an emptyDir at /tmp, which would hide the
+    # canned `unlearn` from the pods the node agent runs on this host.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unlearning-operator"
+    cache.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="operator-scale-", dir=cache))
     python = fake_venv(workdir / "venv")
     cp = ControlPlane(build_binaries(), workdir / "cluster")
     cp.start()
@@ -370,12 +396,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         cp.kubectl("apply", "-f", str(ROOT / "crds" / "unlearningrequests.unlearn.dev.yaml"))
         cp.kubectl("wait", "--for=condition=Established", "crd/unlearningrequests.unlearn.dev", "--timeout=60s")
-        cp.kubectl("wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=60s")
+        core = client.CoreV1Api(cp.api_client())
+        deadline = time.monotonic() + 120
+        while True:
+            nodes = core.list_node(field_selector=f"metadata.name={NODE}").items
+            conditions = {c.type: c.status for node in nodes for c in node.status.conditions or []}
+            if conditions.get("Ready") == "True" and not nodes[0].spec.taints:
+                break
+            if time.monotonic() > deadline or agent.poll() is not None:
+                raise RuntimeError(f"node {NODE} not Ready; see {workdir / 'nodeagent.log'}")
+            time.sleep(0.5)
         results = []
         for size in args.sizes:
-            result = run_batch(cp, python, size, args.cap, workdir)
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            for cap in args.caps:
+                result = run_batch(cp, python, size, cap, workdir)
+                print(json.dumps(result), flush=True)
+                results.append(result)
         machine = (
             f"{os.cpu_count()} CPU cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB"
         )

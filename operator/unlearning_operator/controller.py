@@ -29,6 +29,7 @@ finalizer) checks pending pods.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +59,7 @@ T = TypeVar("T")
 Key = tuple[str, str]
 
 TICK_SECONDS = 5.0
+_LANE: contextvars.ContextVar[str] = contextvars.ContextVar("unlearning_lane", default="")
 LINEAGE_RETRIES = 5
 
 
@@ -157,7 +159,8 @@ class Controller:
     kube: Kube
     metrics: Metrics
     clock: Callable[[], datetime] = st.now_utc
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, "unlearning-api"))
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(12, "unlearning-api"))
+    launch_executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, "unlearning-launch"))
     requests: Mapping[Any, Any] | None = None
     jobs: Mapping[Any, Any] | None = None
     statuses: dict[Key, tuple[str, dict[str, Any]]] = field(default_factory=dict)
@@ -173,7 +176,11 @@ class Controller:
         self.jobs = jobs
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        # Launches get their own threads: when a burst of requests arrives, the
+        # ones that may start must not wait behind the Pending/Queued status
+        # writes of all the others.
+        executor = self.launch_executor if _LANE.get() == "launch" else self.executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     def lock(self, key: Key) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -200,6 +207,7 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self.tasks, *([self.ticker] if self.ticker else []), return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.launch_executor.shutdown(wait=False, cancel_futures=True)
 
     def view(self, key: Key) -> RequestView | None:
         views = _values(self.requests, key)
@@ -365,6 +373,7 @@ class Controller:
         return lin.parse(existing or {})
 
     async def _launch(self, view: RequestView) -> None:
+        _LANE.set("launch")  # this task's context only
         async with self.lock(view.key):
             try:
                 await self._launch_locked(view)
