@@ -484,3 +484,21 @@ pathlib.Path("/dev/termination-log").write_text(repr(out))
     assert terminated(done).message == repr(["x: 1\n", ["scratch"], True]), gpu_node.pod_log(
         namespace, "tmpmount", "main"
     )
+
+
+def test_node_lease_is_renewed_and_node_stays_ready(control_plane: ControlPlane, gpu_node: GpuNode) -> None:
+    """Renewals that fail silently leave the node NotReady and tainted ~40 s
+    into a session (it happened: a Lease replace without resourceVersion is a
+    422 on 1.37); catch that in seconds instead."""
+    coord: Any = client.CoordinationV1Api(control_plane.api_client())
+    first = coord.read_namespaced_lease(gpu_node.name, "kube-node-lease").spec.renew_time
+
+    def renewed() -> bool:
+        return bool(coord.read_namespaced_lease(gpu_node.name, "kube-node-lease").spec.renew_time != first)
+
+    wait_for("the node Lease to be renewed", renewed, timeout=20)
+    node = core(control_plane).read_node(gpu_node.name)
+    assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
+    assert not node.spec.taints
+    assert node.status.allocatable["nvidia.com/gpu"] == str(gpu_node.gpus)
+    assert "heartbeat failed" not in gpu_node.log.read_text()
