@@ -60,8 +60,9 @@ def decide(requests: list[Candidate], max_concurrent: int) -> list[Decision]:
     active = [r for r in requests if r.phase == st.RUNNING or (r.job_active and r.phase not in st.TERMINAL_PHASES)]
     busy: dict[tuple[str, str], str] = {r.model_key: r.name for r in sorted(active, key=_order)}
     slots = max_concurrent - len(active)
+    active_keys = {r.key for r in active}
     waiting = sorted(
-        (r for r in requests if r.phase in WAITING_PHASES and r not in active),
+        (r for r in requests if r.phase in WAITING_PHASES and r.key not in active_keys),
         key=_order,
     )
     decisions = []

@@ -131,6 +131,7 @@ class World:
             self.sync()
             for body in list(self.kube.requests.values()):
                 await self.controller.on_request(None, copy.deepcopy(body))
+            self.controller.run_schedule()  # the coalesced pass, without waiting for its timer
             while self.controller.tasks:
                 await asyncio.gather(*list(self.controller.tasks))
             self.sync()
@@ -262,6 +263,7 @@ def test_deleted_job_fails_the_request_and_frees_the_model() -> None:
         job = world.kube.objects.pop(("Job", world.job_name("a")))
         world.sync()
         await world.controller.on_job("DELETED", job)
+        world.controller.run_schedule()
         await world.settle()
         return world
 
