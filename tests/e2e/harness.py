@@ -275,12 +275,13 @@ class Release:
             return str(response.read().decode())
 
     def sample(self, name: str, **labels: str) -> float:
-        """A sample's value from /metrics; 0 when the labelled series does not exist yet."""
-        for family in text_string_to_metric_families(self.metrics()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return float(sample.value)
-        return 0.0
+        """The sum of the samples ``name`` whose labels include ``labels`` (0 when there is none yet)."""
+        return sum(
+            float(sample.value)
+            for family in text_string_to_metric_families(self.metrics())
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     # ---- namespaces and requests -------------------------------------------------
     def take_namespace(self) -> str:

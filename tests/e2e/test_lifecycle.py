@@ -20,7 +20,7 @@ import pytest
 from unlearn.spec import API_GROUP, PLURAL
 
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.fixtures import GpuNode
+from tests.cluster.fixtures import GpuNode, wait_for
 from tests.e2e.harness import (
     CHART,
     Api,
@@ -110,7 +110,9 @@ def test_helm_upgrade_then_uninstall_keeps_audit_records(
 
     # Uninstall removes the operator and its RBAC, and nothing of the audit trail.
     rel.uninstall()
-    assert rel.operator_pods() == []
+    # helm deletes the Deployment; its ReplicaSet and pod go by background garbage collection.
+    wait_for("the operator pod to be gone", lambda: not rel.api.pods(ns, rel.selector), timeout=60, interval=0.5)
+    assert not rel.healthy()
     for kind in ("deployment", "serviceaccount", "role", "rolebinding", "service"):
         got = control_plane.kubectl("get", kind, rel.fullname, "-n", ns, check=False)
         assert got.returncode != 0, f"{kind} {rel.fullname} survived helm uninstall"
