@@ -1,4 +1,7 @@
-"""Fixtures of the end-to-end tier (marker ``e2e``).
+"""Fixtures of the end-to-end tier (marker ``e2e``): ``.venv/bin/python -m pytest tests/e2e -x -q``.
+
+About 2-3 minutes on two busy cores once the binaries (tests/cluster/build.sh)
+and the demo model are cached; the first run also trains the demo model.
 
 * ``demo_model`` (session): the digits demo model, from the cache that
   ``unlearn demo`` keeps (trained once per recipe and torch version, so a

@@ -373,19 +373,20 @@ def diagnostics(cp: ControlPlane, api: Api, node: GpuNode, namespaces: list[str]
     for ns in namespaces:
         listed = cp.kubectl("get", "unlearningrequests,jobs,pods,pvc,configmaps", "-n", ns, "-o", "wide", check=False)
         parts.append(f"=== namespace {ns}\n{listed.stdout}{listed.stderr}")
+        requests: dict[str, Any]
         try:
             requests = api.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL)
         except client.ApiException as error:
             requests = {"items": [], "error": str(error)}
         for obj in requests.get("items", []):
-            status = yaml.safe_dump(obj.get("status"), sort_keys=False)
-            parts.append(f"--- request {obj['metadata']['name']} status:\n{status}")
+            dumped = yaml.safe_dump(obj.get("status"), sort_keys=False)
+            parts.append(f"--- request {obj['metadata']['name']} status:\n{dumped}")
         try:
             for pod in api.pods(ns, ""):
-                status = pod.get("status") or {}
-                containers = status.get("containerStatuses") or []
+                pod_status = pod.get("status") or {}
+                containers = pod_status.get("containerStatuses") or []
                 states = [(c["name"], c.get("state"), c.get("restartCount")) for c in containers]
-                parts.append(f"--- pod {pod['metadata']['name']}: {status.get('phase')} {states}")
+                parts.append(f"--- pod {pod['metadata']['name']}: {pod_status.get('phase')} {states}")
         except client.ApiException as error:
             parts.append(f"--- pods: {error}")
         # The node agent's own log is in the cluster plugin's section; here the containers' output.

@@ -382,4 +382,14 @@ def test_rbac_job_pod_has_no_api_identity(
         ("create", "events"),
     ):
         assert not can_i(control_plane, user, *args, "-n", ns), f"the job's identity may {' '.join(args)}"
+    # Nothing beyond what every authenticated identity may do (self-reviews, discovery):
+    # the same list as a ServiceAccount that no binding names.
+    e2e_api.core.create_namespaced_service_account(ns, {"metadata": {"name": "nobody"}})
+
+    def rights(account: str) -> list[str]:
+        who = f"--as=system:serviceaccount:{ns}:{account}"
+        listed = control_plane.kubectl("auth", "can-i", "--list", "-n", ns, who)
+        return sorted(listed.stdout.splitlines())
+
+    assert rights(account) == rights("nobody")
     e2e_api.delete_request(ns, "digits-identity")
