@@ -264,7 +264,12 @@ class Controller:
             return
         async with self.lock(view.key):
             await self._reconcile(view)
-        self.schedule()
+        # A pass only when the answer can change: a request to place, a slot or
+        # model freed, or the initial listing after a start. Our own Queued and
+        # Running writes come back as events too, and need none.
+        phase = st.phase_of(self.current_status(view))
+        if event_type is None or phase == st.PENDING or phase in st.TERMINAL_PHASES:
+            self.schedule()
 
     async def _reconcile(self, view: RequestView) -> None:
         status = self.current_status(view)
@@ -345,9 +350,11 @@ class Controller:
             view = self.view(key)
             if view is None or view.deleting:
                 continue
-            views[key] = view
             phase = st.phase_of(self.current_status(view))
-            if self.launched.get(key) == view.uid and phase not in st.TERMINAL_PHASES:
+            if phase in st.TERMINAL_PHASES:
+                continue  # neither waiting nor holding a slot; most of a drained burst
+            views[key] = view
+            if self.launched.get(key) == view.uid:
                 phase = st.RUNNING
             job = self.job_of(view)
             candidates.append(
@@ -471,7 +478,8 @@ class Controller:
                 spec = await self._validate(view, status)
                 if spec is not None:
                     await self._adopt(view, spec, job)
-        self.schedule()
+        if event_type == "DELETED" or job.outcome != failures.JOB_RUNNING:
+            self.schedule()
 
     async def _fail_without_job(self, view: RequestView, status: dict[str, Any], job_name: str) -> None:
         message = (
