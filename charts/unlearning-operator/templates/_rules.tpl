@@ -7,14 +7,14 @@ delete anywhere (owner references let the garbage collector clean up).
 
 {{/* Rules on namespaced resources: a ClusterRole (cluster-wide mode) or a Role per watched namespace. */}}
 {{- define "unlearning-operator.namespacedRules" -}}
-# Watch requests, add kopf's finalizer and annotations.
+# Watch requests (indexes and event handlers only: kopf never patches the object itself).
 - apiGroups: ["unlearn.dev"]
   resources: ["unlearningrequests"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 # Phase, conditions and results.
 - apiGroups: ["unlearn.dev"]
   resources: ["unlearningrequests/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # One Job per request (deleted by the garbage collector through its owner reference).
 - apiGroups: ["batch"]
   resources: ["jobs"]
@@ -22,7 +22,7 @@ delete anywhere (owner references let the garbage collector clean up).
 # Job pods: pending reasons and the termination message with the result.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list"]
 # Request spec, audit records (immutable) and model lineage.
 - apiGroups: [""]
   resources: ["configmaps"]
@@ -38,5 +38,5 @@ delete anywhere (owner references let the garbage collector clean up).
 # kopf discovers the resources it serves.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
