@@ -172,6 +172,7 @@ class Controller:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     ticker: asyncio.Task[None] | None = None
     pass_requested: bool = False
+    known_lineages: set[Key] = field(default_factory=set)
 
     # ---- plumbing -------------------------------------------------------------
     def bind(self, requests: Mapping[Any, Any], jobs: Mapping[Any, Any]) -> None:
@@ -386,17 +387,21 @@ class Controller:
             await self.write_status(view, st.queued(status, reason, message, view.generation, self.clock()))
 
     async def _lineage(self, view: RequestView, spec: UnlearningRequestSpec) -> lin.Lineage:
-        """The model's lineage; creates version 0 from this request's source if new."""
-        name = lin.lineage_name(spec.model.name)
-        existing = await self.call(self.kube.read_configmap, view.namespace, name)
-        if existing is None:
-            fresh = lin.initial(spec, view.name)
-            existing, created = await self.call(
-                self.kube.create_if_absent, lin.build_lineage_configmap(fresh, view.namespace)
-            )
-            if created:
-                return fresh
-        return lin.parse(existing or {})
+        """The model's lineage; creates version 0 from this request's source if new.
+
+        For a model this process has not seen, create first (one round trip
+        when the model is new; a 409 reads the existing history instead).
+        """
+        key = (view.namespace, spec.model.name)
+        existing = None
+        if key in self.known_lineages:
+            existing = await self.call(self.kube.read_configmap, view.namespace, lin.lineage_name(spec.model.name))
+        if existing is not None:
+            return lin.parse(existing)
+        fresh = lin.initial(spec, view.name)
+        found, created = await self.call(self.kube.create_if_absent, lin.build_lineage_configmap(fresh, view.namespace))
+        self.known_lineages.add(key)
+        return fresh if created else lin.parse(found)
 
     async def _launch(self, view: RequestView) -> None:
         _LANE.set("launch")  # this task's context only
