@@ -180,9 +180,9 @@ class Controller:
         self.jobs = jobs
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        # Launches get their own threads: when a burst of requests arrives, the
-        # ones that may start must not wait behind the Pending/Queued status
-        # writes of all the others.
+        # Launches and results get their own threads: when a burst of requests
+        # arrives, the ones that may start (or just ended) must not wait behind
+        # the Pending/Queued status writes of all the others.
         executor = self.launch_executor if _LANE.get() == "launch" else self.executor
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
@@ -478,7 +478,13 @@ class Controller:
             if event_type == "DELETED":
                 await self._fail_without_job(view, status, job.name)
             elif job.outcome != failures.JOB_RUNNING:
-                await self._finish(view, dict(body))
+                # Finishing shares the launch threads: a result should not wait
+                # behind a burst of Pending/Queued writes either.
+                token = _LANE.set("launch")
+                try:
+                    await self._finish(view, dict(body))
+                finally:
+                    _LANE.reset(token)
             elif st.phase_of(status) in (st.PENDING, st.QUEUED):
                 spec = await self._validate(view, status)
                 if spec is not None:
