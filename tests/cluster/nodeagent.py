@@ -75,6 +75,11 @@ MESSAGE_LIMIT = 4096
 FALLBACK_LOG_LINES = 80
 MOUNT_REGISTRY = Path("/tmp/unlearning-harness-mountpoints")
 PODINIT = Path(__file__).resolve().parent / "podinit.py"
+# What a container's process runs from: the venv, the working tree its
+# editable install points into, and the base interpreter. podinit re-exposes
+# any of them that a pod's volume would hide (a checkout under /tmp, where the
+# Job and the operator mount an emptyDir).
+KEEP_VISIBLE = sorted({sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[2])})
 
 
 def api_clients(kubeconfig: str) -> tuple[Any, Any, Any]:
@@ -512,6 +517,7 @@ class PodWorker(threading.Thread):
             env["HARNESS_PATH_MAP"] = json.dumps({m.target: str(m.source) for m in mounts})
         init_spec = {
             "namespace": self.agent.mount_namespaces,
+            "keep": KEEP_VISIBLE,
             **({"workingDir": spec["workingDir"]} if spec.get("workingDir") else {"scratch": str(scratch)}),
             "mounts": [
                 {"source": str(m.source), "target": m.target, "readOnly": m.read_only, "isFile": m.source.is_file()}

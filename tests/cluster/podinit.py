@@ -11,7 +11,10 @@ at their absolute paths and nothing outside the container sees them.
 Every source is opened (``O_PATH``) before the first mount, and mounted via
 ``/proc/self/fd/N``: a pod that mounts an emptyDir at ``/tmp`` (the Job does)
 would otherwise hide the harness's own sources under ``/tmp`` from the later
-mounts. Standard library only, since it runs before every container starts.
+mounts. ``keep`` lists host paths the command runs from (the venv, the working tree);
+one that a mount would hide is bound back at its own path inside that mount,
+as if the image contained it. Standard library only, since it runs before
+every container starts.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def main(argv: list[str]) -> int:
     scratch = os.open(spec["scratch"], os.O_RDONLY | os.O_DIRECTORY) if spec.get("scratch") else None
     if spec["namespace"]:
         fds = [os.open(m["source"], os.O_PATH) for m in spec["mounts"]]
+        targets = [m["target"].rstrip("/") for m in spec["mounts"]]
+        hidden = [k for k in spec.get("keep", []) if any(k.startswith(t + "/") for t in targets)]
+        keep_fds = [os.open(k, os.O_PATH) for k in hidden]
         for m, fd in zip(spec["mounts"], fds, strict=True):
             target = Path(m["target"])
             # Missing host-level targets were made by the agent; these are
@@ -72,6 +78,10 @@ def main(argv: list[str]) -> int:
             mount(f"/proc/self/fd/{fd}", str(target), MS_BIND)
             if m["readOnly"]:
                 mount(None, str(target), MS_BIND | MS_REMOUNT | MS_RDONLY)
+            os.close(fd)
+        for path, fd in zip(hidden, keep_fds, strict=True):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
             os.close(fd)
     if scratch is not None:
         os.fchdir(scratch)
