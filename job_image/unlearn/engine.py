@@ -164,6 +164,24 @@ def _adam(module: nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+def _run_epochs(
+    name: str, epochs: int, n: int, batch: int, *, ctx: Context, step: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """The loop every single-pass stage shares: a fresh permutation of ``n`` rows per epoch,
+    ``step(batch indices) -> loss`` per batch, one host sync per epoch (in ``end_epoch``)."""
+    stage = _Stage(name, epochs, -(-n // batch), ctx)
+    try:
+        for epoch in range(epochs):
+            total = torch.zeros((), device=ctx.device)
+            batches = _batches(n, batch, ctx.gen, ctx.device)
+            for idx in batches:
+                total += step(idx).detach().float()
+                stage.step()
+            stage.end_epoch(epoch, total, len(batches))
+    finally:
+        stage.close()
+
+
 def descend(
     module: nn.Module,
     data: TensorSet,
@@ -179,43 +197,31 @@ def descend(
         return
     opt = _adam(module, lr)
     set_mode(module, True)
-    stage = _Stage(name, epochs, -(-len(data) // batch), ctx)
-    try:
-        for epoch in range(epochs):
-            total = torch.zeros((), device=ctx.device)
-            batches = _batches(len(data), batch, ctx.gen, ctx.device)
-            for idx in batches:
-                with ctx.autocast():
-                    loss = _ce(module, data, idx)
-                opt.zero_grad(set_to_none=True)
-                _backward(loss)
-                opt.step()
-                total += loss.detach().float()
-                stage.step()
-            stage.end_epoch(epoch, total, len(batches))
-    finally:
-        stage.close()
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        with ctx.autocast():
+            loss = _ce(module, data, idx)
+        opt.zero_grad(set_to_none=True)
+        _backward(loss)
+        opt.step()
+        return loss
+
+    _run_epochs(name, epochs, len(data), batch, ctx=ctx, step=step)
 
 
 def gradient_ascent(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
-    stage = _Stage("forget (ascent)", h.forget_epochs, -(-len(forget) // h.forget_batch), ctx)
-    try:
-        for epoch in range(h.forget_epochs):
-            total = torch.zeros((), device=ctx.device)
-            batches = _batches(len(forget), h.forget_batch, ctx.gen, ctx.device)
-            for idx in batches:
-                with ctx.autocast():
-                    loss = _ce(module, forget, idx)
-                opt.zero_grad(set_to_none=True)
-                _backward(-loss)
-                opt.step()
-                total += loss.detach().float()
-                stage.step()
-            stage.end_epoch(epoch, total, len(batches))
-    finally:
-        stage.close()
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        with ctx.autocast():
+            loss = _ce(module, forget, idx)
+        opt.zero_grad(set_to_none=True)
+        _backward(-loss)  # ascent: the negated loss, so Adam's moments see the true direction
+        opt.step()
+        return loss
+
+    _run_epochs("forget (ascent)", h.forget_epochs, len(forget), h.forget_batch, ctx=ctx, step=step)
     descend(
         module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
     )
@@ -225,25 +231,19 @@ def neggrad_plus(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyp
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
     forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx.gen, ctx.device)
-    stage = _Stage("neggrad+", h.forget_epochs, -(-len(retain) // h.retain_batch), ctx)
-    try:
-        for epoch in range(h.forget_epochs):
-            total = torch.zeros((), device=ctx.device)
-            batches = _batches(len(retain), h.retain_batch, ctx.gen, ctx.device)
-            for idx in batches:
-                f_idx = next(forget_batches)
-                with ctx.autocast():
-                    retain_loss = _ce(module, retain, idx)
-                    forget_loss = _ce(module, forget, f_idx)
-                    loss = h.alpha * retain_loss - (1 - h.alpha) * forget_loss
-                opt.zero_grad(set_to_none=True)
-                _backward(loss)
-                opt.step()
-                total += loss.detach().float()
-                stage.step()
-            stage.end_epoch(epoch, total, len(batches))
-    finally:
-        stage.close()
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        f_idx = next(forget_batches)
+        with ctx.autocast():
+            retain_loss = _ce(module, retain, idx)
+            forget_loss = _ce(module, forget, f_idx)
+            loss = h.alpha * retain_loss - (1 - h.alpha) * forget_loss
+        opt.zero_grad(set_to_none=True)
+        _backward(loss)
+        opt.step()
+        return loss
+
+    _run_epochs("neggrad+", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
     descend(
         module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
     )
@@ -331,30 +331,24 @@ def salun(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
     forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx.gen, ctx.device)
-    stage = _Stage("salun", h.forget_epochs, -(-len(retain) // h.retain_batch), ctx)
-    try:
-        for epoch in range(h.forget_epochs):
-            total = torch.zeros((), device=ctx.device)
-            batches = _batches(len(retain), h.retain_batch, ctx.gen, ctx.device)
-            for idx in batches:
-                f_idx = next(forget_batches)
-                # A random *wrong* label for each forget sample: shift the label by 1..C-1.
-                shift = torch.randint(1, ctx.num_classes, (len(f_idx),), generator=ctx.gen).to(ctx.device)
-                xf, yf = forget.batch(f_idx)
-                wrong = (yf + shift) % ctx.num_classes
-                with ctx.autocast():
-                    loss = F.cross_entropy(module(xf), wrong) + _ce(module, retain, idx)
-                opt.zero_grad(set_to_none=True)
-                _backward(loss)
-                for name, p in params.items():
-                    if p.grad is not None:
-                        p.grad.mul_(mask[name])
-                opt.step()
-                total += loss.detach().float()
-                stage.step()
-            stage.end_epoch(epoch, total, len(batches))
-    finally:
-        stage.close()
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        f_idx = next(forget_batches)
+        # A random *wrong* label for each forget sample: shift the label by 1..C-1.
+        shift = torch.randint(1, ctx.num_classes, (len(f_idx),), generator=ctx.gen).to(ctx.device)
+        xf, yf = forget.batch(f_idx)
+        wrong = (yf + shift) % ctx.num_classes
+        with ctx.autocast():
+            loss = F.cross_entropy(module(xf), wrong) + _ce(module, retain, idx)
+        opt.zero_grad(set_to_none=True)
+        _backward(loss)
+        for name, p in params.items():
+            if p.grad is not None:
+                p.grad.mul_(mask[name])
+        opt.step()
+        return loss
+
+    _run_epochs("salun", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
     descend(
         module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
     )
