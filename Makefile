@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-unit test-job test-cluster lint crds chart-lint bench clean
+.PHONY: venv demo test test-unit test-job test-cluster test-e2e lint crds chart-lint bench clean
 
 # Create or reuse .venv; reinstall when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -29,6 +29,20 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "unit"
+
+# The job on real data and models (CPU).
+test-job: $(STAMP)
+	$(BIN)/python -m pytest -m "job"
+
+# The harness, the operator and the chart against a real control plane.
+test-cluster: $(STAMP)
+	bash tests/cluster/build.sh >/dev/null
+	$(BIN)/python -m pytest -m "cluster"
+
+# helm install + kubectl apply through the whole path.
+test-e2e: $(STAMP)
+	bash tests/cluster/build.sh >/dev/null
+	$(BIN)/python -m pytest -m "e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
