@@ -209,6 +209,13 @@ def descend(
     _run_epochs(name, epochs, len(data), batch, ctx=ctx, step=step)
 
 
+def _fine_tune(module: nn.Module, retain: TensorSet, h: Hyper, ctx: Context) -> None:
+    """The retain stage that follows a forgetting stage (a fresh Adam, the retain hyper-parameters)."""
+    descend(
+        module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
+    )
+
+
 def gradient_ascent(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
@@ -222,9 +229,7 @@ def gradient_ascent(module: nn.Module, forget: TensorSet, retain: TensorSet, h: 
         return loss
 
     _run_epochs("forget (ascent)", h.forget_epochs, len(forget), h.forget_batch, ctx=ctx, step=step)
-    descend(
-        module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
-    )
+    _fine_tune(module, retain, h, ctx)
 
 
 def neggrad_plus(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
@@ -244,9 +249,7 @@ def neggrad_plus(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyp
         return loss
 
     _run_epochs("neggrad+", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
-    descend(
-        module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
-    )
+    _fine_tune(module, retain, h, ctx)
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -349,9 +352,7 @@ def salun(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
         return loss
 
     _run_epochs("salun", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
-    descend(
-        module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retain (fine-tune)"
-    )
+    _fine_tune(module, retain, h, ctx)
 
 
 def retrain(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
