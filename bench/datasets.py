@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
 from unlearn.data import Arrays, declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, Recipe
 

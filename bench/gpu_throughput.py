@@ -33,7 +33,7 @@ last. Dependencies: torch, torchvision, numpy and the ``unlearn`` package
     python -m bench gpu-throughput --smoke --out /tmp/gpu.json   # CPU, seconds
 
 On the lent GPU machines (their image has torch, torchvision, numpy, tqdm,
-safetensors and pyyaml, but not pydantic, which ``unlearn.spec`` needs), carry
+safetensors and pyyaml, but not pydantic, which ``unlearning_contracts.spec`` needs), carry
 the pydantic wheels in ``.whl/`` (pydantic, pydantic-core for cp312,
 annotated-types, typing-inspection) and run, from the repository root::
 
@@ -63,10 +63,11 @@ import torch.nn.functional as F  # noqa: N812
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
 from unlearn import tuning
 from unlearn.engine import Context, TensorSet
 from unlearn.engine import unlearn as run_method
-from unlearn.spec import MethodSpec
+from unlearning_contracts.spec import MethodSpec
 
 SALUN_RETRAIN_EPOCHS = 182  # ResNet-18 / CIFAR-10 retraining recipe in the SalUn and l1-sparse papers
 

@@ -51,14 +51,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from bench.datasets import DATASETS, FORGET_KINDS, Dataset, ForgetKind, ForgetSet, forget_set, load
 from unlearn import audit, gates, tuning
 from unlearn.demo import mlp, train_digits_model
 from unlearn.engine import Context, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError
-from unlearn.spec import GatesSpec, MethodSpec, TuningSpec
-
-from bench.datasets import DATASETS, FORGET_KINDS, Dataset, ForgetKind, ForgetSet, forget_set, load
+from unlearning_contracts.spec import GatesSpec, MethodSpec, TuningSpec
 
 TUTORIAL = "gradient-ascent (tutorial)"
 TUNED = "gradient-ascent (tuned)"

@@ -29,9 +29,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
 from unlearn.engine import Context, TensorSet, gradient_ascent
-from unlearn.spec import MethodSpec
 from unlearn.tuning import resolve
+from unlearning_contracts.spec import MethodSpec
 
 
 def small_net() -> nn.Sequential:

@@ -3,7 +3,7 @@
 In a pod the operator runs exactly
 ``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --model-version N``
 and reads the compact record from ``/dev/termination-log``. The exit code says
-what happened (see ``unlearn.record``): 0 Passed, 3 gates Failed, 4 invalid
+what happened (see ``unlearning_contracts.record``): 0 Passed, 3 gates Failed, 4 invalid
 input (both never retried), anything else an unexpected, retryable error.
 """
 
@@ -18,8 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from unlearn.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord
-from unlearn.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
+from unlearning_contracts.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord
+from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
 
 log = logging.getLogger("unlearn")
 

@@ -29,7 +29,7 @@ from sklearn.datasets import load_digits
 from torchvision import datasets, transforms
 
 from unlearn.errors import InvalidInputError
-from unlearn.spec import DataSpec, ForgetSpec, Location
+from unlearning_contracts.spec import DataSpec, ForgetSpec, Location
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]

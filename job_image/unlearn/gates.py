@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from unlearn.audit import AuditResult
-from unlearn.spec import GatesSpec
+from unlearning_contracts.spec import GatesSpec
 
 GateKind = Literal["forgetting", "utility"]
 

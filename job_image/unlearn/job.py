@@ -37,7 +37,7 @@ from unlearn.engine import Context, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError, InvalidInputError
 from unlearn.models import atomic_write, load_model, reinitialise, save_model, sha256_file
-from unlearn.record import (
+from unlearning_contracts.record import (
     EXIT_GATES_FAILED,
     EXIT_INVALID_INPUT,
     EXIT_PASSED,
@@ -48,7 +48,7 @@ from unlearn.record import (
     ResultRecord,
     compact,
 )
-from unlearn.spec import Manifest
+from unlearning_contracts.spec import Manifest
 
 log = logging.getLogger("unlearn")
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unlearn.errors import InvalidInputError
-from unlearn.spec import ModelSpec
+from unlearning_contracts.spec import ModelSpec
 
 EXPORTED_SUFFIX = ".pt2"
 

@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from unlearn.spec import MethodSpec
+from unlearning_contracts.spec import MethodSpec
 
 MAX_FORGET_LR = 0.05
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from unlearn.record import CompactRecord
-from unlearn.spec import UnlearningRequestSpec
+from unlearning_contracts.record import CompactRecord
+from unlearning_contracts.spec import UnlearningRequestSpec
 
 from .jobs import RequestRef
 from .labels import COMPONENT_AUDIT, LABEL_AUDIT, request_labels

@@ -1,7 +1,7 @@
 """The reconciler: gathers inputs, calls the pure modules, applies the result.
 
 main.py feeds it kopf events and kopf indexes; it decides nothing itself
-(validation: unlearn.spec; which request starts: scheduling; manifests:
+(validation: unlearning_contracts.spec; which request starts: scheduling; manifests:
 jobs/audit/lineage; status: status; failure words: failures) and does its
 API calls through k8s.Kube in a thread pool.
 
@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from unlearn.record import CompactRecord
-from unlearn.spec import API_GROUP, API_VERSION, KIND, SpecError, UnlearningRequestSpec, parse_spec
+from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
+from unlearning_contracts.record import CompactRecord
+from unlearning_contracts.spec import SpecError, UnlearningRequestSpec, parse_spec
 
 from . import failures
 from . import lineage as lin
@@ -93,7 +94,7 @@ class RequestView:
 
     @property
     def object_ref(self) -> ObjectRef:
-        return ObjectRef(f"{API_GROUP}/{API_VERSION}", KIND, self.name, self.namespace, self.uid)
+        return ObjectRef(API_GROUP_VERSION, REQUEST.kind, self.name, self.namespace, self.uid)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def request_view(body: Mapping[str, Any]) -> RequestView:
 def job_view(body: Mapping[str, Any]) -> JobView:
     metadata = body.get("metadata") or {}
     owners = metadata.get("ownerReferences") or []
-    owner_uid = next((str(o.get("uid", "")) for o in owners if o.get("kind") == KIND), "")
+    owner_uid = next((str(o.get("uid", "")) for o in owners if o.get("kind") == REQUEST.kind), "")
     status = body.get("status") or {}
     return JobView(
         namespace=str(metadata.get("namespace", "")),

@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from unlearn.record import EXIT_CODE_MEANINGS, TERMINATION_MESSAGE_LIMIT, CompactRecord
+
+from unlearning_contracts.record import EXIT_CODE_MEANINGS, TERMINATION_MESSAGE_LIMIT, CompactRecord
 
 from . import status as st
 

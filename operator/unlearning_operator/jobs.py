@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from unlearn.record import NON_RETRYABLE_EXIT_CODES
-from unlearn.spec import API_GROUP, API_VERSION, KIND, Location, UnlearningRequestSpec
+
+from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
+from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
+from unlearning_contracts.spec import Location, UnlearningRequestSpec
 
 from .labels import COMPONENT_JOB, LABEL_KUEUE_QUEUE, request_labels
 from .lineage import Version
@@ -60,8 +62,8 @@ class RequestRef:
         # under the OwnerReferencesPermissionEnforcement admission plugin, and
         # background garbage collection deletes the Job either way.
         return {
-            "apiVersion": f"{API_GROUP}/{API_VERSION}",
-            "kind": KIND,
+            "apiVersion": API_GROUP_VERSION,
+            "kind": REQUEST.kind,
             "name": self.name,
             "uid": self.uid,
             "controller": True,
@@ -101,8 +103,8 @@ def effective_manifest(ref: RequestRef, spec: UnlearningRequestSpec, current: Ve
     if spec.request_id is None:
         spec_dict["requestId"] = f"{ref.namespace}/{ref.name}"
     return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
+        "apiVersion": API_GROUP_VERSION,
+        "kind": REQUEST.kind,
         "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
         "spec": spec_dict,
     }

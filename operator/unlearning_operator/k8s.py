@@ -22,7 +22,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from kubernetes import client
-from unlearn.spec import API_GROUP, API_VERSION, PLURAL
+
+from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
 
 from .status import timestamp
 
@@ -139,7 +140,7 @@ class Kube:
 
     def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch status; False when the request is gone (deleted meanwhile)."""
-        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}/status"
+        path = f"/apis/{API_GROUP_VERSION}/namespaces/{namespace}/{REQUEST.plural}/{quote(name)}/status"
         try:
             self._request("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
         except ApiError as error:

@@ -24,8 +24,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from unlearn.record import CompactRecord
-from unlearn.spec import UnlearningRequestSpec
+from unlearning_contracts.record import CompactRecord
+from unlearning_contracts.spec import UnlearningRequestSpec
 
 from .labels import COMPONENT_LINEAGE, common_labels
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
-from unlearn.spec import API_GROUP, API_VERSION, PLURAL
+
+from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
 
 from .controller import Controller, job_view, request_view
 from .k8s import Kube
@@ -67,7 +68,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await controller.stop()
 
 
-@kopf.index(API_GROUP, API_VERSION, PLURAL)
+@kopf.index(API_GROUP, API_VERSION, REQUEST.plural)
 async def request_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     view = request_view(body)
     return {view.key: view}
@@ -79,7 +80,7 @@ async def job_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(view.namespace, view.request): view}
 
 
-@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.event(API_GROUP, API_VERSION, REQUEST.plural)
 async def request_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     controller: Controller = memo["controller"]
     controller.bind(kwargs["request_index"], kwargs["job_index"])

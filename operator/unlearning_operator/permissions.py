@@ -23,15 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from unlearn.spec import API_GROUP, PLURAL
+from unlearning_contracts.api import API_GROUP, REQUEST
 
 RULES: list[dict[str, Any]] = [
     # kopf: resource discovery watch (cluster-wide mode only; list + watch, no get).
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
     # kopf: the request watch and index.
-    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [API_GROUP], "resources": [REQUEST.plural], "verbs": ["list", "watch"]},
     # Status patches (merge patch on the status subresource).
-    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    {"apiGroups": [API_GROUP], "resources": [f"{REQUEST.plural}/status"], "verbs": ["patch"]},
     # kopf: the Job watch and index; the operator creates Jobs and reads one back on 409 or to check it exists.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
     # A Job's pods: termination messages and pending reasons (listed by job-name label, never watched).

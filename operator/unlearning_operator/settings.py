@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from unlearn.spec import DEFAULT_VOLUME_ROOT
+from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT
 
 DEFAULT_JOB_IMAGE = "ghcr.io/unlearning-operator/unlearn-job:0.1.0"
 

@@ -22,7 +22,7 @@ import copy
 from datetime import UTC, datetime
 from typing import Any
 
-from unlearn.record import CompactRecord
+from unlearning_contracts.record import CompactRecord
 
 # Phases.
 PENDING = "Pending"

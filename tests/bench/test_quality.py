@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from unlearn import audit
 
 from bench import __main__ as bench_main
 from bench import quality
 from bench.datasets import forget_set, load
+from unlearn import audit
 
 pytestmark = pytest.mark.job
 

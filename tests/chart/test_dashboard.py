@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from unlearning_operator.metrics import build_registry
-from unlearning_operator.metrics import metric_names as exported_metric_names
 
 from tests.chart.promql import metric_names, variable_query_metrics
+from unlearning_operator.metrics import build_registry
+from unlearning_operator.metrics import metric_names as exported_metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DASHBOARD = ROOT / "charts" / "unlearning-operator" / "dashboards" / "unlearning-operator.json"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
-from unlearn.record import Attempt, AuditMetrics, CompactRecord, ResultRecord
+
+from unlearning_contracts.record import Attempt, AuditMetrics, CompactRecord, ResultRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

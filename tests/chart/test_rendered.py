@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import yaml
-from unlearning_operator.permissions import RULES
-from unlearning_operator.settings import load_settings
 
 from tests.chart.conftest import CHART, RELEASE, VALUES, VALUES_FILES, Helm, Render, by_kind, one, template_args
+from unlearning_operator.permissions import RULES
+from unlearning_operator.settings import load_settings
 
 pytestmark = pytest.mark.cluster
 

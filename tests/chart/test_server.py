@@ -21,16 +21,18 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from unlearn.spec import API_GROUP, API_VERSION, PLURAL, load_manifest
 
 from tests.chart.conftest import CHART, RELEASE, ROOT, VALUES, VALUES_FILES, template_args
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
+from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
+from unlearning_contracts.spec import load_manifest
 
 pytestmark = pytest.mark.cluster
 
 EXAMPLES = sorted((ROOT / "examples" / "requests").glob("*.yaml"))
-CRD_NAME = f"{PLURAL}.{API_GROUP}"
+CRD_NAME = REQUEST.crd_name
+PLURAL = REQUEST.plural
 # Namespaces the values files name (watchNamespaces, the dashboard's namespace).
 EXTRA_NAMESPACES = ("team-a", "team-b", "monitoring")
 MONITORING_CRDS = ("servicemonitors", "podmonitors")

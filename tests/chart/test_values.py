@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from unlearning_operator.settings import OperatorSettings
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "unlearning-operator"

@@ -33,10 +33,10 @@ from typing import Any
 import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
-from unlearn.spec import API_GROUP, API_VERSION, PLURAL
 
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
+from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "unlearning-operator"
@@ -65,7 +65,7 @@ class Api:
     def request(self, namespace: str, name: str) -> dict[str, Any]:
         return self._json(
             self.custom.get_namespaced_custom_object(
-                API_GROUP, API_VERSION, namespace, PLURAL, name, _preload_content=False
+                API_GROUP, API_VERSION, namespace, REQUEST.plural, name, _preload_content=False
             )
         )
 
@@ -79,7 +79,7 @@ class Api:
         return True
 
     def delete_request(self, namespace: str, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, REQUEST.plural, name)
 
     def jobs(self, namespace: str, request: str) -> list[dict[str, Any]]:
         found = self.batch.list_namespaced_job(
@@ -375,7 +375,7 @@ def diagnostics(cp: ControlPlane, api: Api, node: GpuNode, namespaces: list[str]
         parts.append(f"=== namespace {ns}\n{listed.stdout}{listed.stderr}")
         requests: dict[str, Any]
         try:
-            requests = api.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, PLURAL)
+            requests = api.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, REQUEST.plural)
         except client.ApiException as error:
             requests = {"items": [], "error": str(error)}
         for obj in requests.get("items", []):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from unlearn.spec import API_GROUP, PLURAL
 
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import GpuNode, wait_for
@@ -37,6 +36,7 @@ from tests.e2e.harness import (
     wait_request,
     when,
 )
+from unlearning_contracts.api import REQUEST
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +127,7 @@ def test_helm_upgrade_then_uninstall_keeps_audit_records(
         assert cm["data"] == next(a["data"] for a in audits.values() if a["metadata"]["name"] == cm["metadata"]["name"])
         assert json.loads(cm["data"]["outcome.json"])["phase"] == "Failed"
     # The CRD (helm never deletes crds/) and the requests with their status stay too.
-    control_plane.kubectl("get", "crd", f"{PLURAL}.{API_GROUP}")
+    control_plane.kubectl("get", "crd", REQUEST.crd_name)
     assert phase(e2e_api.request(ns, "missing-a")) == "Failed"
 
 

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from unlearning_operator.permissions import RULES
 
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import GpuNode, wait_for
@@ -34,6 +33,7 @@ from tests.e2e.harness import (
     wait_request,
     when,
 )
+from unlearning_operator.permissions import RULES
 
 pytestmark = pytest.mark.e2e
 

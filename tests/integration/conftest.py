@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 from kubernetes import client, watch
-from unlearning_operator.permissions import RULES
 
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
+from unlearning_operator.permissions import RULES
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "unlearningrequests.unlearn.dev.yaml"

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from unlearn import cli
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, export_to, prepare_demo, train_digits_model

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from tests.job.conftest import RunCli, request
 from unlearn import cli
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import mlp
-from unlearn.record import EXIT_GATES_FAILED, EXIT_INVALID_INPUT
-
-from tests.job.conftest import RunCli, request
+from unlearning_contracts.record import EXIT_GATES_FAILED, EXIT_INVALID_INPUT
 
 pytestmark = pytest.mark.job
 

@@ -17,10 +17,10 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from unlearn.engine import Context, predict
-from unlearn.record import TERMINATION_MESSAGE_LIMIT, result_json_schema
 
 from tests.job.conftest import Mislabelled, RunCli, request
+from unlearn.engine import Context, predict
+from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, result_json_schema
 
 pytestmark = pytest.mark.job
 

@@ -12,15 +12,15 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+
+from tests.job.conftest import RunCli, request
 from unlearn.data import load_data, load_digits_arrays
 from unlearn.demo import mlp
 from unlearn.engine import Context, TensorSet, unlearn
 from unlearn.errors import InvalidInputError
 from unlearn.models import LoadedModel, atomic_write, load_model, reinitialise, save_model
-from unlearn.spec import Architecture, DataSpec, Location, MethodSpec, ModelSpec
 from unlearn.tuning import resolve
-
-from tests.job.conftest import RunCli, request
+from unlearning_contracts.spec import Architecture, DataSpec, Location, MethodSpec, ModelSpec
 
 pytestmark = pytest.mark.job
 

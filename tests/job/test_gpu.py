@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from unlearn import cli
 from unlearn.models import load_model
-from unlearn.spec import Location, parse_manifest
+from unlearning_contracts.spec import Location, parse_manifest
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,11 +9,12 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+
 from unlearn import audit, gates, tuning
 from unlearn.data import declared_split, load_forget_indices
 from unlearn.errors import InvalidInputError
 from unlearn.job import forget_digest, next_version
-from unlearn.record import (
+from unlearning_contracts.record import (
     TERMINATION_MESSAGE_LIMIT,
     Attempt,
     AuditMetrics,
@@ -22,7 +23,7 @@ from unlearn.record import (
     compact,
     result_json_schema,
 )
-from unlearn.spec import ForgetSpec, GatesSpec, Location, MethodSpec, StageSpec
+from unlearning_contracts.spec import ForgetSpec, GatesSpec, Location, MethodSpec, StageSpec
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from unlearn.record import CompactRecord
-from unlearn.spec import UnlearningRequestSpec, parse_spec
+from unlearning_contracts.record import CompactRecord
+from unlearning_contracts.spec import UnlearningRequestSpec, parse_spec
 from unlearning_operator.jobs import RequestRef
 from unlearning_operator.lineage import Version
 

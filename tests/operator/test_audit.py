@@ -6,10 +6,10 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from unlearning_operator import status as st
-from unlearning_operator.audit import build_audit_configmap
 
 from tests.operator.factories import REF, record, spec
+from unlearning_operator import status as st
+from unlearning_operator.audit import build_audit_configmap
 
 pytestmark = pytest.mark.unit
 

@@ -14,13 +14,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
+from tests.operator.factories import raw_spec, record
 from unlearning_operator import status as st
 from unlearning_operator.controller import Controller, job_view, request_view
 from unlearning_operator.k8s import ApiError, ObjectRef
 from unlearning_operator.metrics import build_registry
 from unlearning_operator.settings import OperatorSettings
-
-from tests.operator.factories import raw_spec, record
 
 pytestmark = pytest.mark.unit
 

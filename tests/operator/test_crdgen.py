@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
-from unlearn.spec import MAX_REQUEST_NAME_LENGTH
+
+from unlearning_contracts.spec import MAX_REQUEST_NAME_LENGTH
 from unlearning_operator import crdgen
 
 pytestmark = pytest.mark.unit
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_written_copy_matches_the_models(relative: Path) -> None:
     path = ROOT / relative
     assert path.exists(), f"{relative} missing: run `make crds`"
-    assert path.read_text() == crdgen.render(), f"{relative} drifted from job_image/unlearn/spec.py: run `make crds`"
+    assert path.read_text() == crdgen.render(), (
+        f"{relative} drifted from contracts/unlearning_contracts/spec.py: run `make crds`"
+    )
 
 
 def test_check_flag_detects_drift(tmp_path: Path) -> None:

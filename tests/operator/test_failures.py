@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from unlearning_operator import failures
-from unlearning_operator import status as st
 
 from tests.operator.factories import job, pod, record
+from unlearning_operator import failures
+from unlearning_operator import status as st
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,10 @@ from typing import Any
 
 import pytest
 import yaml
-from unlearn.record import NON_RETRYABLE_EXIT_CODES
-from unlearn.spec import parse_manifest, parse_spec
+
+from tests.operator.factories import REF, V0, raw_spec, spec
+from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
+from unlearning_contracts.spec import parse_manifest, parse_spec
 from unlearning_operator.jobs import (
     ImageNotAllowedError,
     build_job,
@@ -17,8 +19,6 @@ from unlearning_operator.jobs import (
 )
 from unlearning_operator.lineage import Version
 from unlearning_operator.settings import OperatorSettings, load_settings
-
-from tests.operator.factories import REF, V0, raw_spec, spec
 
 pytestmark = pytest.mark.unit
 

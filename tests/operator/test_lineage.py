@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from unlearning_operator import lineage as lin
 
 from tests.operator.factories import record, spec
+from unlearning_operator import lineage as lin
 
 pytestmark = pytest.mark.unit
 

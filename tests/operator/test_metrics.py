@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import generate_latest
+
 from unlearning_operator.metrics import build_registry, gate_of, metric_names
 
 pytestmark = pytest.mark.unit

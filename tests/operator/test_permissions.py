@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from unlearning_operator.permissions import RULES
 
 pytestmark = pytest.mark.unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from unlearning_operator import status as st
 from unlearning_operator.scheduling import Candidate, decide
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from unlearning_operator.settings import OperatorSettings, SettingsError, load_settings
 
 pytestmark = pytest.mark.unit

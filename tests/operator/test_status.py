@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from unlearning_operator import status as st
 
 from tests.operator.factories import record
+from unlearning_operator import status as st
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ with them again, and ``unlearn run`` reads the very manifest a user would
 ``kubectl apply``. Every field carries a description because those
 descriptions become what ``kubectl explain unlearningrequest.spec`` prints.
 
-This module must stay importable without torch or kopf: the operator image
-installs neither.
+Pydantic and PyYAML only, like the rest of the contracts package: the
+operator image installs no torch, the job image no kopf.
 """
 
 from __future__ import annotations
@@ -21,13 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-API_GROUP = "unlearn.dev"
-API_VERSION = "v1alpha1"
-KIND = "UnlearningRequest"
-PLURAL = "unlearningrequests"
-SINGULAR = "unlearningrequest"
-SHORT_NAMES = ["ulr"]
-CATEGORIES = ["unlearning"]
+from unlearning_contracts.api import API_GROUP_VERSION
 
 # Job names are "<request>-<attempt hash>" and pod names add the Job
 # controller's 6-character suffix; 63 characters is the label-value limit, so
@@ -427,9 +421,8 @@ class Manifest(_Model):
     @field_validator("api_version")
     @classmethod
     def _api_version(cls, value: str) -> str:
-        expected = f"{API_GROUP}/{API_VERSION}"
-        if value != expected:
-            raise ValueError(f"apiVersion must be {expected}, got {value}")
+        if value != API_GROUP_VERSION:
+            raise ValueError(f"apiVersion must be {API_GROUP_VERSION}, got {value}")
         return value
 
     @property
