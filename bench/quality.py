@@ -58,6 +58,7 @@ from unlearn.demo import mlp, train_digits_model
 from unlearn.engine import Context, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError
+from unlearning_contracts.record import AuditMetrics
 from unlearning_contracts.spec import GatesSpec, MethodSpec, TuningSpec
 
 TUTORIAL = "gradient-ascent (tutorial)"
@@ -145,7 +146,7 @@ def make_split(dataset: Dataset, fs: ForgetSet, seed: int) -> Split:
     )
 
 
-def measure(module: nn.Module, split: Split) -> tuple[dict[str, float], audit.AuditResult]:
+def measure(module: nn.Module, split: Split) -> tuple[dict[str, float], AuditMetrics]:
     """UA, RA, TA, MIA-efficacy, loss-attack AUC and TPR@1%FPR (percent, AUC as a fraction)."""
     outputs = {}
     for name, part in (("forget", split.forget), ("retain", split.retain), ("test", split.test)):

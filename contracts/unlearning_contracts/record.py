@@ -3,16 +3,25 @@
 The job writes it in full (JSON, camelCase) beside the new model version and a
 compact copy (at most 4 KiB) to the termination-message path; the operator
 reads the compact copy into the request's status and the audit ConfigMap.
-Pure pydantic: the operator imports this module without torch.
+
+Each audit number is declared once, as a field of ``SummaryMetrics`` (the
+numbers a person checks first: the compact record, ``status.pre``/``post``)
+or of ``AuditMetrics`` (the rest, in the full record only), with a ``Number``
+saying how it is shown. Everything else is derived from those declarations:
+the compact record's numbers, the CRD's status schema and printer columns,
+the table ``unlearn run`` prints and the table in docs/audit-record.md. A new
+number is one field here and its computation in the job's ``audit.py``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 RECORD_SCHEMA_VERSION = 1
 
@@ -42,20 +51,116 @@ class _Record(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-class AuditMetrics(_Record):
-    """What the audit measured on one model version."""
+@dataclass(frozen=True)
+class Number:
+    """How one audit number is shown (attached to its field with ``Annotated``)."""
 
-    forget_accuracy: float = Field(description="Accuracy (percent) on the forget set.")
-    retain_accuracy: float = Field(description="Accuracy (percent) on (a bounded sample of) the retain set.")
-    test_accuracy: float = Field(description="Accuracy (percent) on the held-out set.")
-    confidence_gap: float = Field(description="Mean max-softmax on forget minus on held-out.")
-    mia_auc: float = Field(description="Loss-attack AUC, forget (members) vs held-out (non-members).")
-    mia_tpr_at_1fpr: float = Field(description="Loss-attack true-positive rate at 1% false-positive rate.")
-    mia_classifier_accuracy: float = Field(
-        description="Cross-validated accuracy of a classifier on confidence vectors (0.5 is chance)."
+    label: str
+    """Its row in the table ``unlearn run`` prints, and its name in the job's log."""
+    fmt: str
+    """Format spec there and in the printer column (a fixed precision per number)."""
+    after: str
+    """What a good unlearning gives (docs/audit-record.md)."""
+    column: str | None = None
+    """Printer column title of its post-unlearning value in ``kubectl get``, if shown there."""
+
+
+class SummaryMetrics(_Record):
+    """The audit numbers a person checks first: kept in the compact record and the request's status."""
+
+    # Ignore what it does not know: a newer job may report a number an older operator has not heard of.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    forget_accuracy: Annotated[
+        float,
+        Number(
+            "forget accuracy %",
+            ".1f",
+            "close to the accuracy on unseen data, not necessarily 0: a model that never saw a sample "
+            "still often classifies it correctly",
+            column="Forget Acc",
+        ),
+    ] = Field(description="Accuracy (percent) on the forgotten samples.")
+    retain_accuracy: Annotated[float, Number("retain accuracy %", ".1f", "about as before")] = Field(
+        description="Accuracy (percent) on (a bounded sample of) the data the model keeps."
     )
-    forget_loss: float = Field(description="Mean cross-entropy on the forget set.")
-    samples: dict[str, int] = Field(default_factory=dict, description="Samples evaluated per set.")
+    test_accuracy: Annotated[
+        float,
+        Number(
+            "test accuracy %",
+            ".1f",
+            "about as before; the gate `maxTestAccuracyDrop` bounds the fall",
+            column="Test Acc",
+        ),
+    ] = Field(description="Accuracy (percent) on held-out data the model never trained on.")
+    confidence_gap: Annotated[
+        float,
+        Number(
+            "confidence gap",
+            "+.3f",
+            "near 0. **Weak on its own**: compare with `pre` (a model that did not memorise has a small "
+            "gap before anything is done)",
+        ),
+    ] = Field(description="Mean top-class confidence (max-softmax) on the forgotten samples minus on held-out data.")
+    mia_auc: Annotated[
+        float,
+        Number(
+            "MIA loss AUC",
+            ".3f",
+            "near 0.5, i.e. the attacker cannot tell the forgotten samples from data the model never saw. "
+            "The gate `maxMiaAuc` bounds it",
+            column="MIA AUC",
+        ),
+    ] = Field(
+        description="Membership-inference attack on the per-sample loss: ROC AUC of forgotten samples "
+        "(members) against held-out data (non-members); 0.5 means indistinguishable."
+    )
+
+    def display(self) -> dict[str, str]:
+        """The printer columns' text: each number at its own fixed precision (95.0, not 95)."""
+        return {alias: format(getattr(self, name), number.fmt) for name, alias, number, _ in columns()}
+
+
+class AuditMetrics(SummaryMetrics):
+    """Everything the audit measured on one model version (the full record)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    mia_tpr_at_1fpr: Annotated[float, Number("MIA TPR@1%FPR", ".3f", "near 0.01")] = Field(
+        description="The loss attack's true-positive rate when it may wrongly flag only 1% of unseen samples."
+    )
+    mia_classifier_accuracy: Annotated[float, Number("MIA classifier acc", ".3f", "near 0.5 (chance)")] = Field(
+        description="Cross-validated accuracy of a classifier telling the forgotten samples from held-out data "
+        "by the model's confidence vectors (0.5 is chance)."
+    )
+    forget_loss: Annotated[float, Number("forget loss", ".3f", "up from `pre`, toward the loss on unseen data")] = (
+        Field(description="Mean cross-entropy on the forgotten samples.")
+    )
+    samples: dict[str, int] = Field(default_factory=dict, description="How many samples of each set were evaluated.")
+
+    def summary(self) -> SummaryMetrics:
+        return SummaryMetrics.model_validate({name: getattr(self, name) for name in SummaryMetrics.model_fields})
+
+
+NumberField = tuple[str, str, Number, FieldInfo]
+
+
+def numbers(model: type[SummaryMetrics] = AuditMetrics) -> list[NumberField]:
+    """(field name, camelCase alias, how it is shown, pydantic field) of every audit number, in order."""
+    found = []
+    for name, info in model.model_fields.items():
+        shown = next((m for m in info.metadata if isinstance(m, Number)), None)
+        if shown is not None:
+            found.append((name, info.alias or name, shown, info))
+    return found
+
+
+def columns() -> list[NumberField]:
+    """The summary numbers with a printer column (``kubectl get`` shows their post value)."""
+    return [field for field in numbers(SummaryMetrics) if field[2].column is not None]
+
+
+SUMMARY_KEYS = tuple(alias for _, alias, _, _ in numbers(SummaryMetrics))
 
 
 class Attempt(_Record):
@@ -66,6 +171,7 @@ class Attempt(_Record):
     post: AuditMetrics | None = Field(default=None, description="Audit after this attempt; absent when it diverged.")
     verdict: Verdict
     reasons: list[str]
+    failed_gates: list[str] = Field(default_factory=list, description="The spec.gates fields that failed.")
     duration_seconds: float
 
 
@@ -80,25 +186,23 @@ class InputModel(_Record):
     sha256: str
 
 
-class ResultRecord(_Record):
-    """Everything a regulator or operator needs to know about one run."""
+class _Common(_Record):
+    """The fields of the full record that its compact form keeps as they are."""
 
     schema_version: int = RECORD_SCHEMA_VERSION
     request_id: str
-    request_name: str
-    namespace: str
     model: str
     model_version: int | None = Field(default=None, description="Version number of the output model.")
     method: str
     verdict: Verdict
     reasons: list[str] = Field(default_factory=list)
+    failed_gates: list[str] = Field(
+        default_factory=list, description="The spec.gates fields that failed (camelCase, as in the spec)."
+    )
     exit_code: int
     error: str | None = Field(default=None, description="Set when the run ended on invalid input or an error.")
     forget_samples: int = 0
     forget_digest: str = Field(default="", description="sha256 of the sorted forget indices (names no person).")
-    pre: AuditMetrics | None = None
-    post: AuditMetrics | None = None
-    attempts: list[Attempt] = Field(default_factory=list)
     duration_seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
     input_model: InputModel | None = None
     output_model: OutputModel | None = None
@@ -107,10 +211,17 @@ class ResultRecord(_Record):
     device: str = ""
     job_image: str = ""
     code_version: str = ""
+
+
+class ResultRecord(_Common):
+    """Everything a regulator or operator needs to know about one run."""
+
+    request_name: str
+    namespace: str
+    pre: AuditMetrics | None = None
+    post: AuditMetrics | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict, description="The resolved configuration of the run.")
-
-
-_COMPACT_METRICS = ("forgetAccuracy", "retainAccuracy", "testAccuracy", "confidenceGap", "miaAuc")
 
 
 def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
@@ -125,7 +236,7 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     full["attemptCount"] = len(attempts)
     for key in ("pre", "post"):
         if key in full:
-            full[key] = {k: round(v, 4) for k, v in full[key].items() if k in _COMPACT_METRICS}
+            full[key] = {k: round(v, 4) for k, v in full[key].items() if k in SUMMARY_KEYS}
     text = json.dumps(full, separators=(",", ":"))
     while len(text.encode()) > limit and full.get("reasons"):
         full["reasons"] = full["reasons"][:-1]
@@ -139,33 +250,15 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     return text
 
 
-class CompactRecord(_Record):
+class CompactRecord(_Common):
     """The compact record as the operator reads it from a termination message."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    schema_version: int
-    request_id: str
-    model: str
-    model_version: int | None = None
-    method: str
-    verdict: Verdict
-    reasons: list[str] = Field(default_factory=list)
-    exit_code: int
-    error: str | None = None
-    forget_samples: int = 0
-    forget_digest: str = ""
-    pre: dict[str, float] | None = None
-    post: dict[str, float] | None = None
+    pre: SummaryMetrics | None = None
+    post: SummaryMetrics | None = None
     attempt_count: int = 0
-    duration_seconds: dict[str, float] = Field(default_factory=dict)
-    input_model: InputModel | None = None
-    output_model: OutputModel | None = None
-    started_at: str
-    finished_at: str
-    device: str = ""
-    job_image: str = ""
-    code_version: str = ""
+    reasons_truncated: bool = False
 
 
 def result_json_schema() -> dict[str, Any]:

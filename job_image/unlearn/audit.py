@@ -26,8 +26,6 @@ forget set would have moved. Per-sample calibration against reference models
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
@@ -36,6 +34,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
+
+from unlearning_contracts.record import AuditMetrics
 
 Array = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.integer]
@@ -163,19 +163,6 @@ def mia_efficacy(
     return float(100.0 * np.mean(predicted == 0))
 
 
-@dataclass(frozen=True)
-class AuditResult:
-    forget_accuracy: float
-    retain_accuracy: float
-    test_accuracy: float
-    confidence_gap: float
-    mia_auc: float
-    mia_tpr_at_1fpr: float
-    mia_classifier_accuracy: float
-    forget_loss: float
-    samples: dict[str, int]
-
-
 def audit_outputs(
     forget: tuple[Array, Labels],
     retain: tuple[Array, Labels],
@@ -184,14 +171,14 @@ def audit_outputs(
     seed: int = 0,
     forget_reference: npt.NDArray[np.float64] | None = None,
     heldout_reference: npt.NDArray[np.float64] | None = None,
-) -> AuditResult:
-    """Every audit statistic from (logits, labels) of the three sets."""
+) -> AuditMetrics:
+    """Every audit number of the record (``AuditMetrics``) from (logits, labels) of the three sets."""
     f_logits, f_labels = forget
     r_logits, r_labels = retain
     h_logits, h_labels = heldout
     members = membership_scores(f_logits, f_labels, forget_reference)
     nonmembers = membership_scores(h_logits, h_labels, heldout_reference)
-    return AuditResult(
+    return AuditMetrics(
         forget_accuracy=accuracy(f_logits, f_labels),
         retain_accuracy=accuracy(r_logits, r_labels),
         test_accuracy=accuracy(h_logits, h_labels),

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from unlearning_contracts.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord
+from unlearning_contracts.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord, numbers
 from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
 
 log = logging.getLogger("unlearn")
@@ -77,21 +77,11 @@ def _exit_codes() -> str:
 
 def format_table(record: ResultRecord) -> str:
     """Before/after table of the audit, then the verdict and its reasons."""
-    rows = [
-        ("forget accuracy %", "forget_accuracy", ".1f"),
-        ("retain accuracy %", "retain_accuracy", ".1f"),
-        ("test accuracy %", "test_accuracy", ".1f"),
-        ("confidence gap", "confidence_gap", "+.3f"),
-        ("MIA loss AUC", "mia_auc", ".3f"),
-        ("MIA TPR@1%FPR", "mia_tpr_at_1fpr", ".3f"),
-        ("MIA classifier acc", "mia_classifier_accuracy", ".3f"),
-        ("forget loss", "forget_loss", ".3f"),
-    ]
     lines = [f"{'':22}{'before':>10}{'after':>10}"]
-    for label, attr, fmt in rows:
-        pre = format(getattr(record.pre, attr), fmt) if record.pre else "-"
-        post = format(getattr(record.post, attr), fmt) if record.post else "-"
-        lines.append(f"{label:22}{pre:>10}{post:>10}")
+    for name, _, shown, _ in numbers():
+        pre = format(getattr(record.pre, name), shown.fmt) if record.pre else "-"
+        post = format(getattr(record.post, name), shown.fmt) if record.post else "-"
+        lines.append(f"{shown.label:22}{pre:>10}{post:>10}")
     lines.append("")
     lines.append(
         f"method {record.method}, {len(record.attempts)} attempt(s), {record.forget_samples} samples forgotten"

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from unlearn.audit import AuditResult
+from unlearning_contracts.record import AuditMetrics
 from unlearning_contracts.spec import GatesSpec
 
 GateKind = Literal["forgetting", "utility"]
@@ -42,6 +42,11 @@ class Verdict:
     def reasons(self) -> list[str]:
         return [o.reason for o in self.outcomes if not o.passed]
 
+    @property
+    def failed_gates(self) -> list[str]:
+        """The spec.gates fields that failed (the record carries them; metrics label by them)."""
+        return [o.gate for o in self.outcomes if not o.passed]
+
     def failed_kinds(self) -> set[GateKind]:
         return {o.kind for o in self.outcomes if not o.passed}
 
@@ -53,7 +58,7 @@ def _outcome(gate: str, metric: str, value: float, limit: float, kind: GateKind,
     return GateOutcome(gate, value, limit, passed, kind, reason)
 
 
-def evaluate(gates: GatesSpec, pre: AuditResult, post: AuditResult) -> Verdict:
+def evaluate(gates: GatesSpec, pre: AuditMetrics, post: AuditMetrics) -> Verdict:
     """Check every gate set in the spec against the post-unlearning audit (and the pre one for drops)."""
     outcomes: list[GateOutcome] = []
     if gates.max_forget_accuracy is not None:

@@ -47,6 +47,7 @@ from unlearning_contracts.record import (
     OutputModel,
     ResultRecord,
     compact,
+    numbers,
 )
 from unlearning_contracts.spec import Manifest
 
@@ -122,20 +123,6 @@ def cpu_threads(parameters: int) -> int:
     if parameters < SMALL_MODEL_PARAMETERS:
         return 1
     return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
-
-
-def to_metrics(result: audit.AuditResult) -> AuditMetrics:
-    return AuditMetrics(
-        forget_accuracy=result.forget_accuracy,
-        retain_accuracy=result.retain_accuracy,
-        test_accuracy=result.test_accuracy,
-        confidence_gap=result.confidence_gap,
-        mia_auc=result.mia_auc,
-        mia_tpr_at_1fpr=result.mia_tpr_at_1fpr,
-        mia_classifier_accuracy=result.mia_classifier_accuracy,
-        forget_loss=result.forget_loss,
-        samples=result.samples,
-    )
 
 
 def _bounded(n: int, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
@@ -289,7 +276,7 @@ class _Run:
         }
         labels = {k: v.y.cpu().numpy() for k, v in sets.items()}
 
-        def run_audit(tag: str) -> audit.AuditResult:
+        def run_audit(tag: str) -> AuditMetrics:
             logits = {k: predict(module, v.x, ctx) for k, v in sets.items()}
             if not all(np.isfinite(v).all() for v in logits.values()):
                 if tag == "pre":
@@ -307,14 +294,14 @@ class _Run:
         t = time.perf_counter()
         pre = run_audit("pre")
         self._timed("preAudit", t)
-        self.fields["pre"] = to_metrics(pre)
+        self.fields["pre"] = pre
         log.info("pre-audit %s", _summary(pre))
 
         # -- attempts -----------------------------------------------------------------------
         original = {k: v.detach().clone() for k, v in module.state_dict().items()}
         attempts: list[Attempt] = []
         current: tuning.Hyper | None = hyper
-        post: audit.AuditResult | None = None
+        post: AuditMetrics | None = None
         verdict: gates.Verdict | None = None
         while current is not None and len(attempts) < spec.tuning.max_attempts:
             if attempts:
@@ -351,9 +338,10 @@ class _Run:
                 Attempt(
                     number=number,
                     hyperparameters=current.as_dict(),
-                    post=to_metrics(post) if post is not None else None,
+                    post=post,
                     verdict=verdict.name if verdict is not None else "Failed",
                     reasons=reasons,
+                    failed_gates=verdict.failed_gates if verdict is not None else [],
                     duration_seconds=round(attempt_seconds, 3),
                 )
             )
@@ -363,8 +351,9 @@ class _Run:
         self.fields["attempts"] = attempts
         last = attempts[-1]
         if post is not None:
-            self.fields["post"] = to_metrics(post)
+            self.fields["post"] = post
         self.fields["reasons"] = last.reasons
+        self.fields["failed_gates"] = last.failed_gates
         if last.post is not None:
             self.fields["config"]["chosenAttempt"] = last.number
 
@@ -401,11 +390,8 @@ def _join_uri(folder_uri: str, name: str) -> str:
     return f"{folder_uri.rstrip('/')}/{name}"
 
 
-def _summary(result: audit.AuditResult) -> str:
-    return (
-        f"forget {result.forget_accuracy:.1f}% retain {result.retain_accuracy:.1f}% test {result.test_accuracy:.1f}% "
-        f"gap {result.confidence_gap:.3f} miaAuc {result.mia_auc:.3f} clfAcc {result.mia_classifier_accuracy:.3f}"
-    )
+def _summary(result: AuditMetrics) -> str:
+    return ", ".join(f"{shown.label} {getattr(result, name):{shown.fmt}}" for name, _, shown, _ in numbers())
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ from .audit import build_audit_configmap
 from .jobs import GPU_RESOURCE, ImageNotAllowedError, RequestRef, build_job, build_spec_configmap, resolve_image
 from .k8s import ApiError, Kube, ObjectRef
 from .labels import LABEL_REQUEST
-from .metrics import Metrics, gate_of
+from .metrics import Metrics, gate_labels
 from .names import audit_configmap_name
 from .scheduling import Candidate, decide
 from .settings import OperatorSettings
@@ -591,16 +591,14 @@ class Controller:
             reason = (st.get_condition(new, st.COMPLETE) or {}).get("reason", st.REASON_ERROR)
             self.metrics.job_failures.labels(reason=reason).inc()
         if record is not None:
-            if record.post and "miaAuc" in record.post:
-                self.metrics.post_mia_auc.labels(method=method).observe(record.post["miaAuc"])
-            if record.post and "confidenceGap" in record.post:
-                self.metrics.post_confidence_gap.labels(method=method).observe(record.post["confidenceGap"])
-            if record.pre and record.post and "testAccuracy" in record.pre and "testAccuracy" in record.post:
-                drop = record.pre["testAccuracy"] - record.post["testAccuracy"]
+            if record.post is not None:
+                self.metrics.post_mia_auc.labels(method=method).observe(record.post.mia_auc)
+                self.metrics.post_confidence_gap.labels(method=method).observe(record.post.confidence_gap)
+            if record.pre is not None and record.post is not None:
+                drop = record.pre.test_accuracy - record.post.test_accuracy
                 self.metrics.test_accuracy_drop.labels(method=method).observe(drop)
-            if record.verdict == "Failed" and record.error is None:
-                for reason in record.reasons or ["unspecified"]:
-                    self.metrics.gate_failures.labels(gate=gate_of(reason)).inc()
+            for gate in gate_labels(record):
+                self.metrics.gate_failures.labels(gate=gate).inc()
         start = _parse_time(new.get("startTime"))
         end = _parse_time(new.get("completionTime"))
         if job is not None and start is not None and end is not None:

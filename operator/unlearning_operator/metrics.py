@@ -23,6 +23,9 @@ from prometheus_client import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from unlearning_contracts.record import CompactRecord
+from unlearning_contracts.spec import GatesSpec
+
 from . import status as st
 
 # Unlearning jobs take minutes to hours; queue waits seconds to hours.
@@ -126,32 +129,20 @@ def build_registry() -> Metrics:
     return metrics
 
 
-def gate_of(reason: str) -> str:
-    """Map a record's free-text gate reason to a bounded gate label.
+# The gate label's values: the spec's gate fields (camelCase), and "other".
+GATES = frozenset(info.alias or name for name, info in GatesSpec.model_fields.items())
 
-    The job names the spec field in each reason (for example
-    "maxMiaAuc: 0.71 > 0.6"); anything unrecognised is "other".
+
+def gate_labels(record: CompactRecord) -> list[str]:
+    """One gate label per failed gate of a Failed verdict, as the record names them.
+
+    Bounded: a name that is not a gate of this operator's spec (a record
+    from a newer job) counts as "other", and so does a Failed verdict that
+    names none.
     """
-    for gate in (
-        "maxForgetAccuracy",
-        "maxTestAccuracyDrop",
-        "maxConfidenceGap",
-        "maxMiaClassifierAccuracy",
-        "maxMiaAuc",
-    ):
-        if gate.lower() in reason.lower().replace("_", ""):
-            return gate
-    lowered = reason.lower()
-    for words, gate in (
-        ("forget acc", "maxForgetAccuracy"),
-        ("test acc", "maxTestAccuracyDrop"),
-        ("confidence", "maxConfidenceGap"),
-        ("classifier", "maxMiaClassifierAccuracy"),
-        ("auc", "maxMiaAuc"),
-    ):
-        if words in lowered:
-            return gate
-    return "other"
+    if record.verdict != "Failed" or record.error is not None:
+        return []
+    return [gate if gate in GATES else "other" for gate in record.failed_gates] or ["other"]
 
 
 def metric_names(registry: CollectorRegistry) -> set[str]:

@@ -14,15 +14,24 @@ Conditions follow metav1.Condition (type, status, reason, message,
 lastTransitionTime, observedGeneration) so ``kubectl wait
 --for=condition=Complete`` and generic tooling work. Types and reasons are
 constants here, documented in docs/operator.md.
+
+``RequestStatus`` below is the status's shape: the CRD's status schema is
+generated from it (crdgen), and tests/operator/test_status.py checks that
+every key a transition writes is in that schema. A new status field is a
+field there and the transition that writes it.
 """
 
 from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from unlearning_contracts.record import CompactRecord
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+from unlearning_contracts.record import CompactRecord, SummaryMetrics, columns
 
 # Phases.
 PENDING = "Pending"
@@ -68,8 +77,86 @@ REASON_JOB_DELETED = "JobDeleted"
 REASON_BAD_RESULT = "MalformedResult"
 REASON_ERROR = "JobFailed"
 
-# Numbers copied from the compact record into status.pre / status.post.
-RESULT_METRICS = ("forgetAccuracy", "retainAccuracy", "testAccuracy", "confidenceGap", "miaAuc")
+_DATE_TIME: JsonDict = {"format": "date-time"}
+_INT64: JsonDict = {"format": "int64"}
+
+
+class _Shape(BaseModel):
+    """Status shapes: camelCase on the wire, every field optional (the operator fills them in over time)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Condition(_Shape):
+    """A metav1.Condition."""
+
+    type: str = Field(description="Condition type: " + ", ".join(CONDITION_TYPES) + ".")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="Machine-readable CamelCase reason.")
+    message: str = Field(description="What happened and what to change.")
+    last_transition_time: str = Field(description="When the status last changed.", json_schema_extra=_DATE_TIME)
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the condition was set for.", json_schema_extra=_INT64
+    )
+
+
+class ModelRef(_Shape):
+    """A model version."""
+
+    uri: str | None = Field(default=None, description="pvc://<claim>/<path> of the model file.")
+    sha256: str | None = Field(default=None, description="sha256 of the model file.")
+    format: str | None = Field(default=None, description="exported, state-dict or torchscript.")
+
+
+def _display_schema() -> dict[str, Any]:
+    properties = {
+        alias: {"type": "string", "description": f"{shown.column}: {info.description}"}
+        for _, alias, shown, info in columns()
+    }
+    return {"type": "object", "properties": properties}
+
+
+class RequestStatus(_Shape):
+    """What the operator observed; written by the operator only."""
+
+    phase: str | None = Field(
+        default=None, description="Where the request stands.", json_schema_extra={"enum": list(PHASES)}
+    )
+    message: str | None = Field(
+        default=None, description="A one-line summary of the phase: what happens or what to change."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="metav1.Condition list, one per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the status reflects.", json_schema_extra=_INT64
+    )
+    job_name: str | None = Field(default=None, description="The Job running this request.")
+    attempt: int | None = Field(default=None, description="Job launches for this request (a Job retries pods itself).")
+    queued_time: str | None = Field(
+        default=None, description="When the request first had to wait.", json_schema_extra=_DATE_TIME
+    )
+    start_time: str | None = Field(default=None, description="When the Job was created.", json_schema_extra=_DATE_TIME)
+    completion_time: str | None = Field(
+        default=None, description="When the request reached a final phase.", json_schema_extra=_DATE_TIME
+    )
+    model_version: int | None = Field(default=None, description="Lineage version this request writes.")
+    input_model: ModelRef | None = Field(
+        default=None, description="The input model version (current lineage version at launch)."
+    )
+    output_model: ModelRef | None = Field(default=None, description="The output model version (written by the job).")
+    pre: SummaryMetrics | None = Field(default=None, description="Audit numbers before unlearning.")
+    post: SummaryMetrics | None = Field(default=None, description="Audit numbers after unlearning.")
+    display: Annotated[dict[str, str] | None, WithJsonSchema(_display_schema())] = Field(
+        default=None,
+        description="The post-unlearning numbers the printer columns show, as text at a fixed precision "
+        "per number (a number column would print 95 beside 96.882).",
+    )
+    verdict: Literal["Passed", "Failed"] | None = Field(default=None, description="The acceptance gates' verdict.")
+    reasons: list[str] | None = Field(default=None, description="Why gates failed (empty when Passed).")
+    audit_config_map: str | None = Field(default=None, description="Name of the immutable audit ConfigMap.")
 
 
 def timestamp(now: datetime) -> str:
@@ -230,10 +317,10 @@ def pod_started(status: dict[str, Any], now: datetime) -> dict[str, Any]:
     return new
 
 
-def _numbers(values: dict[str, float] | None) -> dict[str, float] | None:
-    if not values:
+def _numbers(values: SummaryMetrics | None) -> dict[str, float] | None:
+    if values is None:
         return None
-    return {key: round(float(values[key]), 4) for key in RESULT_METRICS if key in values}
+    return {key: round(float(value), 4) for key, value in values.dump().items()}
 
 
 def finished(status: dict[str, Any], record: CompactRecord, now: datetime) -> dict[str, Any]:
@@ -247,6 +334,8 @@ def finished(status: dict[str, Any], record: CompactRecord, now: datetime) -> di
         numbers = _numbers(values)
         if numbers:
             new[key] = numbers
+    if record.post is not None:
+        new["display"] = record.post.display()
     if record.model_version is not None:
         new["modelVersion"] = record.model_version
     if record.input_model is not None:

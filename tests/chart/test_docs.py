@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from unlearning_contracts.record import Attempt, AuditMetrics, CompactRecord, ResultRecord
+from unlearning_operator.status import RequestStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -26,6 +27,13 @@ def test_audit_record_doc_explains_every_field(model: type[BaseModel]) -> None:
     text = (DOCS / "audit-record.md").read_text()
     missing = sorted(a for a in aliases(model) if f"`{a}`" not in text)
     assert not missing, f"docs/audit-record.md does not explain {model.__name__} fields {missing}"
+
+
+def test_operator_doc_explains_every_status_field() -> None:
+    text = (DOCS / "operator.md").read_text()
+    section = text[text.index("## Status reference") : text.index("### Conditions")]
+    missing = sorted(a for a in aliases(RequestStatus) if f"`{a}`" not in section)
+    assert not missing, f"docs/operator.md's status reference does not explain {missing}"
 
 
 def test_upgrade_doc_gives_the_crd_command() -> None:

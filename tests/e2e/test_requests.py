@@ -105,6 +105,9 @@ def test_digits_example_succeeds_with_audit_record_and_metrics(
     listed = control_plane.kubectl("get", "unlearningrequests", "-n", ns).stdout
     assert "Succeeded" in listed
     assert "Passed" in listed
+    # ... with each number at its own fixed precision (status.display), never 95 beside 96.882.
+    assert status["display"]["testAccuracy"] == format(post["testAccuracy"], ".1f")
+    assert status["display"]["testAccuracy"] in listed.split()
 
     # The audit record: immutable, labelled, the same numbers, and no forget indices.
     audit = e2e_api.configmap(ns, status["auditConfigMap"])

@@ -94,8 +94,8 @@ def test_membership_scores_accept_a_reference_offset() -> None:
 # -- gates ---------------------------------------------------------------------------------------
 
 
-def _result(**changes: float) -> audit.AuditResult:
-    base = audit.AuditResult(
+def _result(**changes: float) -> AuditMetrics:
+    return AuditMetrics(
         forget_accuracy=100.0,
         retain_accuracy=100.0,
         test_accuracy=97.0,
@@ -105,8 +105,7 @@ def _result(**changes: float) -> audit.AuditResult:
         mia_classifier_accuracy=0.5,
         forget_loss=0.1,
         samples={},
-    )
-    return replace(base, **changes)
+    ).model_copy(update=changes)
 
 
 @pytest.mark.parametrize(
@@ -265,7 +264,7 @@ def test_compact_copy_fits_the_termination_message(reasons: int, attempts: int) 
     assert parsed.verdict == "Failed"
     assert parsed.attempt_count == attempts + 1
     assert parsed.post is not None
-    assert parsed.post["miaAuc"] == 0.51
+    assert parsed.post.mia_auc == 0.51
 
 
 def test_forget_digest_names_the_set_not_the_order() -> None:

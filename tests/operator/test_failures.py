@@ -79,7 +79,7 @@ def test_parse_record_roundtrip() -> None:
     parsed = failures.parse_record(text)
     assert parsed.verdict == "Passed"
     assert parsed.post is not None
-    assert parsed.post["miaAuc"] == 0.52
+    assert parsed.post.mia_auc == 0.52
 
 
 @pytest.mark.parametrize(

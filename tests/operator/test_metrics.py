@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
-from unlearning_operator.metrics import build_registry, gate_of, metric_names
+from tests.operator.factories import record
+from unlearning_operator.metrics import build_registry, gate_labels, metric_names
 
 pytestmark = pytest.mark.unit
 
@@ -49,14 +50,18 @@ def test_labels_are_bounded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("reason", "gate"),
+    ("overrides", "labels"),
     [
-        ("maxMiaAuc: 0.71 > 0.6", "maxMiaAuc"),
-        ("max_test_accuracy_drop exceeded", "maxTestAccuracyDrop"),
-        ("MIA classifier accuracy 0.7 above 0.6", "maxMiaClassifierAccuracy"),
-        ("forget accuracy 90 > 50", "maxForgetAccuracy"),
-        ("something else", "other"),
+        ({"verdict": "Failed", "exitCode": 3, "failedGates": ["maxMiaAuc"]}, ["maxMiaAuc"]),
+        (
+            {"verdict": "Failed", "exitCode": 3, "failedGates": ["maxTestAccuracyDrop", "maxMiaClassifierAccuracy"]},
+            ["maxTestAccuracyDrop", "maxMiaClassifierAccuracy"],
+        ),
+        ({"verdict": "Failed", "exitCode": 3, "failedGates": ["maxSomethingNew"]}, ["other"]),
+        ({"verdict": "Failed", "exitCode": 3, "reasons": ["diverged: loss nan"]}, ["other"]),
+        ({"verdict": "Failed", "exitCode": 4, "error": "model.source: no such file"}, []),
+        ({}, []),
     ],
 )
-def test_gate_of(reason: str, gate: str) -> None:
-    assert gate_of(reason) == gate
+def test_gate_labels_come_from_the_record_and_stay_bounded(overrides: dict[str, object], labels: list[str]) -> None:
+    assert gate_labels(record(**overrides)) == labels

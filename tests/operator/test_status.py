@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jsonschema
 import pytest
 
 from tests.operator.factories import record
+from unlearning_operator import crdgen
 from unlearning_operator import status as st
 
 pytestmark = pytest.mark.unit
@@ -32,65 +34,65 @@ def running(status: dict[str, Any] | None = None) -> dict[str, Any]:
     )
 
 
-@pytest.mark.parametrize(
-    ("build", "phase", "expected"),
-    [
-        (lambda: st.pending(None, 1, T0), "Pending", {"Accepted": ("True", "SpecValid")}),
-        (
-            lambda: st.rejected(None, st.REASON_INVALID_SPEC, "spec.forget: set exactly one", 1, T0),
-            "Rejected",
-            {"Accepted": ("False", "InvalidSpec"), "Complete": ("True", "InvalidSpec")},
+TRANSITIONS: list[tuple[Any, str, dict[str, tuple[str, str]]]] = [
+    (lambda: st.pending(None, 1, T0), "Pending", {"Accepted": ("True", "SpecValid")}),
+    (
+        lambda: st.rejected(None, st.REASON_INVALID_SPEC, "spec.forget: set exactly one", 1, T0),
+        "Rejected",
+        {"Accepted": ("False", "InvalidSpec"), "Complete": ("True", "InvalidSpec")},
+    ),
+    (
+        lambda: st.queued(st.pending(None, 1, T0), st.REASON_WAITING_FOR_MODEL, "waiting for r0", 1, T0),
+        "Queued",
+        {"Accepted": ("True", "SpecValid"), "JobCreated": ("False", "WaitingForModel")},
+    ),
+    (running, "Running", {"Accepted": ("True", "SpecValid"), "JobCreated": ("True", "JobCreated")}),
+    (
+        lambda: st.finished(running(), record(), T1),
+        "Succeeded",
+        {
+            "Accepted": ("True", "SpecValid"),
+            "JobCreated": ("True", "JobCreated"),
+            "GatesPassed": ("True", "Passed"),
+            "Complete": ("True", "Passed"),
+        },
+    ),
+    (
+        lambda: st.finished(
+            running(), record(verdict="Failed", exitCode=3, reasons=["maxMiaAuc: 0.71 > 0.6"], outputModel=None), T1
         ),
-        (
-            lambda: st.queued(st.pending(None, 1, T0), st.REASON_WAITING_FOR_MODEL, "waiting for r0", 1, T0),
-            "Queued",
-            {"Accepted": ("True", "SpecValid"), "JobCreated": ("False", "WaitingForModel")},
+        "Failed",
+        {
+            "Accepted": ("True", "SpecValid"),
+            "JobCreated": ("True", "JobCreated"),
+            "GatesPassed": ("False", "GatesFailed"),
+            "Complete": ("True", "GatesFailed"),
+        },
+    ),
+    (
+        lambda: st.finished(
+            running(), record(verdict="Failed", exitCode=4, error="model: file not found", post=None, pre=None), T1
         ),
-        (running, "Running", {"Accepted": ("True", "SpecValid"), "JobCreated": ("True", "JobCreated")}),
-        (
-            lambda: st.finished(running(), record(), T1),
-            "Succeeded",
-            {
-                "Accepted": ("True", "SpecValid"),
-                "JobCreated": ("True", "JobCreated"),
-                "GatesPassed": ("True", "Passed"),
-                "Complete": ("True", "Passed"),
-            },
-        ),
-        (
-            lambda: st.finished(
-                running(), record(verdict="Failed", exitCode=3, reasons=["maxMiaAuc: 0.71 > 0.6"], outputModel=None), T1
-            ),
-            "Failed",
-            {
-                "Accepted": ("True", "SpecValid"),
-                "JobCreated": ("True", "JobCreated"),
-                "GatesPassed": ("False", "GatesFailed"),
-                "Complete": ("True", "GatesFailed"),
-            },
-        ),
-        (
-            lambda: st.finished(
-                running(), record(verdict="Failed", exitCode=4, error="model: file not found", post=None, pre=None), T1
-            ),
-            "Failed",
-            {
-                "Accepted": ("True", "SpecValid"),
-                "JobCreated": ("True", "JobCreated"),
-                "Complete": ("True", "InvalidInput"),
-            },
-        ),
-        (
-            lambda: st.failed(running(), st.REASON_OOM, "ran out of memory", T1),
-            "Failed",
-            {
-                "Accepted": ("True", "SpecValid"),
-                "JobCreated": ("True", "JobCreated"),
-                "Complete": ("True", "OOMKilled"),
-            },
-        ),
-    ],
-)
+        "Failed",
+        {
+            "Accepted": ("True", "SpecValid"),
+            "JobCreated": ("True", "JobCreated"),
+            "Complete": ("True", "InvalidInput"),
+        },
+    ),
+    (
+        lambda: st.failed(running(), st.REASON_OOM, "ran out of memory", T1),
+        "Failed",
+        {
+            "Accepted": ("True", "SpecValid"),
+            "JobCreated": ("True", "JobCreated"),
+            "Complete": ("True", "OOMKilled"),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "phase", "expected"), TRANSITIONS)
 def test_transitions(build: Any, phase: str, expected: dict[str, tuple[str, str]]) -> None:
     status = build()
     assert status["phase"] == phase
@@ -99,6 +101,43 @@ def test_transitions(build: Any, phase: str, expected: dict[str, tuple[str, str]
         assert set(condition) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
         assert condition["message"]
     assert (phase in st.TERMINAL_PHASES) == st.is_terminal(status)
+
+
+def key_paths(value: Any, path: str = "status") -> set[str]:
+    """Every key path in a status, list items as []."""
+    if isinstance(value, dict):
+        return {p for key, item in value.items() for p in {f"{path}.{key}", *key_paths(item, f"{path}.{key}")}}
+    if isinstance(value, list):
+        return {p for item in value for p in key_paths(item, f"{path}[]")}
+    return set()
+
+
+def schema_paths(schema: dict[str, Any], path: str = "status") -> set[str]:
+    """Every key path the CRD's structural schema declares."""
+    found = set()
+    for key, sub in schema.get("properties", {}).items():
+        found |= {f"{path}.{key}", *schema_paths(sub, f"{path}.{key}")}
+    if "items" in schema:
+        found |= schema_paths(schema["items"], f"{path}[]")
+    return found
+
+
+WRITERS = [build for build, _, _ in TRANSITIONS] + [
+    lambda: st.pod_pending(running(), st.REASON_UNSCHEDULABLE, "no node has 8 GPUs", T1),
+    lambda: st.pod_started(st.pod_pending(running(), st.REASON_PENDING, "pending", T0), T1),
+    lambda: st.queued(st.pending(None, 1, T0), st.REASON_WAITING_FOR_CAPACITY, "2 of 2 running", 1, T0),
+    lambda: st.with_audit(st.finished(running(), record(), T1), "unlearn-audit-r-1234abcd"),
+]
+
+
+@pytest.mark.parametrize("build", WRITERS)
+def test_every_key_a_transition_writes_is_in_the_crd_schema(build: Any) -> None:
+    """Derived from both sides: what the transitions write against what the CRD declares (nothing listed here)."""
+    schema = crdgen.build_crd(crdgen.REQUEST_CRD)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    status = build()
+    missing = key_paths(status) - schema_paths(schema["properties"]["status"])
+    assert not missing, f"status.py writes keys the CRD's status schema lacks (add them to RequestStatus): {missing}"
+    jsonschema.validate(status, schema["properties"]["status"])
 
 
 def test_finished_copies_the_numbers_and_versions() -> None:
@@ -113,6 +152,8 @@ def test_finished_copies_the_numbers_and_versions() -> None:
         "miaAuc": 0.52,
     }
     assert status["pre"]["miaAuc"] == 0.71
+    # Printer columns: each number at its own fixed precision, whatever the value.
+    assert status["display"] == {"forgetAccuracy": "66.7", "testAccuracy": "96.4", "miaAuc": "0.520"}
     assert status["outputModel"]["uri"] == "pvc://models/digits/versions/v1/model.pt2"
     assert status["inputModel"]["sha256"] == "11" * 32
     assert status["startTime"] == "2026-01-01T12:00:00Z"
