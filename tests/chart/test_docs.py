@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from unlearning_contracts.record import Attempt, AuditMetrics, CompactRecord, ResultRecord
+from unlearning_operator.settings import ENV_VARS
 from unlearning_operator.status import RequestStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,11 @@ def test_operator_doc_explains_every_status_field() -> None:
     section = text[text.index("## Status reference") : text.index("### Conditions")]
     missing = sorted(a for a in aliases(RequestStatus) if f"`{a}`" not in section)
     assert not missing, f"docs/operator.md's status reference does not explain {missing}"
+
+
+def test_operator_doc_lists_exactly_the_settings() -> None:
+    rows = re.findall(r"^\| `(UNLEARNING_\w+)` \|", (DOCS / "operator.md").read_text(), flags=re.MULTILINE)
+    assert sorted(rows) == sorted(ENV_VARS), "docs/operator.md's settings table and settings.ENV_VARS differ"
 
 
 def test_upgrade_doc_gives_the_crd_command() -> None:

@@ -109,4 +109,5 @@ def test_defaults_match_the_operator_settings() -> None:
     assert job["ttlSecondsAfterFinished"] == defaults.job_ttl_seconds
     assert job["maxConcurrentJobs"] == defaults.max_concurrent_jobs
     assert job["pendingAlertSeconds"] == defaults.pending_alert_seconds
+    assert job["volumeRoot"] == defaults.job_volume_root
     assert values["ports"] == {"metrics": defaults.metrics_port, "health": defaults.health_port}

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from unlearning_operator.settings import OperatorSettings, SettingsError, load_settings
+from unlearning_operator.settings import ENV_VARS, OperatorSettings, SettingsError, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -21,34 +21,34 @@ def test_defaults_without_env() -> None:
     assert (settings.metrics_port, settings.health_port, settings.job_volume_root) == (8080, 8081, "/volumes")
 
 
-@pytest.mark.parametrize(
-    ("env", "field", "expected"),
-    [
-        ({"UNLEARNING_WATCH_NAMESPACES": "a, b,,c"}, "watch_namespaces", ("a", "b", "c")),
-        ({"UNLEARNING_WATCH_NAMESPACES": " "}, "watch_namespaces", ()),
-        ({"UNLEARNING_JOB_IMAGE": "reg/job:2"}, "job_image", "reg/job:2"),
-        ({"UNLEARNING_ALLOWED_IMAGES": "a:1,b:2"}, "allowed_images", frozenset({"a:1", "b:2"})),
-        ({"UNLEARNING_JOB_GPUS": "0"}, "job_gpus", 0),
-        ({"UNLEARNING_JOB_CPU": "500m"}, "job_cpu", "500m"),
-        ({"UNLEARNING_JOB_MEMORY": "8Gi"}, "job_memory", "8Gi"),
-        ({"UNLEARNING_JOB_NODE_SELECTOR": '{"gpu": "a100"}'}, "job_node_selector", {"gpu": "a100"}),
-        (
-            {"UNLEARNING_JOB_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists"}]'},
-            "job_tolerations",
-            ({"key": "nvidia.com/gpu", "operator": "Exists"},),
-        ),
-        ({"UNLEARNING_JOB_AFFINITY": '{"nodeAffinity": {}}'}, "job_affinity", {"nodeAffinity": {}}),
-        ({"UNLEARNING_JOB_PRIORITY_CLASS": "batch-low"}, "job_priority_class", "batch-low"),
-        ({"UNLEARNING_JOB_DEADLINE_SECONDS": "3600"}, "job_deadline_seconds", 3600),
-        ({"UNLEARNING_JOB_BACKOFF_LIMIT": "0"}, "job_backoff_limit", 0),
-        ({"UNLEARNING_JOB_TTL_SECONDS": "60"}, "job_ttl_seconds", 60),
-        ({"UNLEARNING_MAX_CONCURRENT_JOBS": "10"}, "max_concurrent_jobs", 10),
-        ({"UNLEARNING_PENDING_ALERT_SECONDS": "30"}, "pending_alert_seconds", 30),
-        ({"UNLEARNING_METRICS_PORT": "9090"}, "metrics_port", 9090),
-        ({"UNLEARNING_HEALTH_PORT": "9091"}, "health_port", 9091),
-        ({"UNLEARNING_JOB_VOLUME_ROOT": "/mnt/vols/"}, "job_volume_root", "/mnt/vols"),
-    ],
-)
+EACH_VARIABLE: list[tuple[dict[str, str], str, Any]] = [
+    ({"UNLEARNING_WATCH_NAMESPACES": "a, b,,c"}, "watch_namespaces", ("a", "b", "c")),
+    ({"UNLEARNING_WATCH_NAMESPACES": " "}, "watch_namespaces", ()),
+    ({"UNLEARNING_JOB_IMAGE": "reg/job:2"}, "job_image", "reg/job:2"),
+    ({"UNLEARNING_ALLOWED_IMAGES": "a:1,b:2"}, "allowed_images", frozenset({"a:1", "b:2"})),
+    ({"UNLEARNING_JOB_GPUS": "0"}, "job_gpus", 0),
+    ({"UNLEARNING_JOB_CPU": "500m"}, "job_cpu", "500m"),
+    ({"UNLEARNING_JOB_MEMORY": "8Gi"}, "job_memory", "8Gi"),
+    ({"UNLEARNING_JOB_NODE_SELECTOR": '{"gpu": "a100"}'}, "job_node_selector", {"gpu": "a100"}),
+    (
+        {"UNLEARNING_JOB_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists"}]'},
+        "job_tolerations",
+        ({"key": "nvidia.com/gpu", "operator": "Exists"},),
+    ),
+    ({"UNLEARNING_JOB_AFFINITY": '{"nodeAffinity": {}}'}, "job_affinity", {"nodeAffinity": {}}),
+    ({"UNLEARNING_JOB_PRIORITY_CLASS": "batch-low"}, "job_priority_class", "batch-low"),
+    ({"UNLEARNING_JOB_DEADLINE_SECONDS": "3600"}, "job_deadline_seconds", 3600),
+    ({"UNLEARNING_JOB_BACKOFF_LIMIT": "0"}, "job_backoff_limit", 0),
+    ({"UNLEARNING_JOB_TTL_SECONDS": "60"}, "job_ttl_seconds", 60),
+    ({"UNLEARNING_MAX_CONCURRENT_JOBS": "10"}, "max_concurrent_jobs", 10),
+    ({"UNLEARNING_PENDING_ALERT_SECONDS": "30"}, "pending_alert_seconds", 30),
+    ({"UNLEARNING_METRICS_PORT": "9090"}, "metrics_port", 9090),
+    ({"UNLEARNING_HEALTH_PORT": "9091"}, "health_port", 9091),
+    ({"UNLEARNING_JOB_VOLUME_ROOT": "/mnt/vols/"}, "job_volume_root", "/mnt/vols"),
+]
+
+
+@pytest.mark.parametrize(("env", "field", "expected"), EACH_VARIABLE)
 def test_each_variable(env: dict[str, str], field: str, expected: Any) -> None:
     assert getattr(load_settings(env), field) == expected
 
@@ -80,6 +80,12 @@ def test_invalid_values_name_the_variable_in_one_line(env: dict[str, str], names
     message = str(caught.value)
     assert message.startswith(names)
     assert "\n" not in message
+
+
+def test_every_setting_declares_one_variable_and_each_is_tested_above() -> None:
+    assert len(ENV_VARS) == len(set(ENV_VARS)) == len(OperatorSettings.__dataclass_fields__)
+    assert all(name.startswith("UNLEARNING_") for name in ENV_VARS)
+    assert {name for env, _, _ in EACH_VARIABLE for name in env} == set(ENV_VARS)
 
 
 def test_job_image_is_always_allowed() -> None:
