@@ -33,7 +33,7 @@ from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
 from unlearning_contracts.spec import Location, UnlearningRequestSpec
 
-from .labels import COMPONENT_JOB, LABEL_KUEUE_QUEUE, request_labels
+from .labels import ANNOTATION_MODEL_VERSION, ANNOTATION_REQUEST_UID, COMPONENT_JOB, LABEL_KUEUE_QUEUE, request_labels
 from .lineage import Version
 from .names import job_name, spec_configmap_name
 from .settings import OperatorSettings
@@ -45,8 +45,6 @@ SPEC_PATH = f"{SPEC_MOUNT_DIR}/{SPEC_FILE}"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 NON_ROOT_UID = 65532
 GPU_RESOURCE = "nvidia.com/gpu"
-ANNOTATION_MODEL_VERSION = "unlearn.dev/model-version"
-ANNOTATION_REQUEST_UID = "unlearn.dev/request-uid"
 
 
 @dataclass(frozen=True)
@@ -147,9 +145,9 @@ def build_job(
     spec: UnlearningRequestSpec,
     settings: OperatorSettings,
     current: Version,
+    image: str,
 ) -> dict[str, Any]:
-    """The batch/v1 Job for one request; raises ImageNotAllowedError (-> Rejected)."""
-    image = resolve_image(spec, settings)
+    """The batch/v1 Job for one request, running ``image`` (from ``resolve_image``, checked at validation)."""
     effective = effective_spec(spec, current)
     output_version = current.version + 1
     name = job_name(ref.name, ref.uid)
@@ -274,3 +272,14 @@ def build_job(
         },
         "spec": job_spec,
     }
+
+
+def model_version_of(job: dict[str, Any], default: int) -> int:
+    """The output model version a Job writes (its annotation), or ``default`` when it carries none."""
+    return int((job["metadata"].get("annotations") or {}).get(ANNOTATION_MODEL_VERSION, default))
+
+
+def gpus_of(job: dict[str, Any]) -> int:
+    """GPUs a Job's pod holds: the sum of its containers' nvidia.com/gpu limits."""
+    containers = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+    return sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, 0)) for c in containers)

@@ -5,8 +5,9 @@ dicts and the status machine consumes them, so there is no model-object
 conversion anywhere (it is also several times faster than the generated
 client's deserialisation, which matters when 500 requests arrive at once).
 
-Blocking calls on the kubernetes client's connection pool; main.py runs
-them in a thread pool so the kopf event loop never waits on the network.
+Blocking calls on the kubernetes client's connection pool; ``Runtime.call``
+(runtime.py) runs them on a thread pool the caller names, so the kopf event
+loop never waits on the network.
 
 Create-if-absent is the only way objects are created: a 409 returns the
 existing object, which is how a restarted operator adopts what it made

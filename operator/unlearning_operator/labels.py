@@ -1,4 +1,4 @@
-"""The labels every child object carries, in one place (no copied merges in handlers).
+"""The labels and annotations every child object carries, in one place (no copied merges in handlers).
 
 The ``app.kubernetes.io/*`` set is what kubectl, dashboards and the chart's
 selectors expect; ``unlearn.dev/request`` and ``unlearn.dev/model`` let a
@@ -25,6 +25,11 @@ LABEL_REQUEST = "unlearn.dev/request"
 LABEL_MODEL = "unlearn.dev/model"
 LABEL_AUDIT = "unlearn.dev/audit"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+ANNOTATION_MODEL_VERSION = "unlearn.dev/model-version"
+"""On a Job: the model version it writes (a restarted operator reads it back when adopting)."""
+ANNOTATION_REQUEST_UID = "unlearn.dev/request-uid"
+"""On a Job and an audit ConfigMap: the uid of the request object it belongs to."""
 
 
 def common_labels(*, instance: str, component: str, model: str, request: str | None = None) -> dict[str, str]:

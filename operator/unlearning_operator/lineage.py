@@ -27,7 +27,7 @@ from typing import Any
 from unlearning_contracts.record import CompactRecord
 from unlearning_contracts.spec import UnlearningRequestSpec
 
-from .labels import COMPONENT_LINEAGE, common_labels
+from .labels import COMPONENT_LINEAGE, LABEL_MODEL, common_labels
 
 LINEAGE_PREFIX = "unlearn-model-"
 
@@ -87,7 +87,7 @@ def parse(config_map: dict[str, Any]) -> Lineage:
         history = tuple(Version.load(item) for item in json.loads(data.get("history", "[]")))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"lineage ConfigMap {name}: key current/history is not valid lineage JSON ({error})") from None
-    model = (config_map.get("metadata") or {}).get("labels", {}).get("unlearn.dev/model", "")
+    model = (config_map.get("metadata") or {}).get("labels", {}).get(LABEL_MODEL, "")
     return Lineage(model=model or name.removeprefix(LINEAGE_PREFIX), current=current, history=history or (current,))
 
 

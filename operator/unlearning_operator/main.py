@@ -25,11 +25,12 @@ from kubernetes import client, config
 
 from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
 
-from .controller import Controller, job_view, request_view
+from .controller import Controller
 from .k8s import Kube
 from .labels import LABEL_MANAGED_BY, MANAGED_BY
 from .metrics import build_registry, serve
 from .settings import OperatorSettings, SettingsError, load_settings
+from .views import job_view, request_view
 
 MANAGED = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
@@ -40,7 +41,7 @@ def _api_client() -> client.ApiClient:
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
     configuration = client.Configuration.get_default_copy()
-    # Enough connections for the launch thread pool (16) plus kopf's own.
+    # Enough connections for both thread pools (runtime.API_THREADS + LAUNCH_THREADS, 20) plus kopf's own.
     configuration.connection_pool_maxsize = 32
     return client.ApiClient(configuration)
 

@@ -12,6 +12,7 @@ metric here and that test fails.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,7 +27,8 @@ from prometheus_client.process_collector import ProcessCollector
 from unlearning_contracts.record import CompactRecord
 from unlearning_contracts.spec import GatesSpec
 
-from . import status as st
+from . import status as states
+from .views import parse_time
 
 # Unlearning jobs take minutes to hours; queue waits seconds to hours.
 DURATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 43200.0)
@@ -34,6 +36,24 @@ QUEUE_BUCKETS = (0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0
 AUC_BUCKETS = (0.45, 0.5, 0.52, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 GAP_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
 DROP_BUCKETS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one finished request adds to the metrics (derived by ``completion``)."""
+
+    method: str
+    verdict: str
+    """Passed or Failed from the record; Error when the run left none."""
+    failure_reason: str | None
+    """The Complete condition's reason, unless the request Succeeded."""
+    post_mia_auc: float | None
+    post_confidence_gap: float | None
+    test_accuracy_drop: float | None
+    failed_gates: tuple[str, ...]
+    seconds: float | None
+    """Job creation to completion; None when no Job ran."""
+    gpu_seconds: float
 
 
 @dataclass(frozen=True)
@@ -53,8 +73,27 @@ class Metrics:
 
     def set_phase_counts(self, counts: dict[str, int]) -> None:
         """Every phase always present (0 when empty) so dashboards do not show gaps."""
-        for phase in st.PHASES:
+        for phase in states.PHASES:
             self.requests.labels(phase=phase).set(counts.get(phase, 0))
+
+    def observe(self, done: Completion) -> None:
+        """Count one finished request (what to count is decided by ``completion``)."""
+        method = done.method
+        self.completed.labels(verdict=done.verdict, method=method).inc()
+        if done.failure_reason is not None:
+            self.job_failures.labels(reason=done.failure_reason).inc()
+        if done.post_mia_auc is not None:
+            self.post_mia_auc.labels(method=method).observe(done.post_mia_auc)
+        if done.post_confidence_gap is not None:
+            self.post_confidence_gap.labels(method=method).observe(done.post_confidence_gap)
+        if done.test_accuracy_drop is not None:
+            self.test_accuracy_drop.labels(method=method).observe(done.test_accuracy_drop)
+        for gate in done.failed_gates:
+            self.gate_failures.labels(gate=gate).inc()
+        if done.seconds is not None:
+            self.job_duration.labels(method=method).observe(done.seconds)
+        if done.gpu_seconds:
+            self.gpu_seconds.labels(method=method).inc(done.gpu_seconds)
 
 
 def build_registry() -> Metrics:
@@ -143,6 +182,35 @@ def gate_labels(record: CompactRecord) -> list[str]:
     if record.verdict != "Failed" or record.error is not None:
         return []
     return [gate if gate in GATES else "other" for gate in record.failed_gates] or ["other"]
+
+
+def completion(
+    method: str | None, status: dict[str, Any], record: CompactRecord | None, gpus: int, ran: bool
+) -> Completion:
+    """What a request that reached ``status`` (its final status) adds to the metrics. Pure.
+
+    ``method`` is None when the spec could not be read; ``gpus`` is what the
+    Job's pod held; ``ran`` says whether a Job ran at all (a request failed
+    before its Job existed has no duration and used no GPU).
+    """
+    post = record.post if record is not None else None
+    pre = record.pre if record is not None else None
+    failure = None
+    if status.get("phase") != states.SUCCEEDED:
+        failure = (states.get_condition(status, states.COMPLETE) or {}).get("reason", states.REASON_ERROR)
+    start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
+    seconds = max(0.0, (end - start).total_seconds()) if ran and start is not None and end is not None else None
+    return Completion(
+        method=method or "unknown",
+        verdict=record.verdict if record is not None else "Error",
+        failure_reason=failure,
+        post_mia_auc=post.mia_auc if post is not None else None,
+        post_confidence_gap=post.confidence_gap if post is not None else None,
+        test_accuracy_drop=pre.test_accuracy - post.test_accuracy if pre is not None and post is not None else None,
+        failed_gates=tuple(gate_labels(record)) if record is not None else (),
+        seconds=seconds,
+        gpu_seconds=gpus * seconds if seconds is not None else 0.0,
+    )
 
 
 def metric_names(registry: CollectorRegistry) -> set[str]:

@@ -7,7 +7,8 @@ Nothing on Secrets. Checked against kopf 1.45 with ``standalone=True``
   resources it serves (cluster-wide mode; with explicit namespaces the
   operator disables scanning, see main.py, so this rule is then unused).
 * kopf lists and watches every resource with a handler or index:
-  unlearningrequests, jobs, pods.
+  unlearningrequests and jobs. Pods are never watched: the operator lists
+  one Job's pods (by the job-name label) when that Job ends or waits.
 * kopf posts core/v1 ``events`` (create) for kopf.event() and handler errors.
 * The operator creates Jobs and ConfigMaps (spec, audit, lineage), reads
   them back on 409 to adopt, updates lineage ConfigMaps, lists a Job's pods

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import status as st
+from . import status as states
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,14 @@ class Decision:
     message: str
 
 
-WAITING_PHASES = frozenset({st.PENDING, st.QUEUED})
+WAITING_PHASES = frozenset({states.PENDING, states.QUEUED})
 
 
 def decide(requests: list[Candidate], max_concurrent: int) -> list[Decision]:
     """Decisions for every waiting request (Pending or Queued), in FIFO order."""
-    active = [r for r in requests if r.phase == st.RUNNING or (r.job_active and r.phase not in st.TERMINAL_PHASES)]
+    active = [
+        r for r in requests if r.phase == states.RUNNING or (r.job_active and r.phase not in states.TERMINAL_PHASES)
+    ]
     busy: dict[tuple[str, str], str] = {r.model_key: r.name for r in sorted(active, key=_order)}
     slots = max_concurrent - len(active)
     active_keys = {r.key for r in active}
@@ -74,7 +76,7 @@ def decide(requests: list[Candidate], max_concurrent: int) -> list[Decision]:
                     request.namespace,
                     request.name,
                     False,
-                    st.REASON_WAITING_FOR_MODEL,
+                    states.REASON_WAITING_FOR_MODEL,
                     f"waiting for request {holder}: model {request.model} runs one request at a time, "
                     "each from the version the previous one wrote",
                 )
@@ -86,7 +88,7 @@ def decide(requests: list[Candidate], max_concurrent: int) -> list[Decision]:
                     request.namespace,
                     request.name,
                     False,
-                    st.REASON_WAITING_FOR_CAPACITY,
+                    states.REASON_WAITING_FOR_CAPACITY,
                     f"waiting for a free slot: {max_concurrent - slots} of {max_concurrent} jobs running "
                     "(UNLEARNING_MAX_CONCURRENT_JOBS)",
                 )
@@ -94,7 +96,7 @@ def decide(requests: list[Candidate], max_concurrent: int) -> list[Decision]:
             # Later requests for this model queue behind this one.
             busy[request.model_key] = request.name
             continue
-        decisions.append(Decision(request.namespace, request.name, True, st.REASON_JOB_CREATED, "starting"))
+        decisions.append(Decision(request.namespace, request.name, True, states.REASON_JOB_CREATED, "starting"))
         busy[request.model_key] = request.name
         slots -= 1
     return decisions

@@ -17,10 +17,11 @@ import pytest
 
 from tests.operator.factories import raw_spec, record
 from unlearning_operator import status as st
-from unlearning_operator.controller import Controller, job_view, request_view
+from unlearning_operator.controller import Controller
 from unlearning_operator.k8s import ApiError, ObjectRef
 from unlearning_operator.metrics import build_registry
 from unlearning_operator.settings import OperatorSettings
+from unlearning_operator.views import job_view, request_view
 
 pytestmark = pytest.mark.unit
 

@@ -1,34 +1,20 @@
-"""Job and pod status -> the reason a person reads."""
+"""Job and pod status -> the reason a person reads, and the pending check's decision."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from tests.operator.factories import job, pod, record
+from tests.operator.factories import job, pod
 from unlearning_operator import failures
 from unlearning_operator import status as st
+from unlearning_operator.views import JobView
 
 pytestmark = pytest.mark.unit
 
 FAILED = {"type": "Failed", "status": "True"}
-
-
-@pytest.mark.parametrize(
-    ("conditions", "outcome"),
-    [
-        ([], failures.JOB_RUNNING),
-        ([{"type": "Complete", "status": "True"}], failures.JOB_SUCCEEDED),
-        ([{"type": "FailureTarget", "status": "True"}], failures.JOB_RUNNING),
-        ([{**FAILED, "reason": "BackoffLimitExceeded"}], failures.JOB_FAILED),
-        ([{"type": "Complete", "status": "False"}], failures.JOB_RUNNING),
-    ],
-)
-def test_job_outcome(conditions: list[dict[str, Any]], outcome: str) -> None:
-    assert failures.job_outcome(job(conditions)) == outcome
 
 
 @pytest.mark.parametrize(
@@ -72,38 +58,6 @@ def test_explain_failure(the_job: dict[str, Any], pods: list[dict[str, Any]], re
     assert why.reason == reason
     for word in words:
         assert word in why.message
-
-
-def test_parse_record_roundtrip() -> None:
-    text = json.dumps(record().dump())
-    parsed = failures.parse_record(text)
-    assert parsed.verdict == "Passed"
-    assert parsed.post is not None
-    assert parsed.post.mia_auc == 0.52
-
-
-@pytest.mark.parametrize(
-    ("message", "words"),
-    [
-        (None, "without a termination message"),
-        ("", "without a termination message"),
-        ("x" * 5000, "5000 bytes, over 4096"),
-        ("Traceback (most recent call last):\nKeyError: 'x'", "not a result record: \"KeyError: 'x'\""),
-        ('{"verdict": "Maybe"}', "result record is invalid at"),
-    ],
-)
-def test_malformed_records(message: str | None, words: str) -> None:
-    with pytest.raises(failures.MalformedResultError) as caught:
-        failures.parse_record(message)
-    assert words in str(caught.value)
-
-
-def test_latest_terminated_pod_picks_the_last_retry() -> None:
-    first = pod(terminated={"exitCode": 1, "finishedAt": "2026-01-01T00:01:00Z", "message": "first"})
-    last = pod(terminated={"exitCode": 0, "finishedAt": "2026-01-01T00:09:00Z", "message": "last"})
-    running = pod(phase="Running")
-    chosen = failures.latest_terminated_pod([first, running, last])
-    assert chosen is last
 
 
 NOW = datetime(2026, 1, 1, 0, 10, 0, tzinfo=UTC)
@@ -152,3 +106,54 @@ def test_pending_reason(the_pod: dict[str, Any], reason: str, words: list[str]) 
 )
 def test_no_pending_alert(the_pod: dict[str, Any]) -> None:
     assert failures.pending_reason(the_pod, NOW, 120) is None
+
+
+def job_view(created: str = "2026-01-01T00:00:00Z", ready: int = 0, suspended: bool = False) -> JobView:
+    return JobView("team-a", "r-1234abcd", "r", "uid-r", created, "Running", 1, ready, suspended)
+
+
+UNSCHEDULABLE = pod(
+    phase="Pending",
+    conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPU"}],
+)
+
+
+@pytest.mark.parametrize(
+    ("the_job", "pods", "needs_pods", "alert", "started"),
+    [
+        # A ready pod has started, whenever it was created.
+        (job_view(ready=1), [], False, None, True),
+        # Too early to say anything (60 s < 120 s): None.
+        (job_view(created="2026-01-01T00:09:00Z"), [], False, "none", False),
+        # Suspended by Kueue: said from the Job alone, naming the queue.
+        (job_view(suspended=True), [], False, "suspended: waiting for Kueue to admit it (queue gpu-queue)", False),
+        # Waiting long: the first pod with a reason explains it.
+        (job_view(), [UNSCHEDULABLE], True, "unschedulable: no GPU", False),
+        # Waiting long but the pod runs (not yet ready): started, no alert.
+        (job_view(), [pod(phase="Running")], True, None, True),
+        # Waiting long and no pod yet: nothing to say, nothing started.
+        (job_view(), [], True, None, False),
+    ],
+)
+def test_pending_check(
+    the_job: JobView, pods: list[dict[str, Any]], needs_pods: bool, alert: str | None, started: bool
+) -> None:
+    assert failures.needs_pods(the_job, NOW, 120) is needs_pods
+    check = failures.pending_check(the_job, pods, "gpu-queue", NOW, 120)
+    if alert == "none":
+        assert check is None
+        return
+    assert check is not None
+    assert check.started is started
+    if alert is None:
+        assert check.alert is None
+    else:
+        assert check.alert is not None
+        assert alert in check.alert.message
+
+
+def test_a_suspended_job_without_a_queue_says_so() -> None:
+    check = failures.pending_check(job_view(suspended=True), [], None, NOW, 120)
+    assert check is not None
+    assert check.alert is not None
+    assert (check.alert.reason, check.alert.message.endswith("(queue ?)")) == (st.REASON_PENDING, True)

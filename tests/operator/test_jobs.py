@@ -9,13 +9,16 @@ import yaml
 
 from tests.operator.factories import REF, V0, raw_spec, spec
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
-from unlearning_contracts.spec import parse_manifest, parse_spec
+from unlearning_contracts.spec import UnlearningRequestSpec, parse_manifest, parse_spec
 from unlearning_operator.jobs import (
     ImageNotAllowedError,
+    RequestRef,
     build_job,
     build_spec_configmap,
     claims,
     effective_spec,
+    gpus_of,
+    resolve_image,
 )
 from unlearning_operator.lineage import Version
 from unlearning_operator.settings import OperatorSettings, load_settings
@@ -23,6 +26,13 @@ from unlearning_operator.settings import OperatorSettings, load_settings
 pytestmark = pytest.mark.unit
 
 SETTINGS = OperatorSettings()
+
+
+def job_for(
+    ref: RequestRef, request: UnlearningRequestSpec, settings: OperatorSettings, current: Version
+) -> dict[str, Any]:
+    """build_job with the image the controller resolves (and checks) first."""
+    return build_job(ref, request, settings, current, resolve_image(request, settings))
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -36,19 +46,19 @@ def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_name_is_deterministic_and_short_enough_for_pods() -> None:
-    first = build_job(REF, spec(), SETTINGS, V0)
-    again = build_job(REF, spec(), SETTINGS, V0)
+    first = job_for(REF, spec(), SETTINGS, V0)
+    again = job_for(REF, spec(), SETTINGS, V0)
     assert first == again
     name = first["metadata"]["name"]
     assert name.startswith("digits-gdpr-")
-    other = build_job(REF.__class__(REF.name, REF.namespace, "another-uid"), spec(), SETTINGS, V0)
+    other = job_for(REF.__class__(REF.name, REF.namespace, "another-uid"), spec(), SETTINGS, V0)
     assert other["metadata"]["name"] != name
     long_ref = REF.__class__("r" * 48, REF.namespace, REF.uid)
-    assert len(build_job(long_ref, spec(), SETTINGS, V0)["metadata"]["name"]) + 6 <= 63
+    assert len(job_for(long_ref, spec(), SETTINGS, V0)["metadata"]["name"]) + 6 <= 63
 
 
 def test_metadata_labels_owner_and_annotations() -> None:
-    job = build_job(REF, spec(), SETTINGS, V0)
+    job = job_for(REF, spec(), SETTINGS, V0)
     meta = job["metadata"]
     assert meta["namespace"] == "team-a"
     assert meta["labels"] == {
@@ -75,7 +85,7 @@ def test_metadata_labels_owner_and_annotations() -> None:
 
 def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
     v3 = Version(3, "pvc://models/digits/versions/v3/model.pt2", "aa", "r3", 2)
-    c = container(build_job(REF, spec(), SETTINGS, v3))
+    c = container(job_for(REF, spec(), SETTINGS, v3))
     assert c["command"] == [
         "unlearn",
         "run",
@@ -101,7 +111,7 @@ def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
     ],
 )
 def test_resources(overrides: dict[str, Any], env: dict[str, str], gpus: str | None, cpu: str, memory: str) -> None:
-    c = container(build_job(REF, spec(**overrides), load_settings(env), V0))
+    c = container(job_for(REF, spec(**overrides), load_settings(env), V0))
     assert c["resources"]["requests"] == {"cpu": cpu, "memory": memory}
     limits = c["resources"]["limits"]
     assert (limits["cpu"], limits["memory"]) == (cpu, memory)
@@ -110,7 +120,7 @@ def test_resources(overrides: dict[str, Any], env: dict[str, str], gpus: str | N
 
 
 def test_restricted_pod_security() -> None:
-    job = build_job(REF, spec(), SETTINGS, V0)
+    job = job_for(REF, spec(), SETTINGS, V0)
     pod = pod_spec(job)
     c = container(job)
     assert pod["automountServiceAccountToken"] is False
@@ -129,7 +139,7 @@ def test_restricted_pod_security() -> None:
 
 
 def test_job_limits_and_failure_policy() -> None:
-    job = build_job(REF, spec(), SETTINGS, V0)["spec"]
+    job = job_for(REF, spec(), SETTINGS, V0)["spec"]
     assert job["backoffLimit"] == 2
     assert job["activeDeadlineSeconds"] == 21600
     assert job["ttlSecondsAfterFinished"] == 86400
@@ -140,7 +150,7 @@ def test_job_limits_and_failure_policy() -> None:
     }
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert "suspend" not in job
-    custom = build_job(REF, spec(**{"job.activeDeadlineSeconds": 600}), SETTINGS, V0)["spec"]
+    custom = job_for(REF, spec(**{"job.activeDeadlineSeconds": 600}), SETTINGS, V0)["spec"]
     assert custom["activeDeadlineSeconds"] == 600
 
 
@@ -159,7 +169,7 @@ def test_placement_merges_settings_and_spec() -> None:
             "job.tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}],
         }
     )
-    pod = pod_spec(build_job(REF, request, settings, V0))
+    pod = pod_spec(job_for(REF, request, settings, V0))
     assert pod["nodeSelector"] == {"pool": "gpu", "zone": "b"}
     assert pod["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
@@ -167,14 +177,14 @@ def test_placement_merges_settings_and_spec() -> None:
     ]
     assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
     assert pod["priorityClassName"] == "batch-low"
-    own = pod_spec(build_job(REF, spec(**{"job.priorityClassName": "urgent"}), settings, V0))
+    own = pod_spec(job_for(REF, spec(**{"job.priorityClassName": "urgent"}), settings, V0))
     assert own["priorityClassName"] == "urgent"
-    bare = pod_spec(build_job(REF, spec(), SETTINGS, V0))
+    bare = pod_spec(job_for(REF, spec(), SETTINGS, V0))
     assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & bare.keys()
 
 
 def test_kueue_queue_label_and_suspend() -> None:
-    job = build_job(REF, spec(**{"job.queueName": "gpu-queue"}), SETTINGS, V0)
+    job = job_for(REF, spec(**{"job.queueName": "gpu-queue"}), SETTINGS, V0)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True
 
@@ -188,13 +198,13 @@ def test_kueue_queue_label_and_suspend() -> None:
     ],
 )
 def test_image_from_settings_or_allow_list(image: str | None, env: dict[str, str], expected: str) -> None:
-    c = container(build_job(REF, spec(**{"job.image": image}), load_settings(env), V0))
+    c = container(job_for(REF, spec(**{"job.image": image}), load_settings(env), V0))
     assert c["image"] == expected
 
 
 def test_image_outside_allow_list_is_refused_with_what_to_do() -> None:
     with pytest.raises(ImageNotAllowedError, match=r"spec\.job\.image: evil/miner:1 is not allowed"):
-        build_job(REF, spec(**{"job.image": "evil/miner:1"}), SETTINGS, V0)
+        resolve_image(spec(**{"job.image": "evil/miner:1"}), SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +239,7 @@ def test_claims_mounts(
 ) -> None:
     request = spec(**overrides)
     assert claims(effective_spec(request, current)) == (read_only, read_write)
-    job = build_job(REF, request, SETTINGS, current)
+    job = job_for(REF, request, SETTINGS, current)
     pod = pod_spec(job)
     mounts = {m["mountPath"]: m for m in container(job)["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -246,7 +256,7 @@ def test_claims_mounts(
 
 def test_volume_root_from_settings() -> None:
     settings = load_settings({"UNLEARNING_JOB_VOLUME_ROOT": "/mnt"})
-    c = container(build_job(REF, spec(), settings, V0))
+    c = container(job_for(REF, spec(), settings, V0))
     assert c["command"][4] == "/mnt"
     assert any(m["mountPath"] == "/mnt/models" for m in c["volumeMounts"])
 
@@ -255,7 +265,7 @@ def test_spec_configmap_carries_the_effective_manifest() -> None:
     v2 = Version(2, "pvc://models/digits/versions/v2/model.pt2", "bb", "r2", 1)
     request = spec(**{"gates.maxMiaAuc": None, "requestId": None})
     cm = build_spec_configmap(REF, request, v2)
-    assert cm["metadata"]["name"] == build_job(REF, request, SETTINGS, v2)["metadata"]["name"] + "-spec"
+    assert cm["metadata"]["name"] == job_for(REF, request, SETTINGS, v2)["metadata"]["name"] + "-spec"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == REF.uid
     assert cm["metadata"]["labels"]["app.kubernetes.io/component"] == "unlearning-job"
     manifest = parse_manifest(yaml.safe_load(cm["data"]["request.yaml"]))
@@ -264,7 +274,7 @@ def test_spec_configmap_carries_the_effective_manifest() -> None:
     assert manifest.request_id == "team-a/digits-gdpr"
     # The default gate is kept as the spec resolved it, not re-defaulted by the job.
     assert manifest.spec.gates.max_mia_auc == 0.6
-    volumes = {v["name"]: v for v in pod_spec(build_job(REF, request, SETTINGS, v2))["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(job_for(REF, request, SETTINGS, v2))["volumes"]}
     assert volumes["request-spec"]["configMap"]["name"] == cm["metadata"]["name"]
 
 
@@ -275,3 +285,28 @@ def test_disabled_gate_stays_disabled_in_the_manifest() -> None:
     assert request.gates.max_mia_auc is None
     manifest = parse_manifest(yaml.safe_load(build_spec_configmap(REF, request, V0)["data"]["request.yaml"]))
     assert manifest.spec.gates.max_mia_auc is None
+
+
+@pytest.mark.parametrize(
+    ("containers", "gpus"),
+    [
+        ([{"name": "unlearn", "resources": {"limits": {"nvidia.com/gpu": "4", "cpu": "2"}}}], 4),
+        ([{"name": "unlearn", "resources": {"limits": {"cpu": "2"}}}], 0),
+        ([{"name": "unlearn"}], 0),
+        (
+            [
+                {"name": "a", "resources": {"limits": {"nvidia.com/gpu": 1}}},
+                {"name": "b", "resources": {"limits": {"nvidia.com/gpu": "2"}}},
+            ],
+            3,
+        ),
+        ([], 0),
+    ],
+)
+def test_gpus_of_a_job_is_its_containers_gpu_limits(containers: list[dict[str, Any]], gpus: int) -> None:
+    assert gpus_of({"spec": {"template": {"spec": {"containers": containers}}}}) == gpus
+
+
+def test_gpus_of_the_built_job_follow_the_request() -> None:
+    assert gpus_of(job_for(REF, spec(**{"job.gpus": 2}), SETTINGS, V0)) == 2
+    assert gpus_of(job_for(REF, spec(**{"job.gpus": 0}), SETTINGS, V0)) == 0

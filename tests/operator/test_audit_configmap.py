@@ -9,7 +9,7 @@ import pytest
 
 from tests.operator.factories import REF, record, spec
 from unlearning_operator import status as st
-from unlearning_operator.audit import build_audit_configmap
+from unlearning_operator.audit_configmap import build_audit_configmap
 
 pytestmark = pytest.mark.unit
 

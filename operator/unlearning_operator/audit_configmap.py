@@ -22,8 +22,9 @@ from unlearning_contracts.record import CompactRecord
 from unlearning_contracts.spec import UnlearningRequestSpec
 
 from .jobs import RequestRef
-from .labels import COMPONENT_AUDIT, LABEL_AUDIT, request_labels
+from .labels import ANNOTATION_REQUEST_UID, COMPONENT_AUDIT, LABEL_AUDIT, request_labels
 from .names import audit_configmap_name
+from .status import COMPLETE, get_condition
 
 RECORD_KEY = "record.json"
 REQUEST_KEY = "request.json"
@@ -48,7 +49,7 @@ def build_audit_configmap(
     """The immutable ConfigMap; ``status`` is the final status (phase, reason, job, times)."""
     labels = request_labels(request=ref.name, component=COMPONENT_AUDIT, model=spec.model.name)
     labels[LABEL_AUDIT] = "true"
-    complete: dict[str, Any] = next((c for c in status.get("conditions", []) if c.get("type") == "Complete"), {})
+    complete = get_condition(status, COMPLETE) or {}
     outcome = {
         "request": ref.name,
         "namespace": ref.namespace,
@@ -77,7 +78,7 @@ def build_audit_configmap(
             "name": audit_configmap_name(ref.name, ref.uid),
             "namespace": ref.namespace,
             "labels": labels,
-            "annotations": {"unlearn.dev/request-uid": ref.uid},
+            "annotations": {ANNOTATION_REQUEST_UID: ref.uid},
         },
         "immutable": True,
         "data": data,

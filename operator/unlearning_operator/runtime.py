@@ -1,0 +1,116 @@
+"""The operator's edges, shared by every operation: API calls, locks, the status cache, Events, tasks.
+
+API calls are blocking (the kubernetes client's connection pool), so each
+runs on a thread pool; the caller names the pool:
+
+* ``launch_pool`` for launching a Job and finishing a request: when a burst
+  of requests arrives, the ones that may start (or just ended) must not wait
+  behind the Pending/Queued status writes of all the others;
+* ``api_pool`` for everything else, Events included (an Event is a courtesy
+  and never worth delaying a Job for).
+
+The operator is the only writer of status, so the status it last wrote is
+the newest one: ``current_status`` prefers it over the index, which lags by
+one watch event. Each request has an asyncio.Lock; launching it, finishing
+it and queueing it take that lock, so a Job that ends within milliseconds of
+its creation cannot have its Succeeded status overwritten by the launch's
+Running patch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from . import status as states
+from .k8s import ApiError, Kube
+from .metrics import Metrics
+from .settings import OperatorSettings
+from .views import Key, RequestView
+
+log = logging.getLogger("unlearning_operator")
+
+T = TypeVar("T")
+
+# Threads per pool. The launch pool is smaller: it serves the few requests that
+# may start at once (the concurrency cap) and the ones finishing.
+API_THREADS = 12
+LAUNCH_THREADS = 8
+
+
+@dataclass
+class Runtime:
+    settings: OperatorSettings
+    kube: Kube
+    metrics: Metrics
+    clock: Callable[[], datetime] = states.now_utc
+    api_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(API_THREADS, "unlearning-api"))
+    launch_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(LAUNCH_THREADS, "unlearning-launch")
+    )
+    statuses: dict[Key, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    """The status last written per request, with the uid it was written for."""
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    known_lineages: set[Key] = field(default_factory=set)
+    """(namespace, model) whose lineage ConfigMap this process has created or read."""
+
+    async def call(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def lock(self, key: Key) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def spawn(self, coro: Coroutine[Any, Any, None], handler: str) -> None:
+        """Run ``coro`` in the background; an error counts under ``handler`` and is logged."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                self.metrics.handler_errors.labels(handler=handler).inc()
+                log.exception("%s failed", handler)
+
+        task = asyncio.create_task(guarded())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def current_status(self, view: RequestView) -> dict[str, Any]:
+        cached = self.statuses.get(view.key)
+        if cached is not None and cached[0] == view.uid:
+            return cached[1]
+        return view.status
+
+    async def write_status(self, view: RequestView, new: dict[str, Any], pool: ThreadPoolExecutor) -> bool:
+        """Patch only what changed; remember what we wrote (we are the only writer)."""
+        patch = states.status_patch(self.current_status(view), new)
+        if patch is None:
+            return True
+        ok = await self.call(pool, self.kube.patch_request_status, view.namespace, view.name, patch)
+        if ok:
+            self.statuses[view.key] = (view.uid, new)
+        return ok
+
+    async def event(self, view: RequestView, type_: str, reason: str, message: str) -> None:
+        try:
+            await self.call(self.api_pool, self.kube.post_event, view.object_ref, type_, reason, message, self.clock())
+        except ApiError as error:
+            # An Event is a courtesy; the status already says the same.
+            log.warning("could not post Event %s on %s/%s: %s", reason, view.namespace, view.name, error)
+
+    def discard(self, key: Key) -> None:
+        """Drop what is cached for a request that is gone."""
+        self.statuses.pop(key, None)
+        self.locks.pop(key, None)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.api_pool.shutdown(wait=False, cancel_futures=True)
+        self.launch_pool.shutdown(wait=False, cancel_futures=True)
