@@ -20,7 +20,7 @@ Metrics (all in percent; the papers' definitions):
 
 Methods: ``gradient-ascent`` with the tutorial's defaults (the engine's
 gradient-ascent defaults are those numbers), ``gradient-ascent`` as the job's
-tuner leaves it (the attempt loop of ``unlearn.job`` with the spec's default
+tuner leaves it (the attempt loop of ``unlearn.runner`` with the spec's default
 gates and attempt budget, timed with the audits it needs between attempts),
 each stronger method with the job's own defaults (``tuning.resolve``), extra
 variants given with ``--variant``, and ``retrain``. An ``original`` row shows the
@@ -188,7 +188,7 @@ def run_plain(original: nn.Module, split: Split, hyper: tuning.Hyper) -> tuple[n
 
 
 def run_tuned(original: nn.Module, split: Split, hyper: tuning.Hyper) -> tuple[nn.Module, float, dict[str, Any]]:
-    """The job's attempt loop (``unlearn.job``) on the pure modules: unlearn, audit, gates, next attempt.
+    """The job's attempt loop (``unlearn.runner``) on the pure modules: unlearn, audit, gates, next attempt.
 
     Timed from the first attempt to the verdict: the post-audits belong to the
     cost, since the tuner cannot decide without them. The pre-audit is not

@@ -102,7 +102,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _finish(outcome_record: ResultRecord, args: argparse.Namespace) -> int:
-    from unlearn.job import default_termination_log, write_json, write_termination_message
+    from unlearn.runner import default_termination_log, write_json, write_termination_message
 
     termination = args.termination_log if args.termination_log is not None else default_termination_log()
     if termination is not None:
@@ -119,7 +119,7 @@ def _finish(outcome_record: ResultRecord, args: argparse.Namespace) -> int:
 
 
 def _run_manifest(args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None) -> int:
-    from unlearn.job import RunOptions, run
+    from unlearn.runner import RunOptions, run
 
     try:
         manifest = load_manifest(manifest_path)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from unlearn.demo import prepare_demo
-        from unlearn.job import cpu_threads
+        from unlearn.runner import cpu_threads
 
         torch.set_num_threads(cpu_threads(0))  # the demo MLP is small: see cpu_threads
         print(prepare_demo(args.dir))
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID_INPUT
     import torch
 
-    from unlearn.job import cpu_threads
+    from unlearn.runner import cpu_threads
 
     torch.set_num_threads(cpu_threads(0))  # the demo MLP is small: see cpu_threads
     model = ensure_demo_model(workdir)

@@ -21,7 +21,7 @@ from torch import nn
 
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.engine import Context, TensorSet, descend
-from unlearn.models import atomic_write
+from unlearn.model_io import atomic_write
 
 DEMO_MODEL = Path("digits") / "digits-mlp.pt2"
 

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unlearn.errors import DivergedError
-from unlearn.models import set_mode
+from unlearn.model_io import set_mode
 from unlearn.tuning import Hyper
 
 log = logging.getLogger("unlearn")
@@ -157,6 +157,15 @@ def _backward(loss: torch.Tensor) -> None:
     loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch's stubs
 
 
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, adjust: Callable[[], None] | None = None) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backpropagate, ``adjust`` them if asked, step."""
+    opt.zero_grad(set_to_none=True)
+    _backward(loss)
+    if adjust is not None:
+        adjust()
+    opt.step()
+
+
 def _adam(module: nn.Module, lr: float) -> torch.optim.Adam:
     params = [p for p in module.parameters() if p.requires_grad]
     # On CUDA the fused kernel updates every parameter in one launch: small models are launch-bound there.
@@ -201,9 +210,7 @@ def descend(
     def step(idx: torch.Tensor) -> torch.Tensor:
         with ctx.autocast():
             loss = _ce(module, data, idx)
-        opt.zero_grad(set_to_none=True)
-        _backward(loss)
-        opt.step()
+        _update(opt, loss)
         return loss
 
     _run_epochs(name, epochs, len(data), batch, ctx=ctx, step=step)
@@ -223,9 +230,7 @@ def gradient_ascent(module: nn.Module, forget: TensorSet, retain: TensorSet, h: 
     def step(idx: torch.Tensor) -> torch.Tensor:
         with ctx.autocast():
             loss = _ce(module, forget, idx)
-        opt.zero_grad(set_to_none=True)
-        _backward(-loss)  # ascent: the negated loss, so Adam's moments see the true direction
-        opt.step()
+        _update(opt, -loss)  # ascent: the negated loss, so Adam's moments see the true direction
         return loss
 
     _run_epochs("forget (ascent)", h.forget_epochs, len(forget), h.forget_batch, ctx=ctx, step=step)
@@ -243,9 +248,7 @@ def neggrad_plus(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyp
             retain_loss = _ce(module, retain, idx)
             forget_loss = _ce(module, forget, f_idx)
             loss = h.alpha * retain_loss - (1 - h.alpha) * forget_loss
-        opt.zero_grad(set_to_none=True)
-        _backward(loss)
-        opt.step()
+        _update(opt, loss)
         return loss
 
     _run_epochs("neggrad+", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
@@ -285,9 +288,7 @@ def scrub(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
                         with torch.no_grad():
                             target = teacher(xb)
                     loss = -_kl(student, target)
-                    max_opt.zero_grad(set_to_none=True)
-                    _backward(loss)
-                    max_opt.step()
+                    _update(max_opt, loss)
                     total += loss.detach()
                     count += 1
                     stage.step()
@@ -298,9 +299,7 @@ def scrub(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
                     with torch.no_grad():
                         target = teacher(xb)
                 loss = h.alpha * _kl(student, target) + F.cross_entropy(student.float(), yb)
-                min_opt.zero_grad(set_to_none=True)
-                _backward(loss)
-                min_opt.step()
+                _update(min_opt, loss)
                 total += loss.detach()
                 count += 1
                 stage.step()
@@ -335,6 +334,11 @@ def salun(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
     set_mode(module, True)
     forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx.gen, ctx.device)
 
+    def masked() -> None:
+        for name, p in params.items():
+            if p.grad is not None:
+                p.grad.mul_(mask[name])
+
     def step(idx: torch.Tensor) -> torch.Tensor:
         f_idx = next(forget_batches)
         # A random *wrong* label for each forget sample: shift the label by 1..C-1.
@@ -343,12 +347,7 @@ def salun(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
         wrong = (yf + shift) % ctx.num_classes
         with ctx.autocast():
             loss = F.cross_entropy(module(xf), wrong) + _ce(module, retain, idx)
-        opt.zero_grad(set_to_none=True)
-        _backward(loss)
-        for name, p in params.items():
-            if p.grad is not None:
-                p.grad.mul_(mask[name])
-        opt.step()
+        _update(opt, loss, adjust=masked)  # only the salient weights move
         return loss
 
     _run_epochs("salun", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from unlearning_contracts.spec import MethodSpec
 
 MAX_FORGET_LR = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,39 +54,56 @@ class Hyper:
         return asdict(self)
 
 
-# (forget lr, forget epochs, forget batch, retain lr, retain epochs, retain batch, alpha, sparsity)
+@dataclass(frozen=True)
+class MethodDefaults:
+    """A method's hyper-parameters when the spec leaves them unset."""
+
+    forget_lr: float
+    forget_epochs: int
+    retain_lr: float
+    retain_epochs: int
+    forget_batch: int = 64
+    retain_batch: int = 64
+    alpha: float = 0.0
+    saliency_sparsity: float = 0.5
+
+
 # Measured on the digits MLP (docs/job.md "Choosing a method"): 40 mislabelled samples (retraining
 # gives 0% on their wrong labels) and 20 typical samples (retraining keeps ~90-100% on them).
-DEFAULTS: dict[str, tuple[float, int, int, float, int, int, float, float]] = {
+DEFAULTS: dict[str, MethodDefaults] = {
     # The classic pipeline with the tutorial's numbers, kept for comparison: it barely moves a model.
-    "gradient-ascent": (1e-4, 5, 64, 5e-5, 3, 64, 0.0, 0.5),
+    "gradient-ascent": MethodDefaults(forget_lr=1e-4, forget_epochs=5, retain_lr=5e-5, retain_epochs=3),
     # Joint loss alpha*CE(retain) - (1-alpha)*CE(forget); forget epochs are passes over the retain set.
     # alpha 0.9 (a common choice) cost 4-10 test points here; 0.995 keeps them.
-    "neggrad-plus": (1e-3, 8, 64, 0.0, 0, 64, 0.995, 0.5),
+    "neggrad-plus": MethodDefaults(forget_lr=1e-3, forget_epochs=8, retain_lr=0.0, retain_epochs=0, alpha=0.995),
     # Max-steps (forget lr) for the first forget epochs inside retain epochs of min-steps (retain lr).
     # The default: as close to retraining as neggrad-plus on forgetting, and the steadiest test accuracy.
-    "scrub": (5e-3, 8, 64, 1e-3, 8, 64, 0.5, 0.5),
+    "scrub": MethodDefaults(forget_lr=5e-3, forget_epochs=8, retain_lr=1e-3, retain_epochs=8, alpha=0.5),
     # Random wrong labels on the forget set plus retain CE, on the most forget-salient half of the weights.
     # Over-forgets typical samples (pushes them to wrong classes), so it suits mislabelled/poisoned data.
-    "salun": (1e-3, 5, 64, 0.0, 0, 64, 0.0, 0.5),
+    "salun": MethodDefaults(forget_lr=1e-3, forget_epochs=5, retain_lr=0.0, retain_epochs=0),
     # From scratch on the retain set.
-    "retrain": (0.0, 0, 64, 1e-3, 150, 64, 0.0, 0.5),
+    "retrain": MethodDefaults(forget_lr=0.0, forget_epochs=0, retain_lr=1e-3, retain_epochs=150),
 }
+
+
+def _pick(value: T | None, default: T) -> T:
+    return value if value is not None else default
 
 
 def resolve(spec: MethodSpec) -> Hyper:
     """The method's defaults with every field the spec sets taken from the spec."""
-    f_lr, f_ep, f_bs, r_lr, r_ep, r_bs, alpha, sparsity = DEFAULTS[spec.name]
+    d = DEFAULTS[spec.name]
     return Hyper(
         method=spec.name,
-        forget_lr=spec.forget.lr if spec.forget.lr is not None else f_lr,
-        forget_epochs=spec.forget.epochs if spec.forget.epochs is not None else f_ep,
-        forget_batch=spec.forget.batch_size if spec.forget.batch_size is not None else f_bs,
-        retain_lr=spec.retain.lr if spec.retain.lr is not None else r_lr,
-        retain_epochs=spec.retain.epochs if spec.retain.epochs is not None else r_ep,
-        retain_batch=spec.retain.batch_size if spec.retain.batch_size is not None else r_bs,
-        alpha=spec.alpha if spec.alpha is not None else alpha,
-        saliency_sparsity=spec.saliency_sparsity if spec.saliency_sparsity is not None else sparsity,
+        forget_lr=_pick(spec.forget.lr, d.forget_lr),
+        forget_epochs=_pick(spec.forget.epochs, d.forget_epochs),
+        forget_batch=_pick(spec.forget.batch_size, d.forget_batch),
+        retain_lr=_pick(spec.retain.lr, d.retain_lr),
+        retain_epochs=_pick(spec.retain.epochs, d.retain_epochs),
+        retain_batch=_pick(spec.retain.batch_size, d.retain_batch),
+        alpha=_pick(spec.alpha, d.alpha),
+        saliency_sparsity=_pick(spec.saliency_sparsity, d.saliency_sparsity),
         retain_subset=spec.retain_subset,
         weight_noise=spec.weight_noise,
         mixed_precision=spec.mixed_precision,

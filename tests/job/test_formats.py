@@ -18,7 +18,7 @@ from unlearn.data import load_data, load_digits_arrays
 from unlearn.demo import mlp
 from unlearn.engine import Context, TensorSet, unlearn
 from unlearn.errors import InvalidInputError
-from unlearn.models import LoadedModel, atomic_write, load_model, reinitialise, save_model
+from unlearn.model_io import LoadedModel, atomic_write, load_model, reinitialise, save_model
 from unlearn.tuning import resolve
 from unlearning_contracts.spec import Architecture, DataSpec, Location, MethodSpec, ModelSpec
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from unlearn import cli
-from unlearn.models import load_model
+from unlearn.model_io import load_model
 from unlearning_contracts.spec import Location, parse_manifest
 
 pytestmark = [

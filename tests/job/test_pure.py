@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
 import pytest
 
-from unlearn import audit, gates, tuning
+from unlearn import audit, fit, gates, tuning
 from unlearn.data import declared_split, load_forget_indices
 from unlearn.errors import InvalidInputError
-from unlearn.job import forget_digest, next_version
+from unlearn.runner import forget_digest, next_version
 from unlearning_contracts.record import (
     TERMINATION_MESSAGE_LIMIT,
     Attempt,
@@ -200,6 +201,62 @@ def test_damage_or_divergence_halves_the_lr_and_cuts_epochs(kinds: set[str], div
 def test_no_rule_means_stop() -> None:
     assert tuning.next_attempt(tuning.resolve(MethodSpec()), set()) is None
     assert tuning.next_attempt(tuning.resolve(MethodSpec(name="retrain")), {"forgetting"}) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "forget", "retain", "alpha"),
+    [
+        ("gradient-ascent", (1e-4, 5, 64), (5e-5, 3, 64), 0.0),
+        ("neggrad-plus", (1e-3, 8, 64), (0.0, 0, 64), 0.995),
+        ("scrub", (5e-3, 8, 64), (1e-3, 8, 64), 0.5),
+        ("salun", (1e-3, 5, 64), (0.0, 0, 64), 0.0),
+        ("retrain", (0.0, 0, 64), (1e-3, 150, 64), 0.0),
+    ],
+)
+def test_each_methods_defaults(
+    method: str, forget: tuple[float, int, int], retain: tuple[float, int, int], alpha: float
+) -> None:
+    h = tuning.resolve(MethodSpec(name=method))  # type: ignore[arg-type]
+    assert (h.forget_lr, h.forget_epochs, h.forget_batch) == forget
+    assert (h.retain_lr, h.retain_epochs, h.retain_batch) == retain
+    assert (h.alpha, h.saliency_sparsity) == (alpha, 0.5)
+
+
+# -- fit: do model, data and output go together -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("check", "words"),
+    [
+        (lambda: fit.check_output(Path("/v/m.pt2"), Path("/v/m.pt2")), "output.location: /v/m.pt2 would overwrite"),
+        (lambda: fit.check_sample_shape((64,), (8, 8)), None),  # a different rank: the format cannot tell
+        (lambda: fit.check_sample_shape((-1, 64), (5, 64)), None),  # -1: any size
+        (lambda: fit.check_sample_shape((64,), (32,)), "data: samples have shape (32,) but the model takes (64,)"),
+        (lambda: fit.check_sample_shape(None, (32,)), None),
+        (lambda: fit.check_outputs((2, 10, 3), None), "model.source: the model returns shape (10, 3) per sample"),
+        (lambda: fit.check_outputs((2, 10), 12), "model.numClasses: 12 but the model has 10 outputs"),
+        (lambda: fit.check_outputs((2, 10), 10), None),
+        (lambda: fit.check_labels("data.test", 10, 10), "data.test: label 10 is out of range for a model with 10"),
+        (lambda: fit.check_labels("data.train", 9, 10), None),
+    ],
+)
+def test_fit_checks_name_the_field_to_change(check: Any, words: str | None) -> None:
+    if words is None:
+        check()
+        return
+    with pytest.raises(InvalidInputError) as caught:
+        check()
+    assert str(caught.value).startswith(words)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_failed_forward_pass_is_a_data_model_mismatch() -> None:
+    error = fit.forward_failed((8, 8), RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x64 and 32x10)\nmore"))
+    assert str(error) == (
+        "data: samples of shape (8, 8) do not fit the model "
+        "(mat1 and mat2 shapes cannot be multiplied (2x64 and 32x10)): fix data or model"
+    )
+    assert fit.check_outputs((2, 7), None) == 7
 
 
 # -- record ----------------------------------------------------------------------------------------

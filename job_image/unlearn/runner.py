@@ -1,15 +1,20 @@
 """One unlearning request end to end: the thin edge that does the I/O.
 
-Read top to bottom: resolve the config (logged, and saved in the record) ->
-load data, forget set and model (every problem is ``InvalidInputError``) -> audit
-the original once -> attempts (restore the original weights, unlearn, audit,
-gates; the tuner decides the next attempt) -> on Passed, write the new model
-version atomically and the record beside it; on Failed, write only the record
-(``<name>-v<N>.failed.json``) so that nothing an operator could promote exists
--> the compact record to the termination-message path.
+A recipe in three phases, read top to bottom in ``Recipe.run``:
 
-Deciding is done by pure modules (audit, gates, tuning); this one only wires
-them to files, devices and clocks.
+* ``prepare``: resolve the config (logged, and saved in the record), load
+  data, forget set and model, check that they fit (fit.py; every problem is
+  ``InvalidInputError``), put the sets on the device -> ``Inputs``;
+* ``attempts``: audit the original once, then per attempt restore the
+  original weights, unlearn, audit, check the gates; the tuner decides the
+  next attempt -> ``Attempts`` (the last one is the one reported);
+* ``publish``: on Passed, write the new model version atomically and the
+  record beside it; on Failed, write only the record
+  (``<name>-v<N>.failed.json``) so that nothing an operator could promote
+  exists. The CLI then writes the compact record to the termination-message path.
+
+Deciding is done by pure modules (fit, audit, gates, tuning); this one only
+wires them to files, devices and clocks.
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
 
 import unlearn
-from unlearn import audit, gates, tuning
+from unlearn import audit, fit, gates, tuning
 from unlearn.data import load_data, load_forget_indices
 from unlearn.engine import Context, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError, InvalidInputError
-from unlearn.models import atomic_write, load_model, reinitialise, save_model, sha256_file
+from unlearn.model_io import LoadedModel, atomic_write, load_model, reinitialise, save_model, sha256_file
 from unlearning_contracts.record import (
     EXIT_GATES_FAILED,
     EXIT_INVALID_INPUT,
@@ -132,8 +138,42 @@ def _bounded(n: int, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int
     return np.sort(rng.choice(n, size=limit, replace=False)).astype(np.int64)
 
 
-class _Run:
-    """The state of one run; ``execute`` fills the record step by step."""
+@dataclass
+class Inputs:
+    """What ``prepare`` loaded: the model on its device, the three sets, and where the output goes."""
+
+    loaded: LoadedModel
+    module: nn.Module
+    model_path: Path
+    hyper: tuning.Hyper
+    ctx: Context
+    forget: TensorSet
+    retain: TensorSet
+    audited: dict[str, TensorSet]
+    """The bounded samples the audit evaluates: forget, retain, heldout."""
+    labels: dict[str, npt.NDArray[np.int64]]
+    """Their labels on the host (the audit is numpy)."""
+    output_dir: Path
+    model_dest: Path
+
+
+@dataclass
+class Attempts:
+    """What ``attempts`` ran: every attempt, and the audit and verdict of the last one."""
+
+    pre: AuditMetrics
+    tried: list[Attempt]
+    post: AuditMetrics | None
+    """The last attempt's audit (None when it diverged)."""
+    verdict: gates.Verdict | None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is not None and self.verdict.passed
+
+
+class Recipe:
+    """The state of one run; ``run`` fills the record phase by phase."""
 
     def __init__(self, manifest: Manifest, options: RunOptions) -> None:
         self.manifest = manifest
@@ -168,7 +208,13 @@ class _Run:
     def _timed(self, phase: str, start: float) -> None:
         self.durations[phase] = round(self.durations.get(phase, 0.0) + time.perf_counter() - start, 3)
 
-    def execute(self) -> Outcome:
+    def run(self) -> Outcome:
+        inputs = self.prepare()
+        done = self.attempts(inputs)
+        return self.publish(inputs, done)
+
+    # -- prepare ------------------------------------------------------------------------------------
+    def prepare(self) -> Inputs:
         spec, options = self.spec, self.options
         hyper = tuning.resolve(spec.method)
         device = pick_device(options.device)
@@ -194,7 +240,6 @@ class _Run:
         }
         log.info("config %s", json.dumps(config, sort_keys=True))
 
-        # -- load ------------------------------------------------------------------
         t = time.perf_counter()
         data = load_data(spec.data, options.volume_root)
         forget_idx = load_forget_indices(spec.forget, len(data.train), options.volume_root)
@@ -203,12 +248,8 @@ class _Run:
         model_path = spec.model.source.resolve(options.volume_root)
         loaded = load_model(spec.model, model_path)
         self.fields["input_model"] = InputModel(uri=spec.model.source.uri, sha256=sha256_file(model_path))
-        suffix = loaded.suffix
-        model_dest = output_dir / f"{spec.model.name}-v{version}{suffix}"
-        if model_dest.resolve() == model_path.resolve():
-            raise InvalidInputError(
-                f"output.location: {model_dest} would overwrite the input model: choose another folder"
-            )
+        model_dest = output_dir / f"{spec.model.name}-v{version}{loaded.suffix}"
+        fit.check_output(model_dest, model_path)
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -218,35 +259,16 @@ class _Run:
         module = loaded.module.to(device)
         if device.type == "cpu":
             torch.set_num_threads(cpu_threads(sum(p.numel() for p in module.parameters())))
-        if loaded.sample_shape is not None and len(loaded.sample_shape) == data.train.x.ndim - 1:
-            expected = loaded.sample_shape
-            got = data.train.x.shape[1:]
-            if any(e not in (-1, g) for e, g in zip(expected, got, strict=True)):
-                raise InvalidInputError(
-                    f"data: samples have shape {got} but the model takes {expected}: fix data or model"
-                )
+        samples = tuple(data.train.x.shape[1:])
+        fit.check_sample_shape(loaded.sample_shape, samples)
         ctx = Context(device=device, num_classes=2, mixed_precision=hyper.mixed_precision, progress=options.progress)
         try:
             probe = predict(module, torch.from_numpy(data.train.x[:2]).to(device), ctx)
         except Exception as error:  # any forward failure here is a mismatch between data and model
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-            raise InvalidInputError(
-                f"data: samples of shape {data.train.x.shape[1:]} do not fit the model ({first}): fix data or model"
-            ) from None
-        if probe.ndim != 2:
-            raise InvalidInputError(
-                f"model.source: the model returns shape {probe.shape[1:]} per sample, not class logits"
-            )
-        outputs = probe.shape[1]
-        if spec.model.num_classes is not None and spec.model.num_classes != outputs:
-            raise InvalidInputError(f"model.numClasses: {spec.model.num_classes} but the model has {outputs} outputs")
+            raise fit.forward_failed(samples, error) from None
+        outputs = fit.check_outputs(tuple(probe.shape), spec.model.num_classes)
         for name, part in (("data.train", data.train), ("data.test", data.test)):
-            top = int(part.y.max())
-            if top >= outputs:
-                raise InvalidInputError(
-                    f"{name}: label {top} is out of range for a model with {outputs} outputs: "
-                    "fix the labels or the model"
-                )
+            fit.check_labels(name, int(part.y.max()), outputs)
         ctx.num_classes = outputs
         if loaded.format != "state-dict" or loaded.build is not None:
             ctx.reinitialise = lambda: reinitialise(loaded)
@@ -265,76 +287,77 @@ class _Run:
             len(test),
             outputs,
         )
-
-        # -- audit the original once ----------------------------------------------------
         rng = np.random.default_rng(hyper.seed)
         limit = spec.audit.max_samples
-        sets = {
+        audited = {
             "forget": forget.take(torch.from_numpy(_bounded(len(forget), limit, rng)).to(device)),
             "retain": retain.take(torch.from_numpy(_bounded(len(retain), limit, rng)).to(device)),
             "heldout": test.take(torch.from_numpy(_bounded(len(test), limit, rng)).to(device)),
         }
-        labels = {k: v.y.cpu().numpy() for k, v in sets.items()}
+        labels = {k: v.y.cpu().numpy() for k, v in audited.items()}
+        return Inputs(loaded, module, model_path, hyper, ctx, forget, retain, audited, labels, output_dir, model_dest)
 
-        def run_audit(tag: str) -> AuditMetrics:
-            logits = {k: predict(module, v.x, ctx) for k, v in sets.items()}
-            if not all(np.isfinite(v).all() for v in logits.values()):
-                if tag == "pre":
-                    raise InvalidInputError(f"model.source {model_path}: the model gives non-finite outputs")
-                raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
-            for k in ("forget", "heldout"):
-                self.outcome.logits[f"{tag}_{k}"] = logits[k]
-            return audit.audit_outputs(
-                (logits["forget"], labels["forget"]),
-                (logits["retain"], labels["retain"]),
-                (logits["heldout"], labels["heldout"]),
-                seed=hyper.seed,
-            )
+    # -- attempts -----------------------------------------------------------------------------------
+    def audit(self, inputs: Inputs, tag: str) -> AuditMetrics:
+        """Audit the module as it is now; keeps the forget and held-out logits for ``--plot``."""
+        logits = {k: predict(inputs.module, v.x, inputs.ctx) for k, v in inputs.audited.items()}
+        if not all(np.isfinite(v).all() for v in logits.values()):
+            if tag == "pre":
+                raise InvalidInputError(f"model.source {inputs.model_path}: the model gives non-finite outputs")
+            raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
+        for k in ("forget", "heldout"):
+            self.outcome.logits[f"{tag}_{k}"] = logits[k]
+        labels = inputs.labels
+        return audit.audit_outputs(
+            (logits["forget"], labels["forget"]),
+            (logits["retain"], labels["retain"]),
+            (logits["heldout"], labels["heldout"]),
+            seed=inputs.hyper.seed,
+        )
 
+    def attempts(self, inputs: Inputs) -> Attempts:
+        """Audit the original once, then attempt until the gates pass or the tuner stops (each from the original)."""
+        spec, module = self.spec, inputs.module
         t = time.perf_counter()
-        pre = run_audit("pre")
+        pre = self.audit(inputs, "pre")
         self._timed("preAudit", t)
         self.fields["pre"] = pre
         log.info("pre-audit %s", _summary(pre))
 
-        # -- attempts -----------------------------------------------------------------------
         original = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        attempts: list[Attempt] = []
-        current: tuning.Hyper | None = hyper
-        post: AuditMetrics | None = None
-        verdict: gates.Verdict | None = None
-        while current is not None and len(attempts) < spec.tuning.max_attempts:
-            if attempts:
+        done = Attempts(pre=pre, tried=[], post=None, verdict=None)
+        current: tuning.Hyper | None = inputs.hyper
+        while current is not None and len(done.tried) < spec.tuning.max_attempts:
+            if done.tried:
                 module.load_state_dict(original)
-            number = len(attempts) + 1
+            number = len(done.tried) + 1
             log.info("attempt %d: %s", number, json.dumps(current.as_dict(), sort_keys=True))
             t = time.perf_counter()
             diverged: str | None = None
             try:
-                run_method(module, forget, retain, current, ctx)
+                run_method(module, inputs.forget, inputs.retain, current, inputs.ctx)
             except DivergedError as error:
                 diverged = str(error)
             self._timed("unlearn", t)
             attempt_seconds = time.perf_counter() - t
+            post: AuditMetrics | None = None
             if diverged is None:
                 t = time.perf_counter()
                 try:
-                    post = run_audit("post")
+                    post = self.audit(inputs, "post")
                 except DivergedError as error:
                     diverged = str(error)
                 self._timed("postAudit", t)
-            if diverged is None:
-                assert post is not None
+            verdict: gates.Verdict | None = None
+            if post is not None:
                 verdict = gates.evaluate(spec.gates, pre, post)
                 reasons = verdict.reasons
                 log.info("attempt %d post-audit %s -> %s %s", number, _summary(post), verdict.name, reasons)
-                kinds: set[str] = set(verdict.failed_kinds())
             else:
-                post, verdict = None, None
                 reasons = [f"diverged: {diverged}"]
                 log.warning("attempt %d %s", number, reasons[0])
-                kinds = set()
-            attempts.append(
+            done.post, done.verdict = post, verdict
+            done.tried.append(
                 Attempt(
                     number=number,
                     hyperparameters=current.as_dict(),
@@ -345,34 +368,38 @@ class _Run:
                     duration_seconds=round(attempt_seconds, 3),
                 )
             )
-            if verdict is not None and verdict.passed:
+            if done.passed:
                 break
-            current = tuning.next_attempt(current, kinds, diverged=diverged is not None)
-        self.fields["attempts"] = attempts
-        last = attempts[-1]
-        if post is not None:
-            self.fields["post"] = post
+            kinds: set[str] = set(verdict.failed_kinds()) if verdict is not None else set()
+            current = tuning.next_attempt(current, kinds, diverged=verdict is None)
+        last = done.tried[-1]
+        self.fields["attempts"] = done.tried
+        if done.post is not None:
+            self.fields["post"] = done.post
         self.fields["reasons"] = last.reasons
         self.fields["failed_gates"] = last.failed_gates
         if last.post is not None:
             self.fields["config"]["chosenAttempt"] = last.number
+        return done
 
-        # -- outputs ------------------------------------------------------------------------------
-        passed = verdict is not None and verdict.passed
-        if passed:
+    # -- publish ------------------------------------------------------------------------------------
+    def publish(self, inputs: Inputs, done: Attempts) -> Outcome:
+        """Passed: the new model version, then its record beside it. Failed: only the record."""
+        spec = self.spec
+        if done.passed:
             t = time.perf_counter()
-            loaded.module = module.to("cpu")
-            save_model(loaded, model_dest)
+            inputs.loaded.module = inputs.module.to("cpu")
+            save_model(inputs.loaded, inputs.model_dest)
             self.fields["output_model"] = OutputModel(
-                uri=_join_uri(spec.output.location.uri, model_dest.name),
-                sha256=sha256_file(model_dest),
-                format=loaded.format,
+                uri=_join_uri(spec.output.location.uri, inputs.model_dest.name),
+                sha256=sha256_file(inputs.model_dest),
+                format=inputs.loaded.format,
             )
-            self.outcome.model_path = model_dest
+            self.outcome.model_path = inputs.model_dest
             self._timed("save", t)
-        record = self._record("Passed" if passed else "Failed", EXIT_PASSED if passed else EXIT_GATES_FAILED)
-        suffix_json = ".json" if passed else ".failed.json"
-        record_path = output_dir / f"{spec.model.name}-v{version}{suffix_json}"
+        record = self._record("Passed" if done.passed else "Failed", EXIT_PASSED if done.passed else EXIT_GATES_FAILED)
+        suffix = ".json" if done.passed else ".failed.json"
+        record_path = inputs.output_dir / f"{spec.model.name}-v{self.fields['model_version']}{suffix}"
         write_json(record_path, record.dump())
         self.outcome.record = record
         self.outcome.record_path = record_path
@@ -403,17 +430,17 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def run(manifest: Manifest, options: RunOptions) -> Outcome:
     """Run one request; never raises for bad input or divergence (see the record's exitCode)."""
-    state = _Run(manifest, options)
+    recipe = Recipe(manifest, options)
     try:
-        return state.execute()
+        return recipe.run()
     except InvalidInputError as error:
         message = str(error).splitlines()[0]
         log.error("invalid input: %s", message)
-        return state.fail(EXIT_INVALID_INPUT, message)
+        return recipe.fail(EXIT_INVALID_INPUT, message)
     except Exception as error:  # the retryable class: crash, OOM, a bug; the record says which
         log.error("unexpected error:\n%s", traceback.format_exc())
         first = (str(error).strip().splitlines() or [""])[0][:300]
-        return state.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {first}")
+        return recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {first}")
 
 
 def write_termination_message(path: Path, record: ResultRecord) -> None:

@@ -1,8 +1,10 @@
 """Loading and saving models in the three formats of contract 4.
 
 * ``exported``: a ``torch.export`` program (``.pt2``). ``ExportedProgram.module()``
-  gives a trainable ``GraphModule`` (checked on torch 2.15: gradients flow and
-  Adam steps work). Its ``train()``/``eval()`` raise ``NotImplementedError`` by
+  gives a trainable ``GraphModule``: tests/job/test_formats.py checks that
+  gradients flow and Adam steps work on the torch the tests run with (2.15 on
+  CPU, 2.11 on the GPU machine); the job image's base ships torch 2.10, which
+  those tests have not run on. Its ``train()``/``eval()`` raise ``NotImplementedError`` by
   design, so the graph has no mode switch: models with dropout or batch norm
   should ship as a state dict instead. After unlearning the module is exported
   again with the program's own example inputs (batch dimension left dynamic).
