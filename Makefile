@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Regenerate the CRD from the spec models (and the chart's copy).
+# Regenerate the CRDs from the models (and the chart's copies), and the table of audit numbers in docs/audit-record.md.
 crds: $(STAMP)
 	$(BIN)/python -m unlearning_operator.crdgen
 

@@ -54,12 +54,12 @@ from typing import Any
 
 from kubernetes import client, watch
 
+from tests.cluster.controlplane import ControlPlane, build_binaries, free_port
+from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
+
+# Run from the repository root (``python -m bench``), which puts the root, and so tests/, on sys.path.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.cluster.controlplane import ControlPlane, build_binaries, free_port  # noqa: E402
-
-GROUP, VERSION, PLURAL = "unlearn.dev", "v1alpha1", "unlearningrequests"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, REQUEST.plural
 NODE = "bench-node-0"
 DOCS = ROOT / "docs" / "benchmarks.md"
 START_MARK = "<!-- operator-scale:start -->"

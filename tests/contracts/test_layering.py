@@ -81,3 +81,14 @@ def test_images_install_the_contracts_beside_their_part(part: str) -> None:
     dockerfile = (ROOT / part / "Dockerfile").read_text()
     assert f"./contracts ./{part}" in dockerfile
     assert "mkdir" not in dockerfile
+
+
+def test_collecting_the_operators_unit_tests_loads_no_torch() -> None:
+    """The operator's unit tier stays a matter of seconds: nothing on its import path pulls torch in."""
+    probe = (
+        "import sys, pytest\n"
+        "code = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/operator', 'tests/contracts'])\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.stdout.strip().splitlines()[-1] == "NO-TORCH 0", done.stdout[-2000:] + done.stderr[-2000:]

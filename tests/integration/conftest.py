@@ -27,11 +27,12 @@ from kubernetes import client, watch
 
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
+from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
 from unlearning_operator.permissions import RULES
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "unlearningrequests.unlearn.dev.yaml"
-GROUP, VERSION, PLURAL = "unlearn.dev", "v1alpha1", "unlearningrequests"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, REQUEST.plural
 JOB_IMAGE = "unlearn-job:test"
 
 
