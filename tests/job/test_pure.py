@@ -22,6 +22,7 @@ from unlearning_contracts.record import (
     CompactRecord,
     ResultRecord,
     compact,
+    numbers,
     result_json_schema,
 )
 from unlearning_contracts.spec import ForgetSpec, GatesSpec, Location, MethodSpec, StageSpec
@@ -95,18 +96,14 @@ def test_membership_scores_accept_a_reference_offset() -> None:
 # -- gates ---------------------------------------------------------------------------------------
 
 
+def audit_numbers(**values: Any) -> AuditMetrics:
+    """AuditMetrics with ``values`` and 0.0 for every other number the record declares."""
+    return AuditMetrics(**({name: 0.0 for name, _, _, _ in numbers()} | values))
+
+
 def _result(**changes: float) -> AuditMetrics:
-    return AuditMetrics(
-        forget_accuracy=100.0,
-        retain_accuracy=100.0,
-        test_accuracy=97.0,
-        confidence_gap=0.01,
-        mia_auc=0.5,
-        mia_tpr_at_1fpr=0.0,
-        mia_classifier_accuracy=0.5,
-        forget_loss=0.1,
-        samples={},
-    ).model_copy(update=changes)
+    base = dict(forget_accuracy=100.0, retain_accuracy=100.0, test_accuracy=97.0, confidence_gap=0.01, mia_auc=0.5)
+    return audit_numbers(**base, mia_classifier_accuracy=0.5, forget_loss=0.1).model_copy(update=changes)
 
 
 @pytest.mark.parametrize(
@@ -263,13 +260,12 @@ def test_a_failed_forward_pass_is_a_data_model_mismatch() -> None:
 
 
 def _metrics() -> AuditMetrics:
-    return AuditMetrics(
+    return audit_numbers(
         forget_accuracy=12.5,
         retain_accuracy=99.9,
         test_accuracy=97.3,
         confidence_gap=-0.01,
         mia_auc=0.51,
-        mia_tpr_at_1fpr=0.0,
         mia_classifier_accuracy=0.55,
         forget_loss=3.2,
         samples={"forget": 40},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from unlearning_contracts.record import CompactRecord
+from unlearning_contracts.record import SUMMARY_KEYS, CompactRecord
 from unlearning_contracts.spec import UnlearningRequestSpec, parse_spec
 from unlearning_operator.jobs import RequestRef
 from unlearning_operator.lineage import Version
@@ -41,6 +41,10 @@ def spec(**overrides: Any) -> UnlearningRequestSpec:
     return parse_spec(raw_spec(**overrides))
 
 
+def summary(**values: float) -> dict[str, float]:
+    return {key: 0.0 for key in SUMMARY_KEYS} | values
+
+
 def record(**overrides: Any) -> CompactRecord:
     raw: dict[str, Any] = {
         "schemaVersion": 1,
@@ -53,20 +57,9 @@ def record(**overrides: Any) -> CompactRecord:
         "exitCode": 0,
         "forgetSamples": 3,
         "forgetDigest": "ab" * 32,
-        "pre": {
-            "forgetAccuracy": 100.0,
-            "retainAccuracy": 99.5,
-            "testAccuracy": 97.1,
-            "confidenceGap": 0.08,
-            "miaAuc": 0.71,
-        },
-        "post": {
-            "forgetAccuracy": 66.7,
-            "retainAccuracy": 99.1,
-            "testAccuracy": 96.4,
-            "confidenceGap": 0.01,
-            "miaAuc": 0.52,
-        },
+        # Every summary number the record declares (0.0 unless set here), so a new one needs no edit.
+        "pre": summary(forgetAccuracy=100.0, retainAccuracy=99.5, testAccuracy=97.1, confidenceGap=0.08, miaAuc=0.71),
+        "post": summary(forgetAccuracy=66.7, retainAccuracy=99.1, testAccuracy=96.4, confidenceGap=0.01, miaAuc=0.52),
         "attemptCount": 1,
         "inputModel": {"uri": "pvc://models/digits/m.pt2", "sha256": "11" * 32},
         "outputModel": {"uri": "pvc://models/digits/versions/v1/model.pt2", "sha256": "22" * 32, "format": "exported"},

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from tests.operator.factories import record
+from unlearning_contracts.record import SUMMARY_KEYS
 from unlearning_operator import crdgen
 from unlearning_operator import status as st
 
@@ -144,13 +145,15 @@ def test_finished_copies_the_numbers_and_versions() -> None:
     status = st.finished(running(), record(), T1)
     assert status["verdict"] == "Passed"
     assert status["reasons"] == []
-    assert status["post"] == {
+    expected = {
         "forgetAccuracy": 66.7,
         "retainAccuracy": 99.1,
         "testAccuracy": 96.4,
         "confidenceGap": 0.01,
         "miaAuc": 0.52,
     }
+    assert {key: status["post"][key] for key in expected} == expected
+    assert set(status["post"]) == set(SUMMARY_KEYS)  # every summary number, whatever the record declares
     assert status["pre"]["miaAuc"] == 0.71
     # Printer columns: each number at its own fixed precision, whatever the value.
     assert status["display"] == {"forgetAccuracy": "66.7", "testAccuracy": "96.4", "miaAuc": "0.520"}
