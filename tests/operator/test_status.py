@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from tests.operator.factories import record
-from unlearning_contracts.record import SUMMARY_KEYS
+from unlearning_contracts.record import SUMMARY_KEYS, columns
 from unlearning_operator import crdgen
 from unlearning_operator import status as st
 
@@ -156,7 +156,9 @@ def test_finished_copies_the_numbers_and_versions() -> None:
     assert set(status["post"]) == set(SUMMARY_KEYS)  # every summary number, whatever the record declares
     assert status["pre"]["miaAuc"] == 0.71
     # Printer columns: each number at its own fixed precision, whatever the value.
-    assert status["display"] == {"forgetAccuracy": "66.7", "testAccuracy": "96.4", "miaAuc": "0.520"}
+    shown = {"forgetAccuracy": "66.7", "testAccuracy": "96.4", "miaAuc": "0.520"}
+    assert {key: status["display"][key] for key in shown} == shown
+    assert set(status["display"]) == {alias for _, alias, _, _ in columns()}
     assert status["outputModel"]["uri"] == "pvc://models/digits/versions/v1/model.pt2"
     assert status["inputModel"]["sha256"] == "11" * 32
     assert status["startTime"] == "2026-01-01T12:00:00Z"
