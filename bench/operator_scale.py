@@ -69,6 +69,7 @@ CANNED_UNLEARN = '''#!{python}
 """Canned job for the operator benchmark: a valid compact record, no unlearning."""
 import json, sys, time
 import yaml
+from unlearning_contracts.record import SUMMARY_KEYS
 args = sys.argv[1:]
 manifest = yaml.safe_load(open(args[1]))
 version = int(args[args.index("--model-version") + 1])
@@ -78,10 +79,11 @@ record = {{
     "schemaVersion": 1, "requestId": spec.get("requestId") or manifest["metadata"]["name"],
     "model": spec["model"]["name"], "modelVersion": version, "method": spec["method"]["name"],
     "verdict": "Passed", "reasons": [], "exitCode": 0, "forgetSamples": len(spec["forget"]["indices"]),
-    "pre": {{"forgetAccuracy": 100.0, "retainAccuracy": 99.0, "testAccuracy": 97.0,
-             "confidenceGap": 0.1, "miaAuc": 0.7}},
-    "post": {{"forgetAccuracy": 80.0, "retainAccuracy": 98.8, "testAccuracy": 96.5,
-              "confidenceGap": 0.0, "miaAuc": 0.51}},
+    # Every summary number the record declares, so the operator parses it whatever they are.
+    "pre": {{**dict.fromkeys(SUMMARY_KEYS, 0.5), "forgetAccuracy": 100.0, "retainAccuracy": 99.0,
+             "testAccuracy": 97.0, "confidenceGap": 0.1, "miaAuc": 0.7}},
+    "post": {{**dict.fromkeys(SUMMARY_KEYS, 0.5), "forgetAccuracy": 80.0, "retainAccuracy": 98.8,
+              "testAccuracy": 96.5, "confidenceGap": 0.0, "miaAuc": 0.51}},
     "outputModel": {{"uri": "pvc://models/out/v%d.pt2" % version, "sha256": "0" * 64, "format": "exported"}},
     "startedAt": now, "finishedAt": now,
 }}
