@@ -32,3 +32,10 @@ class Kind:
 REQUEST = Kind(
     kind="UnlearningRequest", plural="unlearningrequests", singular="unlearningrequest", short_names=("ulr",)
 )
+
+CALIBRATION = Kind(
+    kind="UnlearningCalibration",
+    plural="unlearningcalibrations",
+    singular="unlearningcalibration",
+    short_names=("ulc",),
+)

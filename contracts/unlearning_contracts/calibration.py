@@ -1,0 +1,189 @@
+"""The UnlearningCalibration spec and its records: the contracts of a model's reference bank.
+
+No statistic computed on one model tells how far a model retrained without a
+forget set would have moved: on memorised or mislabelled rows it moves far, on
+typical rows hardly at all. A calibration answers that once per model. It
+trains ``folds`` (K) reference models with the original's training recipe,
+each from scratch on every training row outside one fold, so that every
+training row has the prediction of a model that never saw it (OUT) and of
+K - 1 models that did (IN). Requests for the model then use the bank as
+targets, as a stopping rule and as per-row evidence.
+
+How it runs (the operator and the job agree on exactly this):
+
+* In a cluster, one Indexed Job with ``completions: K``: index ``k`` runs
+  ``unlearn calibrate-fold MANIFEST --fold k`` and writes ``fold-<k>.npz`` and
+  ``fold-<k>.json`` (a ``FoldRecord``) into the output folder, and its
+  compact ``FoldRecord`` to the termination message. When every index has
+  succeeded, one merge Job runs ``unlearn calibrate-merge MANIFEST``, which
+  checks the folds, writes ``bank.npz`` and ``bank.json`` (a
+  ``CalibrationRecord``) and its compact form to the termination message.
+* Locally, ``unlearn calibrate MANIFEST`` runs the folds one after another,
+  then the merge, and writes the same files.
+* The output folder is ``spec.output.location``; every file is written under a
+  temporary name and renamed, and nothing in it is ever replaced: a second
+  calibration of a model writes to a new folder (the operator names it).
+
+This module is pydantic only, like the rest of the contracts package; the
+bank's array format is documented with its reader and writer in the job
+(``unlearn.bank``) and in docs/calibration.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from unlearning_contracts.record import InputModel, _Record
+from unlearning_contracts.spec import DataSpec, JobSpec, ModelSpec, OutputSpec, _Model
+
+CALIBRATION_SCHEMA_VERSION = 1
+
+# Reference models are only as good as their likeness to the original, and a
+# bank needs at least two folds for every row to have an OUT model; past 32
+# the cost (K - 1 retrains' worth of steps) buys little (docs/calibration.md).
+MIN_FOLDS = 2
+MAX_FOLDS = 32
+DEFAULT_FOLDS = 4
+
+Augmentation = Literal["random-crop", "horizontal-flip"]
+
+
+class OptimizerSpec(_Model):
+    """The optimiser the original was trained with."""
+
+    name: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="adam, adamw or sgd.")
+    lr: float = Field(gt=0.0, le=10.0, description="Learning rate (the peak rate under a schedule).")
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0, description="sgd only: momentum.")
+    nesterov: bool = Field(default=False, description="sgd only: Nesterov momentum.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="Weight decay (decoupled for adamw).")
+
+    @model_validator(mode="after")
+    def _sgd_only(self) -> OptimizerSpec:
+        if self.name != "sgd" and (self.momentum or self.nesterov):
+            raise ValueError(f"recipe.optimizer.momentum and nesterov apply to sgd only, not {self.name}")
+        if self.nesterov and not self.momentum:
+            raise ValueError("recipe.optimizer.nesterov needs a momentum above 0")
+        return self
+
+
+class ScheduleSpec(_Model):
+    """The learning-rate schedule over the training epochs."""
+
+    name: Literal["constant", "cosine", "step"] = Field(
+        default="constant",
+        description="constant; cosine: decay to 0 over the epochs; step: multiply by gamma every stepEpochs.",
+    )
+    warmup_epochs: int = Field(default=0, ge=0, le=1000, description="Linear warm-up from 0 over these epochs.")
+    step_epochs: int | None = Field(default=None, ge=1, le=10000, description="step only: epochs between steps.")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="step only: the factor at each step.")
+
+    @model_validator(mode="after")
+    def _step_needs_epochs(self) -> ScheduleSpec:
+        if self.name == "step" and self.step_epochs is None:
+            raise ValueError("recipe.schedule.stepEpochs is required for schedule step")
+        return self
+
+
+class RecipeSpec(_Model):
+    """How the original was trained: the reference models repeat it, each without one fold."""
+
+    epochs: int = Field(ge=1, le=10000, description="Passes over the training rows.")
+    batch_size: int = Field(ge=1, le=65536, description="Samples per step.")
+    optimizer: OptimizerSpec = Field(description="The optimiser and its arguments.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="The learning-rate schedule.")
+    augmentations: list[Augmentation] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Image augmentations applied per batch (images of shape C x H x W only).",
+    )
+    crop_padding: int = Field(default=4, ge=0, le=64, description="random-crop: zero padding on each side.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> RecipeSpec:
+        if len(set(self.augmentations)) != len(self.augmentations):
+            raise ValueError("recipe.augmentations: list each augmentation once")
+        return self
+
+
+class UnlearningCalibrationSpec(_Model):
+    """Train reference models for a model, once, so that its unlearning requests know how far to forget."""
+
+    model: ModelSpec = Field(description="The model to calibrate, exactly as its requests name it.")
+    data: DataSpec = Field(default_factory=DataSpec, description="The data the model was trained on.")
+    recipe: RecipeSpec = Field(description="The training recipe of the original model.")
+    folds: int = Field(
+        default=DEFAULT_FOLDS,
+        ge=MIN_FOLDS,
+        le=MAX_FOLDS,
+        description="Reference models (K): each trains on every training row outside one of K folds.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the fold assignment and of the references' weights.")
+    output: OutputSpec = Field(description="Folder for the fold outputs and the bank (created when missing).")
+    job: JobSpec = Field(default_factory=JobSpec, description="Job resources and placement (cluster only).")
+
+
+class ReferenceLikeness(_Record):
+    """How alike one reference model is to the original (a bank is only as good as this)."""
+
+    fold: int
+    train_rows: int = Field(description="Training rows it was trained on (every row outside its fold).")
+    held_out_rows: int = Field(description="Training rows of its fold, which it never saw.")
+    test_accuracy: float = Field(description="Accuracy (percent) on the held-out test set.")
+    fold_accuracy: float = Field(
+        description="Accuracy (percent) on its own fold: should match testAccuracy within sampling noise."
+    )
+    agreement: float = Field(description="Percent of test rows where its prediction equals the original's.")
+    duration_seconds: float = 0.0
+
+
+class BankFile(_Record):
+    """A file the calibration wrote, by location and digest."""
+
+    uri: str
+    sha256: str
+
+
+class FoldRecord(_Record):
+    """What one index of the Indexed Job did (``fold-<k>.json`` and its termination message)."""
+
+    schema_version: int = CALIBRATION_SCHEMA_VERSION
+    calibration: str = Field(description="namespace/name of the UnlearningCalibration.")
+    fold: int
+    exit_code: int
+    error: str | None = None
+    reference: ReferenceLikeness | None = None
+    outputs: BankFile | None = None
+    started_at: str
+    finished_at: str
+    device: str = ""
+
+
+class CalibrationRecord(_Record):
+    """The bank's record (``bank.json``); its compact form is the merge Job's termination message."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    schema_version: int = CALIBRATION_SCHEMA_VERSION
+    calibration: str = Field(description="namespace/name of the UnlearningCalibration.")
+    model: str
+    input_model: InputModel | None = Field(default=None, description="The original model the bank describes.")
+    data_digest: str = Field(default="", description="sha256 over the training and test data the folds used.")
+    folds: int
+    seed: int
+    exit_code: int
+    error: str | None = None
+    bank: BankFile | None = None
+    original_test_accuracy: float | None = None
+    references: list[ReferenceLikeness] = Field(default_factory=list)
+    cost: dict[str, float] = Field(
+        default_factory=dict,
+        description="wallSeconds, deviceSeconds and retrainEquivalents (optimiser steps over one retrain's).",
+    )
+    recipe: dict[str, Any] = Field(default_factory=dict, description="The recipe as run.")
+    started_at: str
+    finished_at: str
+    job_image: str = ""
+    code_version: str = ""

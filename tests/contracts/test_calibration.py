@@ -1,0 +1,99 @@
+"""The calibration spec: what it accepts, and the message it gives for what it refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from unlearning_contracts.calibration import (
+    DEFAULT_FOLDS,
+    CalibrationRecord,
+    FoldRecord,
+    UnlearningCalibrationSpec,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "model": {"name": "digits", "source": {"claimName": "models", "path": "digits/digits-mlp.pt2"}},
+        "recipe": {"epochs": 150, "batchSize": 64, "optimizer": {"lr": 1e-3}},
+        "output": {"location": {"claimName": "models", "path": "calibrations/digits"}},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def test_defaults() -> None:
+    parsed = UnlearningCalibrationSpec.model_validate(spec())
+    assert parsed.folds == DEFAULT_FOLDS == 4
+    assert parsed.recipe.optimizer.name == "adam"
+    assert parsed.recipe.schedule.name == "constant"
+    assert parsed.recipe.augmentations == []
+    assert parsed.data.source == "digits"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"folds": 1}, "greater than or equal to 2"),
+        ({"folds": 33}, "less than or equal to 32"),
+        ({"recipe": {"epochs": 0, "batchSize": 64, "optimizer": {"lr": 1e-3}}}, "greater than or equal to 1"),
+        (
+            {"recipe": {"epochs": 5, "batchSize": 64, "optimizer": {"name": "adam", "lr": 1e-3, "momentum": 0.9}}},
+            "momentum and nesterov apply to sgd only",
+        ),
+        (
+            {"recipe": {"epochs": 5, "batchSize": 64, "optimizer": {"name": "sgd", "lr": 0.1, "nesterov": True}}},
+            "nesterov needs a momentum",
+        ),
+        (
+            {"recipe": {"epochs": 5, "batchSize": 64, "optimizer": {"lr": 0.1}, "schedule": {"name": "step"}}},
+            "stepEpochs is required",
+        ),
+        (
+            {
+                "recipe": {
+                    "epochs": 5,
+                    "batchSize": 64,
+                    "optimizer": {"lr": 0.1},
+                    "augmentations": ["random-crop", "random-crop"],
+                }
+            },
+            "list each augmentation once",
+        ),
+        ({"recipe": {"epochs": 5, "batchSize": 64, "optimizer": {"lr": 0.1}, "typo": 1}}, "Extra inputs"),
+    ],
+)
+def test_refused(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        UnlearningCalibrationSpec.model_validate(spec(**overrides))
+
+
+def test_sgd_recipe() -> None:
+    recipe = {
+        "epochs": 30,
+        "batchSize": 128,
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weightDecay": 5e-4},
+        "schedule": {"name": "cosine", "warmupEpochs": 1},
+        "augmentations": ["random-crop", "horizontal-flip"],
+    }
+    parsed = UnlearningCalibrationSpec.model_validate(spec(recipe=recipe))
+    assert parsed.recipe.optimizer.momentum == 0.9
+    assert parsed.recipe.schedule.warmup_epochs == 1
+
+
+def test_records_round_trip_camel_case() -> None:
+    fold = FoldRecord(calibration="ns/cal", fold=2, exit_code=0, started_at="t0", finished_at="t1")
+    assert fold.dump()["exitCode"] == 0
+    assert FoldRecord.model_validate(fold.dump()) == fold
+    record = CalibrationRecord(
+        calibration="ns/cal", model="digits", folds=4, seed=0, exit_code=0, started_at="t0", finished_at="t1"
+    )
+    dumped = record.dump()
+    assert dumped["calibration"] == "ns/cal"
+    # A newer job may add fields an older operator does not know: the record still parses.
+    assert CalibrationRecord.model_validate({**dumped, "somethingNew": 1}) == record
