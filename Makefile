@@ -22,12 +22,14 @@ demo: $(STAMP)
 # Everything CI checks: lint, types, and every test tier against a real control plane.
 test: $(STAMP)
 	bash tests/cluster/build.sh
+	bash tests/monitoring/promtool.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
+	bash tests/monitoring/promtool.sh >/dev/null
 	$(BIN)/python -m pytest -m "unit"
 
 # The job on real data and models (CPU).
