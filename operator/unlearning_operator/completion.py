@@ -116,7 +116,14 @@ async def complete(
     spec = view.spec
     if spec is not None:
         audit = build_audit_configmap(view.ref, spec, new, record)
-        await rt.call(pool, rt.kube.create_if_absent, audit)
+        try:
+            await rt.call(pool, rt.kube.create_if_absent, audit)
+        except Exception:
+            # The request stays Running until a later Job event (or a restart)
+            # retries; the gauge keeps the alert on until then (docs/monitoring.md).
+            rt.audit_written(view.key, False)
+            raise
+        rt.audit_written(view.key, True)
         new = states.with_audit(new, audit_configmap_name(view.name, view.uid))
     if not await rt.write_status(view, new, pool):
         return False

@@ -46,7 +46,7 @@ from .results import JOB_RUNNING
 from .runtime import Runtime
 from .scheduling import Candidate, decide
 from .settings import OperatorSettings
-from .views import JobView, Key, RequestView, job_view, request_view, values
+from .views import JobView, Key, RequestView, job_view, parse_time, request_view, values
 
 log = logging.getLogger("unlearning_operator")
 
@@ -309,17 +309,22 @@ class Controller:
         return [v for key in list(self.requests.keys()) if (v := self.view(key)) is not None]
 
     async def tick(self) -> None:
-        """Phase gauge, pending-pod alerts, and a scheduler pass (retries failed launches)."""
+        """Phase gauges, the oldest wait, pending-pod alerts, and a scheduler pass (retries failed launches)."""
         if self.requests is None:
             return
         counts: dict[str, int] = {}
+        oldest: dict[str, float] = {}
         running: list[RequestView] = []
+        now = self.clock()
         for view in self._views():
             phase = states.phase_of(self.rt.current_status(view)) or states.PENDING
             counts[phase] = counts.get(phase, 0) + 1
             if phase == states.RUNNING:
                 running.append(view)
+            elif phase in (states.PENDING, states.QUEUED) and (created := parse_time(view.created)) is not None:
+                oldest[phase] = max(oldest.get(phase, 0.0), (now - created).total_seconds())
         self.metrics.set_phase_counts(counts)
+        self.metrics.set_oldest_waiting(oldest)
         for view in running:
             job = self.job_of(view)
             if job is not None and job.outcome == JOB_RUNNING:

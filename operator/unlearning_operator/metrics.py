@@ -2,8 +2,17 @@
 
 Nothing is registered at import: tests build as many registries as they
 like, and importing the package never opens a port. Labels are bounded sets
-only (phase, verdict, method, reason, gate, handler): a request or model
-name as a label would grow a time series per request forever.
+only (phase, verdict, method, reason, gate, handler, result): a request or
+model name as a label would grow a time series per request forever.
+
+Every bounded label set exists from start-up, at 0 (``create_label_sets``).
+A labelled counter or histogram otherwise appears at its first
+``.inc()``/``.observe()``, Prometheus sees a new series starting at 1, and
+``increase()`` counts no rise: the first OOM kill, handler error or gate
+failure after each start never showed on the dashboard. Over the 23
+lifecycles of tests/monitoring/lifecycles.py, ``increase()`` counted 7 of 23
+completions that way and 22 of 23 with the label sets created at 0
+(docs/monitoring.md; the one left is finished before the first scrape).
 
 The dashboard in the chart is tested against ``metric_names``; rename a
 metric here and that test fails.
@@ -25,7 +34,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from unlearning_contracts.record import CompactRecord
-from unlearning_contracts.spec import GatesSpec
+from unlearning_contracts.spec import METHODS, GatesSpec
 
 from . import status as states
 from .views import parse_time
@@ -36,6 +45,31 @@ QUEUE_BUCKETS = (0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0
 AUC_BUCKETS = (0.45, 0.5, 0.52, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 GAP_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
 DROP_BUCKETS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+# The bounded label values, each created at 0 by build_registry().
+# "Error": the job ended without a record (OOM, deadline, deleted, malformed).
+VERDICTS = ("Passed", "Failed", "Error")
+# Every reason a finished request's Complete condition can carry when it failed.
+FAILURE_REASONS = (
+    states.REASON_GATES_FAILED,
+    states.REASON_INVALID_INPUT,
+    states.REASON_OOM,
+    states.REASON_DEADLINE,
+    states.REASON_BACKOFF,
+    states.REASON_IMAGE_PULL,
+    states.REASON_JOB_DELETED,
+    states.REASON_BAD_RESULT,
+    states.REASON_ERROR,
+)
+# The gate label's values: the spec's gate fields (camelCase), and "other" for
+# a failed gate this operator's spec does not name (a record from a newer job).
+GATES = tuple(info.alias or name for name, info in GatesSpec.model_fields.items())
+OTHER_GATE = "other"
+# The operator's handlers and background tasks (main.py's kopf handlers, Runtime.spawn names, the tick).
+HANDLERS = ("request", "job", "launch", "queue", "event", "pending", "tick")
+AUDIT_WRITTEN = "written"
+AUDIT_FAILED = "failed"
+WAITING_PHASES = (states.PENDING, states.QUEUED)
 
 
 @dataclass(frozen=True)
@@ -70,11 +104,38 @@ class Metrics:
     job_failures: Counter
     handler_errors: Counter
     gpu_seconds: Counter
+    audit_writes: Counter
+    audit_unwritten: Gauge
+    oldest_waiting: Gauge
 
     def set_phase_counts(self, counts: dict[str, int]) -> None:
         """Every phase always present (0 when empty) so dashboards do not show gaps."""
         for phase in states.PHASES:
             self.requests.labels(phase=phase).set(counts.get(phase, 0))
+
+    def set_oldest_waiting(self, seconds: dict[str, float]) -> None:
+        """Age of the oldest Pending and of the oldest Queued request (0 when none waits)."""
+        for phase in WAITING_PHASES:
+            self.oldest_waiting.labels(phase=phase).set(seconds.get(phase, 0.0))
+
+    def create_label_sets(self) -> None:
+        """Every bounded label set at 0, so that the first event of each is counted (module docstring)."""
+        for method in METHODS:
+            for verdict in VERDICTS:
+                self.completed.labels(verdict=verdict, method=method)
+            for histogram in (self.job_duration, self.post_mia_auc, self.post_confidence_gap, self.test_accuracy_drop):
+                histogram.labels(method=method)
+            self.gpu_seconds.labels(method=method)
+        for reason in FAILURE_REASONS:
+            self.job_failures.labels(reason=reason)
+        for gate in (*GATES, OTHER_GATE):
+            self.gate_failures.labels(gate=gate)
+        for handler in HANDLERS:
+            self.handler_errors.labels(handler=handler)
+        for result in (AUDIT_WRITTEN, AUDIT_FAILED):
+            self.audit_writes.labels(result=result)
+        self.set_phase_counts({})
+        self.set_oldest_waiting({})
 
     def observe(self, done: Completion) -> None:
         """Count one finished request (what to count is decided by ``completion``)."""
@@ -163,13 +224,26 @@ def build_registry() -> Metrics:
             ["method"],
             registry=registry,
         ),
+        audit_writes=Counter(
+            "unlearning_audit_writes",
+            "Audit ConfigMap writes of finished requests, by result (written, failed).",
+            ["result"],
+            registry=registry,
+        ),
+        audit_unwritten=Gauge(
+            "unlearning_audit_records_unwritten",
+            "Finished requests whose audit ConfigMap could not be written (they stay Running until it is).",
+            registry=registry,
+        ),
+        oldest_waiting=Gauge(
+            "unlearning_oldest_waiting_request_seconds",
+            "Age of the oldest request still Pending or Queued, by phase (0 when none waits).",
+            ["phase"],
+            registry=registry,
+        ),
     )
-    metrics.set_phase_counts({})
+    metrics.create_label_sets()
     return metrics
-
-
-# The gate label's values: the spec's gate fields (camelCase), and "other".
-GATES = frozenset(info.alias or name for name, info in GatesSpec.model_fields.items())
 
 
 def gate_labels(record: CompactRecord) -> list[str]:
@@ -181,7 +255,7 @@ def gate_labels(record: CompactRecord) -> list[str]:
     """
     if record.verdict != "Failed" or record.error is not None:
         return []
-    return [gate if gate in GATES else "other" for gate in record.failed_gates] or ["other"]
+    return [gate if gate in GATES else OTHER_GATE for gate in record.failed_gates] or [OTHER_GATE]
 
 
 def completion(

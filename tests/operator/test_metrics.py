@@ -1,7 +1,9 @@
-"""Metrics: own registry at start-up, the fixed names, bounded labels."""
+"""Metrics: own registry at start-up, the fixed names, bounded labels, every label set at 0."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +11,21 @@ from prometheus_client import generate_latest
 
 from tests.operator.factories import record
 from unlearning_contracts.record import CompactRecord
-from unlearning_operator.metrics import Completion, build_registry, completion, gate_labels, metric_names
+from unlearning_contracts.spec import METHODS
+from unlearning_operator import status as states
+from unlearning_operator.metrics import (
+    FAILURE_REASONS,
+    GATES,
+    HANDLERS,
+    VERDICTS,
+    Completion,
+    build_registry,
+    completion,
+    gate_labels,
+    metric_names,
+)
+
+OPERATOR = Path(__file__).resolve().parents[2] / "operator" / "unlearning_operator"
 
 pytestmark = pytest.mark.unit
 
@@ -25,6 +41,9 @@ EXPECTED = {
     "unlearning_job_failures_total",
     "unlearning_handler_errors_total",
     "unlearning_gpu_seconds_total",
+    "unlearning_audit_writes_total",
+    "unlearning_audit_records_unwritten",
+    "unlearning_oldest_waiting_request_seconds",
     "process_resident_memory_bytes",
 }
 
@@ -49,7 +68,80 @@ def test_labels_are_bounded() -> None:
     for family in metrics.registry.collect():
         if family.name.startswith("unlearning_"):
             for sample in family.samples:
-                assert set(sample.labels) <= {"phase", "verdict", "method", "reason", "gate", "handler", "le"}
+                assert set(sample.labels) <= {"phase", "verdict", "method", "reason", "gate", "handler", "result", "le"}
+
+
+def _label_sets(metrics_text: str, name: str) -> set[str]:
+    return {line.split(" ")[0] for line in metrics_text.splitlines() if line.startswith(name + "{")}
+
+
+def test_every_bounded_label_set_exists_at_zero_from_the_start() -> None:
+    # A series that appears at its first event starts at 1 and increase() counts nothing for it.
+    text = generate_latest(build_registry().registry).decode()
+    completed = _label_sets(text, "unlearning_requests_completed_total")
+    assert len(completed) == len(VERDICTS) * len(METHODS) == 15
+    assert 'unlearning_requests_completed_total{method="salun",verdict="Error"}' in completed
+    assert len(_label_sets(text, "unlearning_job_failures_total")) == len(FAILURE_REASONS)
+    # The spec's gate names as written in a record's failedGates, and "other".
+    gates = {"maxForgetAccuracy", "maxTestAccuracyDrop", "maxConfidenceGap", "maxMiaClassifierAccuracy", "maxMiaAuc"}
+    assert _label_sets(text, "unlearning_gate_failures_total") == {
+        f'unlearning_gate_failures_total{{gate="{gate}"}}' for gate in {*gates, "other"}
+    }
+    assert len(_label_sets(text, "unlearning_handler_errors_total")) == len(HANDLERS)
+    assert len(_label_sets(text, "unlearning_gpu_seconds_total")) == len(METHODS)
+    assert len(_label_sets(text, "unlearning_job_duration_seconds_count")) == len(METHODS)
+    assert len(_label_sets(text, "unlearning_audit_writes_total")) == 2
+    for line in text.splitlines():
+        if line.startswith("unlearning_") and "_created" not in line.split("{")[0]:
+            assert line.endswith(" 0.0"), line
+
+
+def test_failure_reasons_are_every_reason_a_failed_request_can_carry() -> None:
+    # A new reason in status.py must be placed: a failure (created at 0 here) or not.
+    not_failures = {
+        states.REASON_VALID,
+        states.REASON_INVALID_SPEC,  # Rejected, never ran
+        states.REASON_IMAGE_NOT_ALLOWED,  # Rejected, never ran
+        states.REASON_WAITING_FOR_MODEL,
+        states.REASON_WAITING_FOR_CAPACITY,
+        states.REASON_JOB_CREATED,
+        states.REASON_UNSCHEDULABLE,  # PodPending condition, the request goes on
+        states.REASON_POD_STARTED,
+        states.REASON_PENDING,
+        states.REASON_PASSED,
+    }
+    reasons = {value for name, value in vars(states).items() if name.startswith("REASON_")}
+    assert set(FAILURE_REASONS) == reasons - not_failures
+
+
+def _handler_names() -> set[str]:
+    """Every handler label the operator's code uses: .labels(handler="x") and spawn(..., "x")."""
+    found = set()
+    for path in OPERATOR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            if node.func.attr == "labels":
+                found |= {
+                    k.value.value
+                    for k in node.keywords
+                    if k.arg == "handler" and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)
+                }
+            if node.func.attr == "spawn" and len(node.args) == 2 and isinstance(node.args[1], ast.Constant):
+                found.add(node.args[1].value)
+    return found
+
+
+def test_handlers_are_every_handler_label_the_code_uses() -> None:
+    assert _handler_names() == set(HANDLERS)
+
+
+def test_oldest_waiting_gauge_has_both_waiting_phases() -> None:
+    metrics = build_registry()
+    metrics.set_oldest_waiting({"Queued": 42.0})
+    text = generate_latest(metrics.registry).decode()
+    assert 'unlearning_oldest_waiting_request_seconds{phase="Queued"} 42.0' in text
+    assert 'unlearning_oldest_waiting_request_seconds{phase="Pending"} 0.0' in text
 
 
 @pytest.mark.parametrize(
@@ -68,6 +160,7 @@ def test_labels_are_bounded() -> None:
 )
 def test_gate_labels_come_from_the_record_and_stay_bounded(overrides: dict[str, object], labels: list[str]) -> None:
     assert gate_labels(record(**overrides)) == labels
+    assert set(labels) <= {*GATES, "other"}  # each a label set created at 0
 
 
 FINAL = {"phase": "Succeeded", "startTime": "2026-01-01T12:00:00Z", "completionTime": "2026-01-01T12:10:00Z"}
