@@ -12,6 +12,12 @@ Fixtures:
 * ``namespace`` (function): a fresh namespace whose ``default`` ServiceAccount
   and ``kube-root-ca.crt`` exist; deleted after the test.
 * ``helm`` (function): ``helm(*args)`` with the built helm against the cluster.
+* ``images`` (session): the operator and job images built by
+  ``images/build.py`` (cached by input hash) and pushed to a local registry
+  (tests/cluster/registry.py); ``images["job"].pushed`` is
+  ``127.0.0.1:PORT/unlearn-job@sha256:...``, which the node agent pulls and
+  runs with runc. The build runs at collection, before the first test's
+  timeout starts, when a collected test uses the fixture.
 * ``gpu_node_image_commands`` (session): override to give images without a
   ``command`` in their pod spec an entrypoint; ``gpu_node_gpus`` (session):
   override the node's GPU count (default 1).
@@ -27,6 +33,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +48,10 @@ import pytest
 from kubernetes import client
 
 from tests.cluster.controlplane import ControlPlane, ControlPlaneError, build_binaries, die_with_parent, tail
+from tests.cluster.registry import Built, ImagesError, Registry, build_images
 
+# Inner loop only: e2e pods run from the venv instead of the images (no build, no registry).
+VENV_FAST_PATH = os.environ.get("UNLEARNING_TEST_VENV_FAST_PATH") == "1"
 NODE_NAME = "gpu-node-0"
 NODE_GPUS = 1
 AGENT = Path(__file__).resolve().parent / "nodeagent.py"
@@ -95,6 +105,24 @@ class GpuNode:
             return (d / f"{container}.log").read_text(errors="replace")
         raise FileNotFoundError(f"no log for {namespace}/{pod}/{container} under {self.root / 'pods'}")
 
+    def runtime_facts(self, namespace: str, pod: str, container: str) -> dict[str, Any]:
+        """What /proc said about a container run from its image (uid, gid, groups, root mount): the
+        agent's ``<container>.runtime.json``, newest pod of that name first."""
+        dirs = [d for d in self.pod_dirs(namespace) if d.name.rsplit("_", 1)[0] == f"{namespace}_{pod}"]
+        for d in sorted(dirs, key=lambda d: d.stat().st_mtime, reverse=True):
+            return dict(json.loads((d / f"{container}.runtime.json").read_text()))
+        raise FileNotFoundError(f"no runtime facts for {namespace}/{pod}/{container} under {self.root / 'pods'}")
+
+    def kill_container(self, container_id: str) -> None:
+        """SIGKILL a container, as the OOM killer or a crash would: ``runc://ID`` (from an image) or
+        ``harness://PID`` (the venv fast path, a process group)."""
+        if container_id.startswith("runc://"):
+            runc = shutil.which("runc") or "runc"
+            cid = container_id.removeprefix("runc://")
+            subprocess.run([runc, "--root", str(self.root / "runc"), "kill", cid, "KILL"], check=True)
+        else:
+            os.killpg(int(container_id.removeprefix("harness://")), signal.SIGKILL)
+
     def check_alive(self) -> None:
         if (code := self.popen.poll()) is not None:
             raise ControlPlaneError(f"node agent exited with {code}; log {self.log}:\n{tail(self.log)}")
@@ -118,6 +146,7 @@ class GpuNode:
 
 
 _BIN_DIR = pytest.StashKey[Path | ControlPlaneError]()
+_IMAGES = pytest.StashKey[dict[str, Built] | ImagesError]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -125,9 +154,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # on a small CI machine and would count against the first test's timeout.
     if session.config.option.collectonly:
         return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    wants_images = ("images", "chart_images")
+    if not VENV_FAST_PATH and any(set(wants_images) & set(getattr(item, "fixturenames", ())) for item in session.items):
+        if reporter is not None:
+            reporter.write_line("images/build.py: operator and job images (cached; first build: ~10 min) ...")
+        try:
+            session.stash[_IMAGES] = build_images()
+        except ImagesError as exc:
+            session.stash[_IMAGES] = exc
     if not any("control_plane" in getattr(item, "fixturenames", ()) for item in session.items):
         return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line("tests/cluster/build.sh: control-plane binaries (first build: ~10-20 min) ...")
     try:
@@ -156,6 +193,25 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixt
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict[str, Built]]:
+    built = request.session.stash.get(_IMAGES, None)
+    if isinstance(built, ImagesError):
+        pytest.fail(f"images: {built}", pytrace=False)
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    try:
+        registry.start()
+        # Built already (at collection): this finds them in the cache and pushes what the registry lacks.
+        pushed = build_images(push_to=registry)
+    except ImagesError as exc:
+        registry.stop()
+        pytest.fail(f"images: {exc}", pytrace=False)
+    try:
+        yield pushed
+    finally:
+        registry.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,28 @@ operator, the Job controller and the scheduler can tell:
 * reports pod status (Pending -> Running -> Succeeded/Failed, container states,
   exit codes, termination messages) and removes deleted pods.
 
-Images are not pulled. A container runs on this host with the environment of
-the agent's Python: ``PATH`` starts with the directory of ``sys.executable``
-(the project venv), so ``unlearn ...`` or ``python -m unlearning_operator``
-run the working tree's code. A container without ``command`` takes it from
-``--image-command IMAGE=JSON`` (matching the image name without tag), else
-it fails like a container whose image has no entrypoint.
+Images: a container whose image is on a loopback registry
+(``127.0.0.1:PORT/name@sha256:...``, what the end-to-end tier installs the
+chart with) runs from that image, as a kubelet with containerd would run it:
+pulled by digest and unpacked once per layer into the user's cache
+(``oci.py``), then run by ``runc`` on an overlay of those layers with the
+image's entrypoint, user and env unless the pod overrides them, the pod's
+``securityContext`` (user, group, fsGroup, read-only root, capabilities,
+no-new-privileges), the volumes bound at their mount paths, a private
+``/tmp`` when the pod mounts none, and the host's network. Its container id
+is ``runc://<id>``; what /proc said about its credentials and root mount is
+written to ``<pod dir>/<container>.runtime.json``.
 
-Paths: containers expect absolute paths (``/data``, ``/etc/unlearning``,
+The venv fast path, for the harness's own tests and inner-loop runs: any
+other image name is not pulled; the container runs on this host with the
+environment of the agent's Python (``PATH`` starts with the directory of
+``sys.executable``, the project venv), so ``unlearn ...`` or ``python -m
+unlearning_operator`` run the working tree's code. A container without
+``command`` takes it from ``--image-command IMAGE=JSON`` (matching the
+image name without tag), else it fails like a container whose image has no
+entrypoint.
+
+Paths on the fast path: containers expect absolute paths (``/data``, ``/etc/unlearning``,
 ``/var/run/secrets/kubernetes.io/serviceaccount``, ``/dev/termination-log``).
 Each container starts under ``podinit.py``, which enters a private mount
 namespace (needs root) and bind-mounts each volume at its mountPath, so
@@ -53,6 +67,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +80,12 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
+
+# Run as a script, this file's directory is on sys.path; imported (tests), the package is.
+try:
+    import oci
+except ImportError:  # pragma: no cover - imported as tests.cluster.nodeagent
+    from tests.cluster import oci
 
 log = logging.getLogger("nodeagent")
 
@@ -187,6 +208,53 @@ def _remove_empty_tree(top: Path) -> None:
             os.rmdir(dirpath)
 
 
+class PodStoppedError(Exception):
+    """The pod was deleted while a container was still being prepared."""
+
+
+class ContainerConfigError(Exception):
+    """The container cannot be created as specified (the kubelet's CreateContainerConfigError)."""
+
+
+def set_volume_ownership(path: Path, gid: int) -> None:
+    """The kubelet's fsGroup handling of a writable volume: group ``gid``, group-writable, setgid dirs.
+
+    Only when the volume's root does not already match (fsGroupChangePolicy OnRootMismatch)."""
+    st = path.stat()
+    if st.st_gid == gid and st.st_mode & 0o2070 == 0o2070:
+        return
+    for dirpath, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            item = Path(dirpath) / name
+            if item.is_symlink():
+                continue
+            os.chown(item, -1, gid)
+            mode = item.stat().st_mode
+            item.chmod(mode | (0o2070 if item.is_dir() else 0o060))
+    os.chown(path, -1, gid)
+    path.chmod(path.stat().st_mode | 0o2070)
+
+
+def container_facts(pid: int) -> dict[str, Any]:
+    """Credentials and root mount of a container's process, as /proc shows them."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    root_mount = ""
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/":
+            root_mount = line  # the last mount on / is the one the process sees
+    return {
+        "pid": pid,
+        "uid": [int(x) for x in status["Uid"].split()],
+        "gid": [int(x) for x in status["Gid"].split()],
+        "groups": [int(x) for x in status.get("Groups", "").split()],
+        "capEff": status["CapEff"].strip(),
+        "noNewPrivs": int(status.get("NoNewPrivs", "0").strip()),
+        "rootMount": root_mount,
+        "rootReadOnly": "ro" in root_mount.split()[5].split(","),
+    }
+
+
 @dataclass
 class Mount:
     source: Path
@@ -208,6 +276,16 @@ class ContainerRun:
     last_terminated: dict[str, Any] | None = None
     terminated: dict[str, Any] | None = None
     waiting: dict[str, Any] | None = None
+    # Set when the container runs from its image (runc), not from the venv.
+    container_id: str | None = None
+    image_id: str | None = None
+
+    @property
+    def runtime_id(self) -> str:
+        """The status' containerID: ``runc://<id>`` from an image, ``harness://<pid>`` from the venv."""
+        if self.container_id is not None:
+            return f"runc://{self.container_id}"
+        return f"harness://{self.popen.pid if self.popen else 0}"
 
     def status(self, image: str) -> dict[str, Any]:
         if self.terminated is not None:
@@ -219,14 +297,14 @@ class ContainerRun:
         out: dict[str, Any] = {
             "name": self.name,
             "image": image,
-            "imageID": f"harness://{image}",
+            "imageID": self.image_id or f"harness://{image}",
             "ready": self.popen is not None and self.terminated is None,
             "started": self.popen is not None and self.terminated is None,
             "restartCount": self.restart_count,
             "state": state,
         }
         if self.popen is not None:
-            out["containerID"] = f"harness://{self.popen.pid}"
+            out["containerID"] = self.runtime_id
         if self.last_terminated is not None:
             out["lastState"] = {"terminated": self.last_terminated}
         return out
@@ -380,6 +458,7 @@ class PodWorker(threading.Thread):
 
     def _volumes(self) -> dict[str, Path]:
         paths: dict[str, Path] = {}
+        fs_group = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
         for vol in self.pod["spec"].get("volumes") or []:
             name = vol["name"]
             if {"configMap", "secret", "projected", "downwardAPI"} & vol.keys():
@@ -389,6 +468,8 @@ class PodWorker(threading.Thread):
             default_mode = mode.get("defaultMode") if isinstance(mode, dict) else None
             if "emptyDir" in vol:
                 target.mkdir(parents=True, exist_ok=True)
+                # World-writable, as the kubelet makes it: a non-root container writes there.
+                target.chmod(0o777)
             elif cm := vol.get("configMap"):
                 data = self._data("configmap", cm["name"], bool(cm.get("optional")))
                 self._write(target, self._select(data or {}, cm.get("items")), default_mode)
@@ -408,6 +489,8 @@ class PodWorker(threading.Thread):
                 self._get("pvc", pvc["claimName"])
                 target = self.agent.pvc_path(self.ns, pvc["claimName"])
                 target.mkdir(parents=True, exist_ok=True)
+                if fs_group is not None and not pvc.get("readOnly"):
+                    set_volume_ownership(target, fs_group)
             elif hp := vol.get("hostPath"):
                 target = Path(hp["path"])
                 if hp.get("type") in ("DirectoryOrCreate",):
@@ -418,20 +501,28 @@ class PodWorker(threading.Thread):
         return paths
 
     # ---- containers -----------------------------------------------------------
-    def _env(self, spec: dict[str, Any]) -> dict[str, str]:
-        base = {
-            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": os.environ.get("HOME", "/root"),
+    def _env(self, spec: dict[str, Any], image_env: dict[str, str] | None = None) -> dict[str, str]:
+        """The container's environment: the image's ENV (the venv's for the fast path), what the
+        kubelet injects, then the pod's ``envFrom`` and ``env``."""
+        injected = {
             "HOSTNAME": self.pod_name,
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
             "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in self.gpus),
-            "PYTHONUNBUFFERED": "1",
         }
-        for key in ("LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV"):
-            if key in os.environ:
-                base[key] = os.environ[key]
+        if image_env is not None:
+            base = {**image_env, **injected}
+        else:
+            base = {
+                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                "HOME": os.environ.get("HOME", "/root"),
+                **injected,
+                "PYTHONUNBUFFERED": "1",
+            }
+            for key in ("LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV"):
+                if key in os.environ:
+                    base[key] = os.environ[key]
         env: dict[str, str] = {}
         for src in spec.get("envFrom") or []:
             prefix = src.get("prefix", "")
@@ -497,6 +588,118 @@ class PodWorker(threading.Thread):
         return sorted(mounts, key=lambda m: m.target.count("/"))
 
     def _spawn(self, run: ContainerRun, volumes: dict[str, Path]) -> None:
+        if oci.parse_reference(str(run.spec.get("image", ""))) is not None:
+            self._spawn_image(run, volumes)
+        else:
+            self._spawn_venv(run, volumes)
+
+    def _phase_now(self) -> str:
+        return "Running" if any(r.popen is not None for r in self.runs.values()) else "Pending"
+
+    def _pull(self, run: ContainerRun) -> oci.PulledImage:
+        """The container's image, pulled (or found in the cache); retried with back-off as the kubelet does."""
+        image = str(run.spec["image"])
+        delay = 1.0
+        while True:
+            run.waiting = {"reason": "ContainerCreating", "message": f"pulling image {image}"}
+            self._report(self._phase_now())
+            try:
+                started = time.monotonic()
+                pulled = self.agent.store.pull(image)
+                seconds = time.monotonic() - started
+                log.info("pod %s/%s: image %s ready in %.1fs", self.ns, self.pod_name, image, seconds)
+                return pulled
+            except oci.ImageError as exc:
+                log.warning("pod %s/%s: %s", self.ns, self.pod_name, exc)
+                run.waiting = {"reason": "ErrImagePull", "message": str(exc)}
+                self._report(self._phase_now())
+            if self.stop_event.wait(delay):
+                raise PodStoppedError
+            delay = min(delay * 2, 30.0)
+
+    def _spawn_image(self, run: ContainerRun, volumes: dict[str, Path]) -> None:
+        """Run the container from its image with runc: the image's entrypoint, user and env unless the pod
+        overrides them, the volumes at their mount paths, the host's network."""
+        if self.agent.runc is None:
+            raise RuntimeError("runc not found: install it (apt-get install runc; images/tools.sh does)")
+        spec = run.spec
+        pulled = self._pull(run)
+        image_config = pulled.config.get("config") or {}
+        env = self._env(spec, oci.image_env(image_config))
+        cid = re.sub(r"[^\w.-]", "-", f"{self.uid[:8]}-{run.name}-{run.restart_count}")
+        bundle = self.dir / "containers" / cid
+        shutil.rmtree(bundle, ignore_errors=True)
+        for sub in ("rootfs", "upper", "work"):
+            (bundle / sub).mkdir(parents=True)
+        hosts = self.dir / "etc-hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.0.1\t{self.pod_name}\n")
+        mounts = [
+            oci.BindMount(m.source, m.target, m.read_only)
+            for m in [*self._mounts(spec, volumes, run), Mount(hosts, "/etc/hosts", False)]
+        ]
+        if Path("/etc/resolv.conf").is_file():
+            mounts.append(oci.BindMount(Path("/etc/resolv.conf"), "/etc/resolv.conf", True))
+        try:
+            argv = [_expand(a, env) for a in oci.command_line(image_config, spec)]
+            config_json = oci.runtime_spec(
+                image_config=image_config, layers=pulled.layers, argv=argv, env=env, pod=self.pod, container=spec,
+                mounts=mounts, rootfs=bundle / "rootfs", hostname=self.pod_name,
+                cgroup=f"/unlearning-harness/{cid}",
+            )  # fmt: skip
+        except oci.ConfigError as exc:
+            # The kubelet keeps such a container waiting; a test sees the reason instead of a hang.
+            run.waiting = {"reason": "CreateContainerConfigError", "message": str(exc)}
+            raise ContainerConfigError(str(exc)) from None
+        (bundle / "config.json").write_text(json.dumps(config_json, indent=1))
+        run.message_path.write_bytes(b"")
+        # World-writable, as the kubelet creates it: the container's user (65532) writes its message there.
+        run.message_path.chmod(0o666)
+        shim = {
+            "runc": {
+                "binary": self.agent.runc, "root": str(self.agent.runc_root), "id": cid, "bundle": str(bundle),
+                "rootfs": str(bundle / "rootfs"), "upper": str(bundle / "upper"), "work": str(bundle / "work"),
+                "lower": [str(layer) for layer in pulled.layers],
+            }
+        }  # fmt: skip
+        log.info("pod %s/%s container %s: runc %s from %s: %s", self.ns, self.pod_name, run.name, cid,
+                 pulled.image_id, shlex.join(argv))  # fmt: skip
+        with run.log_path.open("ab") as out:
+            run.popen = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(PODINIT), json.dumps(shim), "--"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        run.container_id, run.image_id = cid, pulled.image_id
+        run.started_at = now()
+        run.terminated = None
+        run.waiting = None
+        threading.Thread(target=self._record_runtime, args=(run, cid), name=f"facts-{cid}", daemon=True).start()
+
+    def _record_runtime(self, run: ContainerRun, cid: str) -> None:
+        """What the kernel says about the running container (uid, gid, groups, capabilities, root mount),
+        read from /proc, into ``<pod dir>/<container>.runtime.json``: evidence that does not rest on the
+        spec the agent wrote."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and run.popen is not None and run.popen.poll() is None:
+            done = subprocess.run(
+                [str(self.agent.runc), "--root", str(self.agent.runc_root), "state", cid],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            state = json.loads(done.stdout) if done.returncode == 0 else {}
+            if state.get("status") == "running" and state.get("pid"):
+                try:
+                    facts = container_facts(int(state["pid"]))
+                except OSError:
+                    return  # exited meanwhile
+                facts["id"] = cid
+                (self.dir / f"{run.name}.runtime.json").write_text(json.dumps(facts, indent=1))
+                return
+            time.sleep(0.1)
+
+    def _spawn_venv(self, run: ContainerRun, volumes: dict[str, Path]) -> None:
+        """The fast path for inner-loop tests: the container's command runs from this checkout's venv."""
         spec = run.spec
         env = self._env(spec)
         argv = self._argv(spec, env)
@@ -552,7 +755,7 @@ class PodWorker(threading.Thread):
             "reason": "Completed" if code == 0 else "Error",
             "startedAt": run.started_at,
             "finishedAt": now(),
-            "containerID": f"harness://{run.popen.pid if run.popen else 0}",
+            "containerID": run.runtime_id,
         }
         if message:
             term["message"] = message
@@ -560,6 +763,15 @@ class PodWorker(threading.Thread):
 
     def _kill(self, run: ContainerRun, grace: float) -> None:
         if run.popen is None or run.popen.poll() is not None:
+            return
+        if run.container_id is not None:
+            # TERM, then KILL after the grace period, to the container's init, as a runtime does.
+            self.agent.runc_kill(run.container_id, "TERM")
+            try:
+                run.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.agent.runc_kill(run.container_id, "KILL")
+                run.popen.wait()
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.popen.pid, signal.SIGTERM)
@@ -620,6 +832,11 @@ class PodWorker(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
+        except PodStoppedError:
+            pass
+        except ContainerConfigError as exc:
+            self._report("Pending", message=str(exc))
+            self.stop_event.wait()
         except Exception as exc:
             # A kubelet reports what went wrong on the pod and carries on.
             log.exception("pod %s/%s failed", self.ns, self.pod_name)
@@ -791,6 +1008,8 @@ class Provisioner:
         ns, name = meta["namespace"], meta["name"]
         path = self.agent.pvc_path(ns, name)
         path.mkdir(parents=True, exist_ok=True)
+        # World-writable, as kind's local-path provisioner makes its volumes: pods run as non-root.
+        path.chmod(0o777)
         size = ((spec.get("resources") or {}).get("requests") or {}).get("storage", "1Gi")
         body = {
             "metadata": {
@@ -866,6 +1085,10 @@ class Agent:
         self.api_port = int(self.api.api_client.configuration.host.rsplit(":", 1)[1])
         self.mount_namespaces = can_unshare()
         self.mountpoints = MountPoints()
+        # Containers from images: pulled into a per-user cache, run by runc with this agent's state dir.
+        self.store = oci.ImageStore()
+        self.runc = shutil.which("runc")
+        self.runc_root = self.root / "runc"
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self.deleting: set[str] = set()
@@ -874,6 +1097,12 @@ class Agent:
 
     def pvc_path(self, ns: str, claim: str) -> Path:
         return self.pvc_root / ns / claim
+
+    def runc_kill(self, container_id: str, signal_name: str) -> None:
+        subprocess.run(
+            [str(self.runc), "--root", str(self.runc_root), "kill", container_id, signal_name],
+            capture_output=True, check=False,
+        )  # fmt: skip
 
     def image_command(self, image: str) -> list[str] | None:
         name = image.rsplit("@", 1)[0]

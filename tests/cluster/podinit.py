@@ -8,6 +8,14 @@ With ``namespace`` true it enters a private mount namespace (root only) and
 bind-mounts each source at its target, so the command sees the pod's volumes
 at their absolute paths and nothing outside the container sees them.
 
+With ``runc`` (a container from an image) it is the container's shim
+instead: in a private mount namespace it mounts the container's root
+filesystem (an overlay of the image's unpacked layers and a fresh upper
+dir), runs ``runc run`` on the bundle and exits with its status. It dies
+with the agent's worker thread (SIGTERM as the parent-death signal) and
+then kills the container first, so a SIGKILLed agent or test session leaves
+no container behind. The overlay mount lives and dies with the namespace.
+
 Every source is opened (``O_PATH``) before the first mount, and mounted via
 ``/proc/self/fd/N``: a pod that mounts an emptyDir at ``/tmp`` (the Job does)
 would otherwise hide the harness's own sources under ``/tmp`` from the later
@@ -23,6 +31,7 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,8 +57,40 @@ def mount(source: str | None, target: str, flags: int) -> None:
     _check(_libc.mount(src, target.encode(), None, flags, None), f"mount {source} on {target}")
 
 
+def run_container(spec: dict[str, object]) -> int:
+    """Mount the bundle's root filesystem, ``runc run`` it, and kill it if the agent dies."""
+    runc, state, cid, bundle = (str(spec[k]) for k in ("binary", "root", "id", "bundle"))
+    lower = [str(p) for p in spec["lower"]]  # type: ignore[attr-defined]
+    # The agent's worker thread started us; TERM (not KILL) when it dies, so
+    # that the handler below can take the container down first.
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl")
+    _check(_libc.unshare(CLONE_NEWNS), "unshare")
+    mount(None, "/", MS_REC | MS_PRIVATE)
+    # Top layer first, as overlayfs lists lower dirs.
+    options = f"lowerdir={':'.join(reversed(lower))},upperdir={spec['upper']},workdir={spec['work']}"
+    _check(
+        _libc.mount(b"overlay", str(spec["rootfs"]).encode(), b"overlay", 0, options.encode()),
+        f"mount overlay on {spec['rootfs']}",
+    )
+
+    def child_setup() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    proc = subprocess.Popen([runc, "--root", state, "run", "--bundle", bundle, cid], preexec_fn=child_setup)  # noqa: PLW1509 - single-threaded here
+
+    def stop(_signum: int, _frame: object) -> None:
+        subprocess.run([runc, "--root", state, "kill", cid, "KILL"], capture_output=True, check=False)
+
+    signal.signal(signal.SIGTERM, stop)
+    code = proc.wait()
+    subprocess.run([runc, "--root", state, "delete", "--force", cid], capture_output=True, check=False)
+    return code
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
+    if "runc" in spec:
+        return run_container(spec["runc"])
     command = argv[argv.index("--") + 1 :]
     # The agent's worker thread forked us: die with it, so a SIGKILLed agent
     # leaves no containers behind.
