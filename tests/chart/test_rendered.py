@@ -83,6 +83,15 @@ def test_bad_values_fail_with_the_schema_message(
     assert message in done.stderr, done.stderr
 
 
+def test_image_digests_pin_both_images(render: Render) -> None:
+    operator_digest, job_digest = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    objects = render(extra=("--set", f"image.digest={operator_digest}", "--set", f"job.image.digest={job_digest}"))
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    # By digest, the tag ignored: what the release records and the tests install.
+    assert container["image"] == f"ghcr.io/unlearning-operator/unlearning-operator@{operator_digest}"
+    assert operator_env(objects)["UNLEARNING_JOB_IMAGE"] == f"ghcr.io/unlearning-operator/unlearn-job@{job_digest}"
+
+
 def test_deployment_is_single_recreate_and_restricted(render: Render) -> None:
     objects = render()
     deployment = one(objects, "Deployment")

@@ -3,6 +3,11 @@
 About 2-3 minutes on two busy cores once the binaries (tests/cluster/build.sh)
 and the demo model are cached; the first run also trains the demo model.
 
+* ``chart_images`` (session): the operator and job images by digest, built
+  from this checkout and pushed to the session's registry (the ``images``
+  fixture of tests/cluster/fixtures.py); None with
+  ``UNLEARNING_TEST_VENV_FAST_PATH=1``, where pods run from the venv instead
+  (inner loop only).
 * ``demo_model`` (session): the digits demo model, from the cache that
   ``unlearn demo`` keeps (trained once per recipe and torch version, so a
   warm run copies a file instead of training for a minute or more).
@@ -32,9 +37,10 @@ from typing import Any
 import pytest
 
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.fixtures import GpuNode
+from tests.cluster.fixtures import VENV_FAST_PATH, GpuNode
 from tests.e2e.harness import (
     Api,
+    ChartImages,
     E2EContext,
     Release,
     Workspace,
@@ -58,13 +64,25 @@ def demo_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def chart_images(request: pytest.FixtureRequest) -> ChartImages | None:
+    if VENV_FAST_PATH:
+        return None
+    built = request.getfixturevalue("images")
+    return ChartImages(operator=built["operator"].pushed, job=built["job"].pushed)
+
+
+@pytest.fixture(scope="session")
 def e2e_api(control_plane: ControlPlane) -> Api:
     return Api(control_plane)
 
 
 @pytest.fixture(scope="module")
 def release(
-    control_plane: ControlPlane, gpu_node: GpuNode, e2e_api: Api, tmp_path_factory: pytest.TempPathFactory
+    control_plane: ControlPlane,
+    gpu_node: GpuNode,
+    e2e_api: Api,
+    chart_images: ChartImages | None,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Release]:
     tag = uuid.uuid4().hex[:6]
     namespace = f"e2e-{tag}"
@@ -72,7 +90,10 @@ def release(
     for ns in pool:
         create_namespace(e2e_api, ns)
     workdir = tmp_path_factory.mktemp("release")
-    rel = new_release(control_plane, gpu_node, e2e_api, name="e2e", namespace=namespace, watched=pool, workdir=workdir)
+    rel = new_release(
+        control_plane, gpu_node, e2e_api, name="e2e", namespace=namespace, watched=pool, workdir=workdir,
+        images=chart_images,
+    )  # fmt: skip
     rel.pool = list(pool)
     try:
         rel.install()

@@ -1,12 +1,15 @@
 """Helpers for the end-to-end tier: a helm release of the chart and the objects it makes.
 
 The operator under test is the chart's Deployment pod, run by the fake GPU
-node agent (tests/cluster/nodeagent.py) from this checkout's virtual
-environment: the agent runs every image's container command from the venv,
-so the chart's ``command: ["unlearning-operator"]`` and the Job's ``unlearn
-run ...`` are this working tree's code, and the operator talks to the API
-server with the token of the chart's ServiceAccount, i.e. exactly the
-chart's RBAC. Pods share the host network, which is why the operator's
+node agent (tests/cluster/nodeagent.py) from the operator image that
+images/build.py built from this checkout, pulled by digest from the
+session's local registry and run with runc; the Jobs it creates run the job
+image the same way. So what runs is exactly what a user installs, and the
+operator talks to the API server with the token of the chart's
+ServiceAccount, i.e. exactly the chart's RBAC. With
+``UNLEARNING_TEST_VENV_FAST_PATH=1`` the chart gets image names no registry
+serves and the agent runs their commands from this checkout's venv instead:
+a fast path for inner-loop runs, not what CI checks. Pods share the host network, which is why the operator's
 metrics and health ports are picked free per release and read on 127.0.0.1.
 
 Reads go through the Python client with ``_preload_content=False``: plain
@@ -19,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -247,17 +248,15 @@ class Release:
         pod: dict[str, Any] = wait_for(f"operator of release {self.name} Ready", ready, OPERATOR_TIMEOUT, 0.5)
         return pod
 
-    def kill_operator(self) -> int:
-        """SIGKILL the operator's process, as an OOM kill or a crash would: no clean shutdown.
+    def kill_operator(self) -> str:
+        """SIGKILL the operator's container, as an OOM kill or a crash would: no clean shutdown.
 
-        The agent reports ``harness://<pid>`` as the container id; the process is
-        its own process group leader (the agent starts containers in a new session).
+        Returns the killed container's id (``runc://...``, or ``harness://<pid>`` on the venv fast path).
         """
         (pod,) = self.operator_pods()
-        container_id = pod["status"]["containerStatuses"][0]["containerID"]
-        pid = int(container_id.removeprefix("harness://"))
-        os.killpg(pid, signal.SIGKILL)
-        return pid
+        container_id = str(pod["status"]["containerStatuses"][0]["containerID"])
+        self.node.kill_container(container_id)
+        return container_id
 
     def operator_log(self, lines: int = 200) -> str:
         """Every operator container log of this release (old pods included), last ``lines`` each."""
@@ -290,20 +289,33 @@ class Release:
         return self.pool.pop(0)
 
 
-def release_values(
-    path: Path, watched: tuple[str, ...], metrics_port: int, health_port: int, **job: Any
-) -> tuple[Path, int, int]:
-    """Values for the test cluster: free host ports, a small Job, one GPU, the given namespaces.
+@dataclass(frozen=True)
+class ChartImages:
+    """The operator and job images the chart is installed with, by digest (``host/name@sha256:...``)."""
 
-    The image names are arbitrary: the node agent runs every container's
-    command from the project venv (there is no registry to pull from).
-    """
+    operator: str
+    job: str
+
+    @staticmethod
+    def values(ref: str) -> dict[str, str]:
+        repository, _, digest = ref.partition("@")
+        return {"repository": repository, "digest": digest}
+
+
+def release_values(
+    path: Path, watched: tuple[str, ...], metrics_port: int, health_port: int, images: ChartImages | None, **job: Any
+) -> tuple[Path, int, int]:
+    """Values for the test cluster: the images by digest, free host ports, a small Job, one GPU, the
+    given namespaces. ``images`` None: names no registry serves, which the node agent runs from the
+    project venv (the fast path)."""
+    operator_image = ChartImages.values(images.operator) if images else {"repository": "unlearning-operator"}
+    job_image = ChartImages.values(images.job) if images else {"repository": "unlearn-job"}
     values = {
-        "image": {"repository": "unlearning-operator", "tag": "e2e"},
+        "image": {**operator_image, "tag": "e2e"},
         "watchNamespaces": list(watched),
         "ports": {"metrics": metrics_port, "health": health_port},
         "job": {
-            "image": {"repository": "unlearn-job", "tag": "e2e"},
+            "image": {**job_image, "tag": "e2e"},
             "gpus": 1,
             "cpu": "1",
             "memory": "2Gi",
@@ -317,10 +329,10 @@ def release_values(
 
 def new_release(
     cp: ControlPlane, node: GpuNode, api: Api, *, name: str, namespace: str, watched: tuple[str, ...], workdir: Path,
-    **job: Any,
+    images: ChartImages | None, **job: Any,
 ) -> Release:  # fmt: skip
     values, metrics_port, health_port = release_values(
-        workdir / f"{name}-values.yaml", watched, free_port(), free_port(), **job
+        workdir / f"{name}-values.yaml", watched, free_port(), free_port(), images, **job
     )
     return Release(cp, node, api, name, namespace, watched, values, metrics_port, health_port)
 

@@ -23,6 +23,7 @@ from tests.cluster.fixtures import GpuNode, wait_for
 from tests.e2e.harness import (
     CHART,
     Api,
+    ChartImages,
     E2EContext,
     Release,
     condition,
@@ -43,14 +44,20 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def life(
-    control_plane: ControlPlane, gpu_node: GpuNode, e2e_api: Api, e2e_context: E2EContext, tmp_path: Path
+    control_plane: ControlPlane,
+    gpu_node: GpuNode,
+    e2e_api: Api,
+    *,
+    e2e_context: E2EContext,
+    chart_images: ChartImages | None,
+    tmp_path: Path,
 ) -> Iterator[Release]:
     """A release (not yet installed) of its own, in a namespace that it also watches; removed after."""
     ns = f"e2e-life-{uuid.uuid4().hex[:6]}"
     create_namespace(e2e_api, ns)
     rel = new_release(
         control_plane, gpu_node, e2e_api, name="life", namespace=ns, watched=(ns,), workdir=tmp_path,
-        maxConcurrentJobs=4,
+        images=chart_images, maxConcurrentJobs=4,
     )  # fmt: skip
     e2e_context.releases.append(rel)
     try:

@@ -21,6 +21,7 @@ from tests.cluster.fixtures import GpuNode, wait_for
 from tests.e2e.harness import (
     EXAMPLE,
     Api,
+    ChartImages,
     Release,
     Workspace,
     condition,
@@ -33,6 +34,7 @@ from tests.e2e.harness import (
     wait_request,
     when,
 )
+from unlearning_operator.jobs import NON_ROOT_UID
 from unlearning_operator.permissions import RULES
 
 pytestmark = pytest.mark.e2e
@@ -47,21 +49,48 @@ def only_job(api: Api, namespace: str, request: str) -> dict[str, Any]:
     return jobs[0]
 
 
-def test_operator_pod_runs_with_the_charts_identity(release: Release, e2e_api: Api) -> None:
+def assert_ran_from_image(node: GpuNode, pod: dict[str, Any], container: str, image: str) -> None:
+    """The container ran from ``image`` (pulled by digest, run by runc) as uid/gid 65532, in group
+    65532 (fsGroup), without capabilities, with a read-only root: what /proc said while it ran."""
+    (status,) = [s for s in pod["status"]["containerStatuses"] if s["name"] == container]
+    assert status["imageID"] == image
+    assert status["containerID"].startswith("runc://")
+    facts = node.runtime_facts(pod["metadata"]["namespace"], pod["metadata"]["name"], container)
+    assert facts["uid"] == [NON_ROOT_UID] * 4, facts
+    assert facts["gid"] == [NON_ROOT_UID] * 4, facts
+    assert NON_ROOT_UID in facts["groups"], facts
+    assert facts["capEff"] == "0000000000000000", facts
+    assert facts["noNewPrivs"] == 1, facts
+    assert facts["rootReadOnly"] is True, facts["rootMount"]
+
+
+def test_operator_pod_runs_with_the_charts_identity(
+    release: Release, e2e_api: Api, chart_images: ChartImages | None
+) -> None:
     (pod,) = release.operator_pods()
     assert pod_ready(pod)
     assert pod["spec"]["serviceAccountName"] == release.fullname
     assert pod["spec"]["nodeName"] == release.node.name
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["UNLEARNING_WATCH_NAMESPACES"] == ",".join(release.watched)
-    assert env["UNLEARNING_JOB_IMAGE"] == "unlearn-job:e2e"
+    assert env["UNLEARNING_JOB_IMAGE"] == (chart_images.job if chart_images else "unlearn-job:e2e")
+    if chart_images is not None:
+        # The operator image, with the chart's restricted securityContext.
+        assert pod["spec"]["containers"][0]["image"] == chart_images.operator
+        assert_ran_from_image(release.node, pod, "operator", chart_images.operator)
     # kopf is up and serving its liveness endpoint and the metrics on the chart's ports.
     assert release.healthy()
     assert "unlearning_requests{" in release.metrics()
 
 
 def test_digits_example_succeeds_with_audit_record_and_metrics(
-    control_plane: ControlPlane, gpu_node: GpuNode, release: Release, e2e_api: Api, workspace: Workspace
+    control_plane: ControlPlane,
+    gpu_node: GpuNode,
+    release: Release,
+    e2e_api: Api,
+    workspace: Workspace,
+    *,
+    chart_images: ChartImages | None,
 ) -> None:
     ns = workspace.namespace
     # Counters are per operator process; a delta keeps this test independent of the others.
@@ -100,6 +129,10 @@ def test_digits_example_succeeds_with_audit_record_and_metrics(
     (pod,) = e2e_api.job_pods(ns, status["jobName"])
     assert phase(pod) == "Succeeded"
     assert terminated(pod, "unlearn")["exitCode"] == 0
+    if chart_images is not None:
+        # The job image a user's cluster runs: non-root, read-only root, its output written as 65532.
+        assert_ran_from_image(gpu_node, pod, "unlearn", chart_images.job)
+        assert written.stat().st_uid == NON_ROOT_UID
 
     # kubectl's printer columns show what a person checks first.
     listed = control_plane.kubectl("get", "unlearningrequests", "-n", ns).stdout
@@ -252,7 +285,7 @@ def test_operator_killed_while_job_runs_adopts_its_job(
     # The node agent restarts the container (restartPolicy Always): a new process, no memory of the old.
     after = release.wait_ready(restarts=restarts + 1)
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
-    assert after["status"]["containerStatuses"][0]["containerID"] != f"harness://{killed}"
+    assert after["status"]["containerStatuses"][0]["containerID"] != killed
     assert after["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 128 + 9
 
     obj = wait_request(e2e_api, gpu_node, ns, "digits-restart")

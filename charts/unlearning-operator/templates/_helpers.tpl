@@ -41,12 +41,21 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/* repository@digest when a digest is set (what the release and the tests pin), else repository:tag. */}}
 {{- define "unlearning-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "unlearning-operator.jobImage" -}}
+{{- if .Values.job.image.digest }}
+{{- printf "%s@%s" .Values.job.image.repository .Values.job.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.job.image.repository (default .Chart.AppVersion .Values.job.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* True when the cluster serves the Prometheus Operator API (ServiceMonitor, PodMonitor). */}}
