@@ -28,7 +28,9 @@ digest on any machine with the same tools and the same Debian archive state
 (the release runs this script in ``debian:bookworm`` for that reason).
 
 Epochs: the image's ``created`` date and layer 3 use ``SOURCE_DATE_EPOCH``
-(default: the commit time of HEAD); layers 1 and 2 clamp their mtimes to the
+(default: the time of the last commit that changed the image's inputs: its
+definition, constraints, parts, pyproject.toml or this script, so a commit
+elsewhere leaves the digest as it is); layers 1 and 2 clamp their mtimes to the
 fixed ``BASE_EPOCH``, so that their bytes depend on their inputs alone (not
 on git history: a new commit, a shallow clone or a source tarball leaves
 them as they are), and both images share layer 1.
@@ -127,9 +129,19 @@ def run(argv: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProces
     return done
 
 
-def git_epoch() -> int | None:
-    """Commit time of HEAD; None outside git."""
-    argv = ["git", "-C", str(ROOT), "log", "-1", "--format=%ct", "HEAD"]
+def git_epoch(paths: list[Path]) -> int | None:
+    """Commit time of the last commit that touched ``paths``; None outside git."""
+    argv = [
+        "git",
+        "-C",
+        str(ROOT),
+        "log",
+        "-1",
+        "--format=%ct",
+        "HEAD",
+        "--",
+        *(str(p.relative_to(ROOT)) for p in paths),
+    ]
     try:
         done = subprocess.run(argv, text=True, capture_output=True, check=False)
     except OSError:
@@ -637,9 +649,18 @@ def write_layout(layout: Path, name: str, tag: str, config: bytes, layers: list[
     return digest, len(config) + len(manifest_bytes) + sum(layer.size for layer in layers)
 
 
-def build(key: str, cache: Path, epoch: int) -> Image:
+def inputs(defn: Definition) -> list[Path]:
+    """Every file or folder the image is made from (for its default epoch)."""
+    return [
+        defn.path, defn.constraints, ROOT / "pyproject.toml", Path(__file__).resolve(),
+        *(ROOT / part for part in defn.parts), *(ROOT / f for f in defn.files),
+    ]  # fmt: skip
+
+
+def build(key: str, cache: Path, source_date_epoch: int | None) -> Image:
     started = time.monotonic()
     defn = Definition.load(key)
+    epoch = source_date_epoch if source_date_epoch is not None else (git_epoch(inputs(defn)) or 0)
     debian = debian_layer(defn, cache)
     python = python_layer(defn, cache, debian)
     code = code_layer(defn, cache, epoch)
@@ -700,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     for sub in ("layers", "oci"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     env_epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    epoch = int(env_epoch) if env_epoch else (git_epoch() or 0)
+    epoch = int(env_epoch) if env_epoch else None
     with (cache / ".lock").open("a") as lock:
         # Two test sessions on one machine wait for each other instead of building twice.
         fcntl.flock(lock, fcntl.LOCK_EX)
