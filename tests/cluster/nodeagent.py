@@ -1087,6 +1087,7 @@ class Agent:
         self.mountpoints = MountPoints()
         # Containers from images: pulled into a per-user cache, run by runc with this agent's state dir.
         self.store = oci.ImageStore()
+        self.store.prune()
         self.runc = shutil.which("runc")
         self.runc_root = self.root / "runc"
         self.workers: dict[str, PodWorker] = {}
