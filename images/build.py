@@ -207,10 +207,14 @@ def pinned(constraints: Path) -> list[str]:
     return sorted(pins, key=str.lower)
 
 
-def project_scripts() -> dict[str, str]:
-    """``[project.scripts]`` of pyproject.toml: the console scripts, one source of truth."""
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return dict(data["project"].get("scripts", {}))
+def project_scripts(parts: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """The console scripts, from ``[project.scripts]`` of each part's own pyproject.toml where it has
+    one, else of the root's: one source of truth for what ``pip install`` would write."""
+    scripts: dict[str, str] = {}
+    for toml in [ROOT / "pyproject.toml", *(ROOT / part / "pyproject.toml" for part in parts)]:
+        if toml.is_file():
+            scripts.update(tomllib.loads(toml.read_text()).get("project", {}).get("scripts", {}))
+    return scripts
 
 
 def project_version() -> str:
@@ -514,7 +518,9 @@ def code_layer(defn: Definition, cache: Path, epoch: int) -> Layer:
     files = code_files(defn)
     packages = {image_path.split("/")[5] for _, image_path in files}
     scripts = {
-        name: target for name, target in sorted(project_scripts().items()) if target.split(".", 1)[0] in packages
+        name: target
+        for name, target in sorted(project_scripts(defn.parts).items())
+        if target.split(".", 1)[0] in packages
     }
     digest = hashlib.sha256()
     for source, image_path in files:

@@ -39,7 +39,7 @@ def test_definition_runs_as_nonroot_with_a_pinned_closure_and_a_real_entrypoint(
     assert defn.config["user"] == "65532:65532"
     # The entrypoint is a console script of pyproject.toml that the code layer writes.
     script = Path(defn.config["entrypoint"][0]).name
-    assert script in build.project_scripts()
+    assert script in build.project_scripts(defn.parts)
     assert defn.config["env"]["PATH"].startswith(f"{build.VENV}/bin:")
     pins = build.pinned(defn.constraints)
     names = {pin.split("==")[0].lower() for pin in pins}
