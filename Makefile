@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-unit test-job test-cluster test-e2e lint crds chart-lint bench clean
+.PHONY: venv demo images test test-unit test-job test-cluster test-e2e lint crds chart-lint bench clean
 
 # Create or reuse .venv; reinstall when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -19,10 +19,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/unlearn demo
 
-# Everything CI checks: lint, types, and every test tier against a real control plane.
+# The operator and job images (docs/container-images.md): built without a container engine,
+# reproducibly, cached by input hash under ~/.cache/unlearning-operator/images.
+images: $(STAMP)
+	bash images/tools.sh
+	$(BIN)/python images/build.py operator job
+
+# Everything CI checks: lint, types, and every test tier against a real control plane,
+# the end-to-end tier with pods run from the images.
 test: $(STAMP)
+	bash images/tools.sh
 	bash tests/cluster/build.sh
 	bash tests/monitoring/promtool.sh
+	$(BIN)/python images/build.py operator job
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -41,8 +50,9 @@ test-cluster: $(STAMP)
 	bash tests/cluster/build.sh >/dev/null
 	$(BIN)/python -m pytest -m "cluster"
 
-# helm install + kubectl apply through the whole path.
+# helm install + kubectl apply through the whole path, pods run from the images.
 test-e2e: $(STAMP)
+	bash images/tools.sh
 	bash tests/cluster/build.sh >/dev/null
 	$(BIN)/python -m pytest -m "e2e"
 
