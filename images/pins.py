@@ -12,10 +12,13 @@ from __future__ import annotations
 import importlib.metadata as md
 import re
 import sys
+import tomllib
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
-PROJECT = "unlearning-operator"
+# The root pyproject.toml: the development install whose extras the images' constraints mirror.
+PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["name"]
 
 
 def canonical(name: str) -> str:
@@ -40,7 +43,7 @@ def closure(extra: str) -> dict[str, str]:
                 if (canonical(req.name), e) not in done:
                     done.add((canonical(req.name), e))
                     todo.append((req.name, frozenset(req.extras)))
-    found.pop(PROJECT)
+    found.pop(canonical(PROJECT))
     return found
 
 
