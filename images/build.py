@@ -161,7 +161,6 @@ class Definition:
     path: Path
     name: str
     parts: list[str]
-    files: list[str]
     debian_suite: str
     debian_packages: list[str]
     constraints: Path
@@ -182,7 +181,6 @@ class Definition:
                 path=path,
                 name=raw["name"],
                 parts=list(raw["parts"]),
-                files=list(raw.get("files", [])),
                 debian_suite=debian["suite"],
                 debian_packages=sorted(debian["packages"]),
                 constraints=ROOT / python["constraints"],
@@ -240,12 +238,6 @@ def code_files(defn: Definition) -> list[tuple[Path, str]]:
                 if "__pycache__" in rel.parts or source.suffix in (".pyc", ".pyo") or not source.is_file():
                     continue
                 files.append((source, f"{site}/{rel.as_posix()}"))
-    for name in defn.files:
-        source = ROOT / name
-        if not source.is_file():
-            raise BuildError(f"{defn.path}: file {name!r} does not exist")
-        # Placed like its part's packages: the path below the part's folder.
-        files.append((source, f"{site}/{Path(name).relative_to(Path(name).parts[0]).as_posix()}"))
     return sorted(set(files), key=lambda f: f[1])
 
 
@@ -659,7 +651,7 @@ def inputs(defn: Definition) -> list[Path]:
     """Every file or folder the image is made from (for its default epoch)."""
     return [
         defn.path, defn.constraints, ROOT / "pyproject.toml", Path(__file__).resolve(),
-        *(ROOT / part for part in defn.parts), *(ROOT / f for f in defn.files),
+        *(ROOT / part for part in defn.parts),
     ]  # fmt: skip
 
 

@@ -78,9 +78,10 @@ def test_development_install_repeats_each_parts_requirements(part: str, extra: s
 @pytest.mark.parametrize("part", ["operator", "job_image"])
 def test_images_install_the_contracts_beside_their_part(part: str) -> None:
     assert "unlearning-contracts" in project(ROOT / part / "pyproject.toml")["dependencies"]
-    dockerfile = (ROOT / part / "Dockerfile").read_text()
-    assert f"./contracts ./{part}" in dockerfile
-    assert "mkdir" not in dockerfile
+    # The image's definition (images/build.py) carries both folders, whole; no files picked by hand.
+    definition = tomllib.loads((ROOT / part / "image.toml").read_text())
+    assert definition["parts"] == ["contracts", part]
+    assert "files" not in definition
 
 
 def test_collecting_the_operators_unit_tests_loads_no_torch() -> None:
