@@ -28,7 +28,7 @@ digest on any machine with the same tools and the same Debian archive state
 (the release runs this script in ``debian:bookworm`` for that reason).
 
 Epochs: the image's ``created`` date and layer 3 use ``SOURCE_DATE_EPOCH``
-(default: the time of the last commit that changed the image's inputs: its
+(default: the author time of the last commit that changed the image's inputs: its
 definition, constraints, parts, pyproject.toml or this script, so a commit
 elsewhere leaves the digest as it is); layers 1 and 2 clamp their mtimes to the
 fixed ``BASE_EPOCH``, so that their bytes depend on their inputs alone (not
@@ -130,18 +130,10 @@ def run(argv: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProces
 
 
 def git_epoch(paths: list[Path]) -> int | None:
-    """Commit time of the last commit that touched ``paths``; None outside git."""
-    argv = [
-        "git",
-        "-C",
-        str(ROOT),
-        "log",
-        "-1",
-        "--format=%ct",
-        "HEAD",
-        "--",
-        *(str(p.relative_to(ROOT)) for p in paths),
-    ]
+    """Author time of the last commit that touched ``paths`` (a rebase keeps it, unlike the commit
+    time); None outside git."""
+    argv = ["git", "-C", str(ROOT), "log", "-1", "--format=%at", "HEAD", "--"]
+    argv += [str(p.relative_to(ROOT)) for p in paths]
     try:
         done = subprocess.run(argv, text=True, capture_output=True, check=False)
     except OSError:
