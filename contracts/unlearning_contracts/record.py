@@ -224,11 +224,46 @@ class ResultRecord(_Common):
     config: dict[str, Any] = Field(default_factory=dict, description="The resolved configuration of the run.")
 
 
-def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
-    """The termination-message form: the record without bulky parts, <= limit bytes.
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """At most ``max_bytes`` of ``text`` in UTF-8, cut on a character boundary."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode("utf-8", "ignore")
 
-    Drops the resolved config and per-attempt details first, then trims the
-    reasons, so that what the operator needs for status always fits.
+
+def _size(payload: dict[str, Any]) -> int:
+    return len(_dumps(payload).encode())
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    # UTF-8, not \uXXXX escapes: an escaped astral character takes 12 bytes of the 4 KiB instead of 4.
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+# What compact() may shorten when the record is too large, in order: what the
+# operator knows without the record (it chose the input and the image, and
+# owns the request's name), never the output model's uri and digest, the
+# verdict or the numbers. A string is cut to what is left of the budget.
+_SHORTENED: tuple[tuple[str, ...], ...] = (
+    ("error",),
+    ("inputModel", "uri"),
+    ("jobImage",),
+    ("device",),
+    ("requestName",),
+    ("requestId",),
+)
+
+
+def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The termination-message form: the record without bulky parts, at most ``limit`` bytes of UTF-8.
+
+    Drops the resolved config and per-attempt details, then the reasons from
+    the last (``reasonsTruncated``), then shortens the fields listed in
+    ``_SHORTENED`` (named in ``truncated``). The spec bounds every string that
+    reaches the record in bytes, so that this always fits: a test fills every
+    field to its bound with the costliest characters. It raises only if that
+    promise is broken, and the job builds it before publishing anything.
     """
     full = record.dump()
     full.pop("config", None)
@@ -237,14 +272,29 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     for key in ("pre", "post"):
         if key in full:
             full[key] = {k: round(v, 4) for k, v in full[key].items() if k in SUMMARY_KEYS}
-    text = json.dumps(full, separators=(",", ":"))
-    while len(text.encode()) > limit and full.get("reasons"):
+    while _size(full) > limit and full.get("reasons"):
         full["reasons"] = full["reasons"][:-1]
         full["reasonsTruncated"] = True
-        text = json.dumps(full, separators=(",", ":"))
-    if len(text.encode()) > limit and full.get("error"):
-        full["error"] = str(full["error"])[:200]
-        text = json.dumps(full, separators=(",", ":"))
+    truncated: list[str] = []
+    for path in _SHORTENED:
+        if _size(full) <= limit:
+            break
+        *parents, leaf = path
+        holder = full
+        for part in parents:
+            holder = holder.get(part) or {}
+        value = holder.get(leaf)
+        if not isinstance(value, str) or not value:
+            continue
+        truncated.append(".".join(path))
+        full["truncated"] = truncated
+        # Cut by the overshoot, then again while it does not fit: an escaped character takes more room
+        # than its UTF-8 bytes (a quote takes two).
+        keep = len(value.encode())
+        while keep > 0 and _size(full) > limit:
+            keep = max(0, keep - (_size(full) - limit))
+            holder[leaf] = truncate_utf8(value, keep)
+    text = _dumps(full)
     if len(text.encode()) > limit:
         raise ValueError(f"compact record is {len(text.encode())} bytes, over {limit}")
     return text
@@ -259,6 +309,9 @@ class CompactRecord(_Common):
     post: SummaryMetrics | None = None
     attempt_count: int = 0
     reasons_truncated: bool = False
+    truncated: list[str] = Field(
+        default_factory=list, description="Fields shortened to fit the termination message (dotted camelCase)."
+    )
 
 
 def result_json_schema() -> dict[str, Any]:

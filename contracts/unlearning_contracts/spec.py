@@ -7,21 +7,33 @@ with them again, and ``unlearn run`` reads the very manifest a user would
 ``kubectl apply``. Every field carries a description because those
 descriptions become what ``kubectl explain unlearningrequest.spec`` prints.
 
+Every request is written by a tenant we do not trust, so validation is
+strict: no type is coerced (``true`` is not the index 1, ``"17"`` is not 17),
+unknown fields are refused at every level (a ``data:`` block written beside
+``spec`` instead of under it is an error, not ignored), at least one gate is
+set (a verdict with no gate would be Passed whatever the audit measured), and
+every string that reaches the result record or a file system is bounded in
+bytes, not characters (the compact record must fit the kubelet's 4 KiB; a
+path component over 255 bytes fails with ENAMETOOLONG). Manifest files are
+read by ``safe_yaml`` (bounded, no alias bombs, no duplicated keys).
+
 Pydantic and PyYAML only, like the rest of the contracts package: the
 operator image installs no torch, the job image no kopf.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from unlearning_contracts.api import API_GROUP_VERSION
+from unlearning_contracts.safe_yaml import YamlInputError, load_document, read_text
 
 # Job names are "<request>-<attempt hash>" and pod names add the Job
 # controller's 6-character suffix; 63 characters is the label-value limit, so
@@ -34,6 +46,32 @@ DEFAULT_VOLUME_ROOT = "/volumes"
 
 # Kubernetes object names (RFC 1123 DNS label) for PVCs and models.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Object names in metadata.name (RFC 1123 DNS subdomain, at most 253 characters).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+# Bounds in UTF-8 bytes of the strings that reach a file system or the result
+# record (the compact record must fit 4 KiB however a tenant fills them; see
+# unlearning_contracts.record.compact and its worst-case test).
+MAX_PATH_BYTES = 1024
+MAX_PATH_COMPONENT_BYTES = 255  # NAME_MAX: a longer file or folder name fails with ENAMETOOLONG
+MAX_REQUEST_ID_BYTES = 128
+MAX_IMAGE_BYTES = 512
+
+
+def utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_text(value: str, max_bytes: int) -> str:
+    """A string that reaches a record or a file system: no control characters, at most ``max_bytes`` in UTF-8."""
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"must not contain control characters (found U+{ord(char):04X})")
+    size = utf8_length(value)
+    if size > max_bytes:
+        raise ValueError(f"is {size} bytes in UTF-8, over the limit of {max_bytes}: shorten it")
+    return value
+
 
 Method = Literal["gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain"]
 METHODS: tuple[str, ...] = ("gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain")
@@ -49,6 +87,9 @@ class _Model(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        # No coercion: YAML `true` is not the index 1, "17" is not 17, 3.0 is not 3.
+        # (A whole number is still a valid float: `lr: 1` means 1.0.)
+        strict=True,
     )
 
 
@@ -76,6 +117,13 @@ class Location(_Model):
     def _no_parent_escape(cls, value: str) -> str:
         if ".." in Path(value).parts:
             raise ValueError("path must not contain '..' (it could escape the volume)")
+        check_text(value, MAX_PATH_BYTES)
+        for part in Path(value).parts:
+            if utf8_length(part) > MAX_PATH_COMPONENT_BYTES:
+                raise ValueError(
+                    f"path has a file or folder name of {utf8_length(part)} bytes, over the file-system limit of "
+                    f"{MAX_PATH_COMPONENT_BYTES}: shorten it"
+                )
         return value
 
     @property
@@ -301,7 +349,7 @@ class MethodSpec(_Model):
 
 
 class GatesSpec(_Model):
-    """Acceptance gates: every gate set here must hold for the verdict Passed."""
+    """Acceptance gates: every gate set here must hold for the verdict Passed. At least one must be set."""
 
     max_forget_accuracy: float | None = Field(
         default=None, ge=0.0, le=100.0, description="Highest forget-set accuracy (percent) after unlearning."
@@ -330,6 +378,15 @@ class GatesSpec(_Model):
         le=1.0,
         description="Largest cross-validated accuracy of a classifier on confidence vectors (0.5 is chance).",
     )
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> GatesSpec:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError(
+                "every gate is null, so the verdict would be Passed whatever the audit measured: "
+                "set at least one (for example maxMiaAuc: 0.6)"
+            )
+        return self
 
 
 class TuningSpec(_Model):
@@ -368,7 +425,7 @@ class JobSpec(_Model):
     """How the GPU Job runs. Unset fields take the operator's defaults."""
 
     image: str | None = Field(
-        default=None, max_length=512, description="Job image; must be in the operator's allow-list."
+        default=None, max_length=MAX_IMAGE_BYTES, description="Job image; must be in the operator's allow-list."
     )
     gpus: int | None = Field(default=None, ge=0, le=64, description="nvidia.com/gpu per pod.")
     cpu: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?m?$", description="CPU request and limit.")
@@ -387,6 +444,11 @@ class JobSpec(_Model):
     active_deadline_seconds: int | None = Field(
         default=None, ge=60, le=7 * 24 * 3600, description="Wall-clock limit of the Job."
     )
+
+    @field_validator("image")
+    @classmethod
+    def _image_bytes(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, MAX_IMAGE_BYTES)
 
 
 class UnlearningRequestSpec(_Model):
@@ -407,16 +469,36 @@ class UnlearningRequestSpec(_Model):
     output: OutputSpec = Field(description="Where the new model version goes.")
     job: JobSpec = Field(default_factory=JobSpec, description="Job resources and placement (cluster only).")
 
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_bytes(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, MAX_REQUEST_ID_BYTES)
+
+
+class ObjectMeta(BaseModel):
+    """The part of an object's metadata the job reads; the rest (labels, annotations, ...) is ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    name: str = Field(
+        default="local", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="The request's name."
+    )
+    namespace: str = Field(
+        default="default", min_length=1, max_length=63, pattern=DNS_LABEL, description="The request's namespace."
+    )
+    uid: str | None = Field(
+        default=None, max_length=64, pattern=r"^[0-9A-Za-z-]+$", description="The request's uid (set by the operator)."
+    )
+
 
 class Manifest(_Model):
-    """A whole UnlearningRequest object as written in a YAML file."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+    """A whole UnlearningRequest object as written in a YAML file (or read back with ``kubectl get -o yaml``)."""
 
     api_version: str = Field(description="unlearn.dev/v1alpha1")
     kind: Literal["UnlearningRequest"] = Field(description="UnlearningRequest")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Object metadata.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Object metadata.")
     spec: UnlearningRequestSpec
+    status: dict[str, Any] | None = Field(default=None, description="Ignored: what the operator reported.")
 
     @field_validator("api_version")
     @classmethod
@@ -427,11 +509,11 @@ class Manifest(_Model):
 
     @property
     def name(self) -> str:
-        return str(self.metadata.get("name", "local"))
+        return self.metadata.name
 
     @property
     def namespace(self) -> str:
-        return str(self.metadata.get("namespace", "default"))
+        return self.metadata.namespace
 
     @property
     def request_id(self) -> str:
@@ -442,15 +524,48 @@ class SpecError(ValueError):
     """An invalid request; the message names the field and what to change."""
 
 
+MAX_ERROR_BYTES = 1000
+"""A SpecError's message is one line of at most this many bytes (it ends up in the termination message)."""
+
+
+def _problem(item: Any, prefix: str) -> str:
+    loc = ".".join(str(part) for part in item["loc"] if part != "__root__")
+    where = f"{prefix}.{loc}" if loc else prefix
+    if len(where) > 160:  # a tenant's unknown key can be any length
+        where = where[:160] + "..."
+    if item["type"] == "extra_forbidden":
+        if prefix == "manifest" and len(item["loc"]) == 1:
+            return (
+                f"{where}: unknown top-level field: the request's fields go under spec "
+                "(top level: apiVersion, kind, metadata, spec)"
+            )
+        return (
+            f"{where}: unknown field: check its spelling and indentation "
+            "(kubectl explain unlearningrequest.spec lists the fields)"
+        )
+    message = re.sub(r"^Value error, ", "", item["msg"])
+    got = item.get("input")
+    if item["type"].endswith("_type") and (got is None or isinstance(got, (bool, int, float, str))):
+        shown = json.dumps(got, ensure_ascii=False)
+        message += f" (got {shown if len(shown) <= 40 else shown[:40] + '...'})"
+    return f"{where}: {message}"
+
+
 def describe_validation_error(error: ValidationError, prefix: str = "spec") -> str:
-    """One line per problem, each naming the field path the user must change."""
-    lines = []
-    for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"] if part != "__root__")
-        where = f"{prefix}.{loc}" if loc else prefix
-        message = re.sub(r"^Value error, ", "", item["msg"])
-        lines.append(f"{where}: {message}")
-    return "; ".join(lines)
+    """One line naming each problem's field path and what to change, at most MAX_ERROR_BYTES long."""
+    problems = [_problem(item, prefix) for item in error.errors()]
+    text = "; ".join(problems)
+    if len(text.encode()) <= MAX_ERROR_BYTES:
+        return text
+    shown: list[str] = []
+    for problem in problems:
+        candidate = "; ".join([*shown, problem])
+        if len(candidate.encode()) > MAX_ERROR_BYTES - 40:
+            break
+        shown.append(problem)
+    if not shown:
+        return problems[0].encode()[: MAX_ERROR_BYTES - 3].decode(errors="ignore") + "..."
+    return "; ".join(shown) + f"; and {len(problems) - len(shown)} more problem(s)"
 
 
 def parse_spec(raw: dict[str, Any]) -> UnlearningRequestSpec:
@@ -472,15 +587,11 @@ def parse_manifest(raw: Any) -> Manifest:
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read a manifest file; a missing or unreadable file is a SpecError naming it."""
+    """Read a manifest file (see safe_yaml: bounded, one document, every key once) or raise SpecError."""
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise SpecError(f"{path}: cannot read the manifest ({error.strerror})") from None
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML ({error})") from None
-    if len(documents) != 1:
-        raise SpecError(f"{path}: expected exactly one UnlearningRequest document, found {len(documents)}")
-    return parse_manifest(documents[0])
+        document = load_document(read_text(path), str(path))
+    except YamlInputError as error:
+        raise SpecError(str(error)) from None
+    if document is None:
+        raise SpecError(f"{path}: empty: expected one UnlearningRequest document")
+    return parse_manifest(document)

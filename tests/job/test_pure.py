@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from unlearn import audit, fit, gates, tuning
 from unlearn.data import declared_split, load_forget_indices
@@ -152,9 +153,12 @@ def test_gates(gate_values: dict[str, float], post: dict[str, float], passed: bo
     assert verdict.failed_kinds() == ({kind} if kind else set())
 
 
-def test_no_gates_set_passes_and_every_set_gate_is_checked() -> None:
-    none = GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaAuc": None})
-    assert gates.evaluate(none, _result(), _result(mia_auc=0.99)).passed
+def test_every_set_gate_is_checked_and_at_least_one_must_be_set() -> None:
+    with pytest.raises(ValidationError, match="every gate is null, so the verdict would be Passed"):
+        GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaAuc": None})
+    one = GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaAuc": 0.6})
+    assert gates.evaluate(one, _result(), _result(mia_auc=0.59)).passed
+    assert not gates.evaluate(one, _result(), _result(mia_auc=0.61)).passed
     both = gates.evaluate(GatesSpec(), _result(), _result(mia_auc=0.9, test_accuracy=80.0))
     assert len(both.reasons) == 2
     assert both.failed_kinds() == {"forgetting", "utility"}
