@@ -545,7 +545,8 @@ def _problem(item: Any, prefix: str) -> str:
         )
     message = re.sub(r"^Value error, ", "", item["msg"])
     got = item.get("input")
-    if item["type"].endswith("_type") and (got is None or isinstance(got, (bool, int, float, str))):
+    shows_input = item["type"].endswith("_type") or item["type"] in ("literal_error", "enum")
+    if shows_input and (got is None or isinstance(got, (bool, int, float, str))):
         shown = json.dumps(got, ensure_ascii=False)
         message += f" (got {shown if len(shown) <= 40 else shown[:40] + '...'})"
     return f"{where}: {message}"

@@ -1,23 +1,35 @@
 """The ``unlearn`` command: ``run`` a request manifest, the ``demo``, and ``prepare-demo``.
 
-In a pod the operator runs exactly
-``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --model-version N``
-and reads the compact record from ``/dev/termination-log``. The exit code says
+In a pod the operator runs
+``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --model-version N --require-claims``
+with the allowed factory modules in ``UNLEARN_ALLOWED_FACTORY_MODULES``, and
+reads the compact record from ``/dev/termination-log``. The exit code says
 what happened (see ``unlearning_contracts.record``): 0 Passed, 3 gates Failed, 4 invalid
 input (both never retried), anything else an unexpected, retryable error.
+
+``run`` validates the manifest and runs the preflight checks (preflight.py)
+before it imports torch: a wrong apiVersion, a missing file or a factory the
+admin did not allow is answered in a fraction of a second, not after seconds
+of importing torch and a gigabyte of memory.
 """
 
-# Torch, matplotlib and the job load lazily, so `unlearn --help` and manifest errors stay instant.
+# Torch, matplotlib and the job load lazily, so `unlearn --help` and refusals stay instant.
 # ruff: noqa: PLC0415
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+from unlearn import preflight
+from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
+from unlearn.errors import InvalidInputError
+from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, parse_allowed_modules
 from unlearning_contracts.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord, numbers
 from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
 
@@ -35,7 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     run.formatter_class = argparse.RawDescriptionHelpFormatter
     run.add_argument("manifest", type=Path, help="an UnlearningRequest YAML file (the one you would kubectl apply)")
     _run_options(run)
-    run.add_argument("--model-version", type=int, default=None, help="version N of the output (default: next free)")
+    run.add_argument(
+        "--model-version",
+        type=int,
+        default=None,
+        help="version N of the output (default: next free); a published version is never replaced",
+    )
+    run.add_argument(
+        "--require-claims",
+        action="store_true",
+        help="refuse a location without claimName (the operator's Job passes it: a plain path in a pod "
+        "would be the container's own file system)",
+    )
 
     demo = sub.add_parser("demo", help="train (or reuse) the digits model and run the example request locally")
     demo.add_argument("--workdir", type=Path, default=None, help="cache folder (default: the user cache)")
@@ -65,6 +88,14 @@ def _run_options(parser: argparse.ArgumentParser, volume_root: bool = True) -> N
         help="compact record path (default: /dev/termination-log in a pod)",
     )
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of confidence histograms before/after")
+    parser.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="allow model.architecture.factory modules under PREFIX "
+        f"(repeatable; added to those in {ENV_ALLOWED_FACTORY_MODULES})",
+    )
 
 
 def _exit_codes() -> str:
@@ -101,10 +132,12 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _finish(outcome_record: ResultRecord, args: argparse.Namespace) -> int:
-    from unlearn.runner import default_termination_log, write_json, write_termination_message
+def _termination_log(args: argparse.Namespace) -> Path | None:
+    return args.termination_log if args.termination_log is not None else default_termination_log()
 
-    termination = args.termination_log if args.termination_log is not None else default_termination_log()
+
+def _finish(outcome_record: ResultRecord, args: argparse.Namespace) -> int:
+    termination = _termination_log(args)
     if termination is not None:
         write_termination_message(termination, outcome_record)
     if args.result is not None:
@@ -118,20 +151,55 @@ def _finish(outcome_record: ResultRecord, args: argparse.Namespace) -> int:
     return outcome_record.exit_code
 
 
-def _run_manifest(args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None) -> int:
-    from unlearn.runner import RunOptions, run
+def _refuse(args: argparse.Namespace, message: str) -> int:
+    """A manifest that cannot be parsed: one line, and the exit code and message where the operator reads them."""
+    print(f"error: {message}", file=sys.stderr)
+    termination = _termination_log(args)
+    if termination is not None:
+        write_refusal(termination, EXIT_INVALID_INPUT, message)
+    return EXIT_INVALID_INPUT
 
+
+def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
+    try:
+        from_env = parse_allowed_modules(os.environ.get(ENV_ALLOWED_FACTORY_MODULES, ""))
+    except ValueError as error:
+        raise InvalidInputError(f"{ENV_ALLOWED_FACTORY_MODULES}: {error}: the cluster admin sets it") from None
+    try:
+        from_flags = parse_allowed_modules(args.allow_factory)
+    except ValueError as error:
+        raise InvalidInputError(f"--allow-factory: {error}") from None
+    return from_env + from_flags
+
+
+def _run_manifest(
+    args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None, workdir: Path | None = None
+) -> int:
     try:
         manifest = load_manifest(manifest_path)
     except SpecError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if args.termination_log is not None:
-            args.termination_log.write_text(json.dumps({"exitCode": EXIT_INVALID_INPUT, "error": str(error)[:3000]}))
-        return EXIT_INVALID_INPUT
-    options = RunOptions(
-        volume_root=volume_root, device=args.device, model_version=version, progress=sys.stderr.isatty()
+        return _refuse(args, str(error))
+    if workdir is not None:
+        from unlearn.demo import clear_previous_output
+
+        clear_previous_output(manifest, volume_root, workdir)
+    options = preflight.RunOptions(
+        volume_root=volume_root,
+        device=args.device,
+        model_version=version,
+        progress=sys.stderr.isatty(),
+        require_claims=getattr(args, "require_claims", False),
     )
-    outcome = run(manifest, options)
+    draft = RecordDraft(manifest, options)
+    try:
+        options = dataclasses.replace(options, allowed_factories=_allowed_factories(args))
+        plan = preflight.check(manifest, options)
+    except InvalidInputError as error:
+        return _finish(draft.failed(EXIT_INVALID_INPUT, error), args)
+
+    from unlearn.runner import run  # torch from here on
+
+    outcome = run(manifest, options, plan=plan, draft=draft)
     if args.plot is not None and outcome.logits:
         from unlearn.plot import plot_confidence
 
@@ -167,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cpu_threads(0))  # the demo MLP is small: see cpu_threads
     model = ensure_demo_model(workdir)
     log.info("demo model %s", model)
-    # Version 1 every time: the demo is idempotent and its output folder does not grow.
-    return _run_manifest(args, args.manifest, workdir / "volumes", 1)
+    # Version 1 every time: the demo replaces its own previous output (in its cache folder only), so it is
+    # idempotent and its output folder does not grow; everywhere else a published version is never replaced.
+    return _run_manifest(args, args.manifest, workdir / "volumes", 1, workdir=workdir)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,27 @@ remaining rows in their original order, and the model must have been trained
 on exactly that split (``declared_split`` is what the demo uses too).
 
 Every failure is an ``InvalidInputError`` whose message names the field or file.
+Files are read through ``files.Place`` (regular files only, no link out of
+their claim, bounded). An ``.npz`` is read member by member: each array's
+header is checked against the bytes the member holds and against the memory
+the job may use before anything is allocated, so a truncated file or a
+header that claims 10^12 rows is bad input (exit 4), not a ``BadZipFile``
+or ``MemoryError`` crash that the Job would retry. Indices must be whole
+numbers as written: JSON ``true``, ``3.0`` or ``"17"`` is refused, and so is
+a text line that is not plain ASCII digits.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +42,14 @@ from sklearn.datasets import load_digits
 from torchvision import datasets, transforms
 
 from unlearn.errors import InvalidInputError
+from unlearn.files import Place, gib, memory_budget, resolve
 from unlearning_contracts.spec import DataSpec, ForgetSpec, Location
+
+# An index file holds at most one index per training sample; this much room per index (digits,
+# separators, a comment now and then) plus a fixed allowance bounds what is read.
+INDEX_FILE_BYTES_PER_SAMPLE = 32
+INDEX_FILE_BASE_BYTES = 64 * 1024
+_DIGITS = re.compile(r"[0-9]+")
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -84,8 +104,8 @@ def _check_arrays(x: Any, y: Any, where: str) -> Arrays:
         raise InvalidInputError(f"{where}: x has {len(x)} rows but y has {len(y)}: give one label per sample")
     if len(y) == 0:
         raise InvalidInputError(f"{where}: the data is empty")
-    if not np.issubdtype(x.dtype, np.number):
-        raise InvalidInputError(f"{where}: x must be numeric (float32), got dtype {x.dtype}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise InvalidInputError(f"{where}: x must be real numbers (float32), got dtype {x.dtype}")
     if not np.issubdtype(y.dtype, np.integer):
         raise InvalidInputError(f"{where}: y must hold integer class labels (int64), got dtype {y.dtype}")
     x32 = x.astype(np.float32, copy=False)
@@ -96,31 +116,67 @@ def _check_arrays(x: Any, y: Any, where: str) -> Arrays:
     return Arrays(np.ascontiguousarray(x32), y.astype(np.int64, copy=False))
 
 
-def _resolve_existing(location: Location, volume_root: Path, field: str) -> Path:
-    path = location.resolve(volume_root)
-    if not path.exists():
-        raise InvalidInputError(f"{field}: {location.uri} not found (looked at {path}): fix the path or claim")
-    return path
+def _npy_header(member: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise ValueError(f".npy format version {version} is not supported: save with numpy.savez")
+    return tuple(shape), dtype
 
 
-def _load_npz(path: Path, field: str) -> Arrays:
-    where = f"{field} {path}"
+def _npz_member(archive: zipfile.ZipFile, name: str, where: str, budget: int) -> npt.NDArray[Any]:
+    """One array of an .npz: its header checked against the member's size and the memory budget first."""
+    info = archive.getinfo(name)
+    with archive.open(info) as member:
+        shape, dtype = _npy_header(member)
+        header = member.tell()
+    array_name = name.removesuffix(".npy")
+    if dtype.hasobject:
+        raise InvalidInputError(f"{where}: {array_name} holds Python objects: save numeric arrays")
+    count = math.prod(shape)
+    declared = count * dtype.itemsize
+    held = info.file_size - header
+    if declared > held:
+        raise InvalidInputError(
+            f"{where}: {array_name} declares shape {shape} ({declared} bytes) but holds {max(held, 0)} bytes: "
+            "the file is truncated or corrupt"
+        )
+    needed = max(declared, count * 4)  # the float32 copy the job makes
+    if needed > budget:
+        raise InvalidInputError(
+            f"{where}: {array_name} needs {gib(needed)} in memory, more than the job may use ({gib(budget)}): "
+            "raise spec.job.memory or use less data"
+        )
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _load_npz(place: Place) -> Arrays:
+    where = place.where
+    budget = memory_budget()
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise InvalidInputError(f"{where}: the .npz needs arrays named x and y, found {sorted(archive.files)}")
-            x, y = archive["x"], archive["y"]
+        with place.open() as handle, zipfile.ZipFile(handle) as archive:
+            members = {n.removesuffix(".npy"): n for n in archive.namelist() if n.endswith(".npy")}
+            if "x" not in members or "y" not in members:
+                raise InvalidInputError(f"{where}: the .npz needs arrays named x and y, found {sorted(members)}")
+            x = _npz_member(archive, members["x"], where, budget)
+            y = _npz_member(archive, members["y"], where, budget)
     except InvalidInputError:
         raise
-    except (OSError, ValueError) as error:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError) as error:
         raise InvalidInputError(f"{where}: cannot read as .npz ({_first_line(error)})") from None
     return _check_arrays(x, y, where)
 
 
-def _load_image_folder(path: Path, field: str) -> Arrays:
-    where = f"{field} {path}"
+def _load_image_folder(place: Place) -> Arrays:
+    where = place.where
+    place.require_folder()
+    place.check_tree()
     try:
-        folder = datasets.ImageFolder(str(path), transform=transforms.ToTensor())
+        folder = datasets.ImageFolder(str(place.real()), transform=transforms.ToTensor())
     except (OSError, FileNotFoundError, RuntimeError) as error:
         raise InvalidInputError(
             f"{where}: not an image folder with one sub-folder per class ({_first_line(error)})"
@@ -129,7 +185,7 @@ def _load_image_folder(path: Path, field: str) -> Arrays:
     for i in range(len(folder)):
         try:
             image, label = folder[i]
-        except OSError as error:
+        except (OSError, ValueError) as error:  # PIL: a corrupt image, or a decompression bomb
             raise InvalidInputError(f"{where}: cannot read {folder.samples[i][0]} ({_first_line(error)})") from None
         xs.append(image.numpy())
         ys.append(label)
@@ -139,21 +195,23 @@ def _load_image_folder(path: Path, field: str) -> Arrays:
     return _check_arrays(np.stack(xs), np.asarray(ys, dtype=np.int64), where)
 
 
-def _load_torchvision(path: Path, name: str, train: bool, field: str) -> Arrays:
+def _load_torchvision(place: Place, name: str, train: bool) -> Arrays:
     """A torchvision dataset folder, read from its arrays (never downloaded), scaled to [0, 1]."""
-    where = f"{field} {path}"
+    where = place.where
     cls = getattr(datasets, name, None)
-    if cls is None:
+    if not isinstance(cls, type) or not issubclass(cls, datasets.VisionDataset):
         raise InvalidInputError(
             f"data.torchvisionDataset: torchvision has no dataset {name!r} (for example CIFAR10, MNIST)"
         )
+    place.require_folder()
+    place.check_tree()
     try:
-        dataset = cls(str(path), train=train, download=False)
+        dataset = cls(str(place.real()), train=train, download=False)
     except TypeError:
         raise InvalidInputError(
             f"data.torchvisionDataset: {name} has no train/test split argument: use image-folder"
         ) from None
-    except (RuntimeError, OSError) as error:
+    except (RuntimeError, OSError, ValueError) as error:
         raise InvalidInputError(
             f"{where}: no {name} files there ({_first_line(error)}); download=False at run time"
         ) from None
@@ -168,13 +226,13 @@ def _load_torchvision(path: Path, name: str, train: bool, field: str) -> Arrays:
 
 
 def _load_source(spec: DataSpec, location: Location, volume_root: Path, field: str, train: bool) -> Arrays:
-    path = _resolve_existing(location, volume_root, field)
+    place = resolve(location, volume_root, field)
     if spec.source == "npz":
-        return _load_npz(path, field)
+        return _load_npz(place)
     if spec.source == "image-folder":
-        return _load_image_folder(path, field)
+        return _load_image_folder(place)
     assert spec.torchvision_dataset is not None  # the spec enforces it
-    return _load_torchvision(path, spec.torchvision_dataset, train, field)
+    return _load_torchvision(place, spec.torchvision_dataset, train)
 
 
 def load_data(spec: DataSpec, volume_root: Path) -> LoadedData:
@@ -198,52 +256,72 @@ def load_data(spec: DataSpec, volume_root: Path) -> LoadedData:
     return LoadedData(full.take(train_rows), full.take(test_rows), f"{spec.source} {spec.train.uri} (split)")
 
 
-def _read_index_file(path: Path, field: str) -> list[Any]:
+def index_file_limit(n_train: int) -> int:
+    """The most bytes an index file for ``n_train`` training samples can need."""
+    return INDEX_FILE_BASE_BYTES + INDEX_FILE_BYTES_PER_SAMPLE * n_train
+
+
+def _read_index_file(place: Place, n_train: int) -> list[int]:
+    where = place.where
+    data = place.read_bytes(index_file_limit(n_train))
     try:
-        if path.suffix == ".npy":
-            values: Any = np.load(path, allow_pickle=False)
-            if values.ndim != 1:
-                raise InvalidInputError(f"{field} {path}: expected a 1-D array of indices, got shape {values.shape}")
-            if not np.issubdtype(values.dtype, np.integer):
-                raise InvalidInputError(f"{field} {path}: indices must be integers, got dtype {values.dtype}")
+        if place.path.suffix == ".npy":
+            buffer = io.BytesIO(data)
+            shape, dtype = _npy_header(buffer)
+            if len(shape) != 1:
+                raise InvalidInputError(f"{where}: expected a 1-D array of indices, got shape {shape}")
+            if not np.issubdtype(dtype, np.integer):
+                raise InvalidInputError(f"{where}: indices must be integers, got dtype {dtype}")
+            if shape[0] * dtype.itemsize > len(data) - buffer.tell():
+                raise InvalidInputError(f"{where}: declares {shape[0]} indices but holds fewer: truncated or corrupt")
+            buffer.seek(0)
+            values: Any = np.load(buffer, allow_pickle=False)
             return [int(v) for v in values]
-        text = path.read_text()
-        if path.suffix == ".json":
+        text = data.decode("utf-8")
+        if place.path.suffix == ".json":
             values = json.loads(text)
             if not isinstance(values, list):
-                raise InvalidInputError(f"{field} {path}: expected a JSON list of indices")
-            return list(values)
-        return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+                raise InvalidInputError(f"{where}: expected a JSON list of indices")
+            return [_json_index(v, where) for v in values]
+        lines = (line.strip() for line in text.splitlines())
+        return [_text_index(line, where) for line in lines if line and not line.startswith("#")]
     except InvalidInputError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise InvalidInputError(f"{field} {path}: cannot read the indices ({_first_line(error)})") from None
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"{where}: not UTF-8 text (byte {error.start}): write one index per line") from None
+    except (ValueError, EOFError, RecursionError) as error:
+        raise InvalidInputError(f"{where}: cannot read the indices ({_first_line(error)})") from None
 
 
-def _as_int(value: Any, field: str) -> int:
-    if isinstance(value, bool):
-        raise InvalidInputError(f"{field}: {value!r} is not an index: use whole numbers")
-    if isinstance(value, int):
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (bool, int, float, str)) or value is None else type(value).__name__
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _json_index(value: Any, where: str) -> int:
+    # bool is an int in Python: JSON true must not become the index 1.
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-    raise InvalidInputError(f"{field}: {value!r} is not an index: use whole numbers")
+    raise InvalidInputError(f'{where}: {_shown(value)} is not an index: write whole numbers (17, not 17.0 or "17")')
+
+
+def _text_index(line: str, where: str) -> int:
+    # Plain ASCII digits: int() would also take "+17", "1_7" and other scripts' digits.
+    if _DIGITS.fullmatch(line):
+        return int(line)
+    raise InvalidInputError(f"{where}: {_shown(line)} is not an index: write one whole number per line")
 
 
 def load_forget_indices(spec: ForgetSpec, n_train: int, volume_root: Path) -> IntArray:
     """Validated forget indices (sorted, unique, in range, within forget.maxShare)."""
     if spec.indices is not None:
         field = "forget.indices"
-        raw: list[Any] = list(spec.indices)
+        indices = list(spec.indices)  # whole numbers already: the spec is strict
     else:
         assert spec.indices_file is not None  # the spec enforces exactly one
-        path = _resolve_existing(spec.indices_file, volume_root, "forget.indicesFile")
-        field = f"forget.indicesFile {path}"
-        raw = _read_index_file(path, "forget.indicesFile")
-    indices = [_as_int(v, field) for v in raw]
+        place = resolve(spec.indices_file, volume_root, "forget.indicesFile")
+        field = place.where
+        indices = _read_index_file(place, n_train)
     if not indices:
         raise InvalidInputError(f"{field}: the forget set is empty: name at least one training sample")
     seen: set[int] = set()

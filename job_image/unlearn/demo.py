@@ -21,7 +21,8 @@ from torch import nn
 
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.engine import Context, TensorSet, descend
-from unlearn.model_io import atomic_write
+from unlearn.files import atomic_write, resolve, within
+from unlearning_contracts.spec import Manifest
 
 DEMO_MODEL = Path("digits") / "digits-mlp.pt2"
 
@@ -107,3 +108,12 @@ def ensure_demo_model(workdir: Path) -> Path:
     prepare_demo(models_root)
     stamp.write_text(json.dumps(wanted, sort_keys=True))
     return model
+
+
+def clear_previous_output(manifest: Manifest, volume_root: Path, workdir: Path) -> None:
+    """Remove the demo's own version 1 (model and records), only when the output folder lies in its cache."""
+    folder = resolve(manifest.spec.output.location, volume_root, "output.location").real()
+    if not within(folder, workdir.resolve()) or not folder.is_dir():
+        return
+    for path in folder.glob(f"{manifest.spec.model.name}-v1.*"):
+        path.unlink()

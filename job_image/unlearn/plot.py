@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unlearn.audit import max_softmax
-from unlearn.model_io import atomic_write
+from unlearn.files import atomic_write
 
 
 def plot_confidence(logits: dict[str, npt.NDArray[np.float32]], dest: Path, title: str = "") -> None:

@@ -2,16 +2,23 @@
 
 A recipe in three phases, read top to bottom in ``Recipe.run``:
 
-* ``prepare``: resolve the config (logged, and saved in the record), load
-  data, forget set and model, check that they fit (fit.py; every problem is
-  ``InvalidInputError``), put the sets on the device -> ``Inputs``;
+* ``prepare``: the preflight checks (preflight.py: allow-list, locations,
+  version; the CLI ran them before importing torch), resolve the config
+  (logged, and saved in the record), load data, forget set and model, check
+  that they fit (fit.py; every problem is ``InvalidInputError``), put the
+  sets on the device -> ``Inputs``;
 * ``attempts``: audit the original once, then per attempt restore the
   original weights, unlearn, audit, check the gates; the tuner decides the
   next attempt -> ``Attempts`` (the last one is the one reported);
-* ``publish``: on Passed, write the new model version atomically and the
-  record beside it; on Failed, write only the record
-  (``<name>-v<N>.failed.json``) so that nothing an operator could promote
-  exists. The CLI then writes the compact record to the termination-message path.
+* ``publish``: on Passed, serialise the new model version in memory, build
+  its record and the compact record from it (so a record that cannot be
+  reported fails *before* anything is published), then publish model and
+  record together without ever replacing a file (files.OutputFolder); on
+  Failed, write only the record (``<name>-v<N>.failed.json``) so that
+  nothing an operator could promote exists. A full output claim ends with a
+  record that says so (exit 4: retrying cannot help until someone frees
+  space, and each retry would redo the whole run). The CLI then writes the
+  compact record to the termination-message path.
 
 Deciding is done by pure modules (fit, audit, gates, tuning); this one only
 wires them to files, devices and clocks.
@@ -23,26 +30,26 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
-import unlearn
-from unlearn import audit, fit, gates, tuning
+from unlearn import audit, fit, gates, preflight
 from unlearn.data import load_data, load_forget_indices
+from unlearn.draft import RecordDraft, json_bytes, one_line
 from unlearn.engine import Context, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError, InvalidInputError
-from unlearn.model_io import LoadedModel, atomic_write, load_model, reinitialise, save_model, sha256_file
+from unlearn.files import OutputSpaceError
+from unlearn.model_io import LoadedModel, load_model, reinitialise, serialize
+from unlearn.preflight import Plan, RunOptions, next_version
+from unlearn.tuning import Hyper, next_attempt
 from unlearning_contracts.record import (
     EXIT_GATES_FAILED,
     EXIT_INVALID_INPUT,
@@ -60,17 +67,10 @@ from unlearning_contracts.spec import Manifest
 log = logging.getLogger("unlearn")
 
 EXIT_UNEXPECTED = 1
-DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 SMALL_MODEL_PARAMETERS = 2_000_000
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    volume_root: Path = Path("/volumes")
-    device: str = "auto"
-    model_version: int | None = None
-    progress: bool = False
-    job_image: str = field(default_factory=lambda: os.environ.get("UNLEARN_JOB_IMAGE", ""))
+__all__ = ["Outcome", "RunOptions", "forget_digest", "next_version", "run"]
 
 
 @dataclass
@@ -86,27 +86,9 @@ class Outcome:
         return self.record.exit_code
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def forget_digest(indices: npt.NDArray[np.int64]) -> str:
     """sha256 of the sorted indices written as comma-separated decimals: identifies the set, names no one."""
     return hashlib.sha256(",".join(str(int(i)) for i in np.sort(indices)).encode()).hexdigest()
-
-
-_VERSION_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.(pt2|pt|pth|safetensors|ts|json)$")
-
-
-def next_version(folder: Path, name: str) -> int:
-    """One more than the highest published version in ``folder`` (v0 is the original)."""
-    highest = 0
-    if folder.is_dir():
-        for path in folder.iterdir():
-            match = _VERSION_FILE.match(path.name)
-            if match and match["name"] == name:
-                highest = max(highest, int(match["version"]))
-    return highest + 1
 
 
 def pick_device(requested: str) -> torch.device:
@@ -144,8 +126,9 @@ class Inputs:
 
     loaded: LoadedModel
     module: nn.Module
-    model_path: Path
-    hyper: tuning.Hyper
+    model_where: str
+    """``model.source <uri>``, for messages."""
+    hyper: Hyper
     ctx: Context
     forget: TensorSet
     retain: TensorSet
@@ -153,8 +136,6 @@ class Inputs:
     """The bounded samples the audit evaluates: forget, retain, heldout."""
     labels: dict[str, npt.NDArray[np.int64]]
     """Their labels on the host (the audit is numpy)."""
-    output_dir: Path
-    model_dest: Path
 
 
 @dataclass
@@ -175,38 +156,16 @@ class Attempts:
 class Recipe:
     """The state of one run; ``run`` fills the record phase by phase."""
 
-    def __init__(self, manifest: Manifest, options: RunOptions) -> None:
+    def __init__(
+        self, manifest: Manifest, options: RunOptions, plan: Plan | None = None, draft: RecordDraft | None = None
+    ) -> None:
         self.manifest = manifest
         self.options = options
         self.spec = manifest.spec
-        self.started = time.perf_counter()
-        self.fields: dict[str, Any] = {
-            "request_id": manifest.request_id,
-            "request_name": manifest.name,
-            "namespace": manifest.namespace,
-            "model": self.spec.model.name,
-            "method": self.spec.method.name,
-            "started_at": now(),
-            "job_image": options.job_image,
-            "code_version": unlearn.__version__,
-        }
-        self.durations: dict[str, float] = {}
-        self.outcome = Outcome(record=self._record("Failed", EXIT_UNEXPECTED))
-
-    def _record(self, verdict: Literal["Passed", "Failed"], exit_code: int, **extra: Any) -> ResultRecord:
-        durations = dict(self.durations)
-        durations["total"] = round(time.perf_counter() - self.started, 3)
-        return ResultRecord(
-            verdict=verdict,
-            exit_code=exit_code,
-            finished_at=now(),
-            duration_seconds=durations,
-            **self.fields,
-            **extra,
-        )
-
-    def _timed(self, phase: str, start: float) -> None:
-        self.durations[phase] = round(self.durations.get(phase, 0.0) + time.perf_counter() - start, 3)
+        self.plan = plan
+        self.draft = draft if draft is not None else RecordDraft(manifest, options)
+        self.fields = self.draft.fields
+        self.outcome = Outcome(record=self.draft.record("Failed", EXIT_UNEXPECTED))
 
     def run(self) -> Outcome:
         inputs = self.prepare()
@@ -216,14 +175,11 @@ class Recipe:
     # -- prepare ------------------------------------------------------------------------------------
     def prepare(self) -> Inputs:
         spec, options = self.spec, self.options
-        hyper = tuning.resolve(spec.method)
+        plan = self.plan = self.plan if self.plan is not None else preflight.check(self.manifest, options)
+        hyper = plan.hyper
         device = pick_device(options.device)
-        self.fields["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
-        output_dir = spec.output.location.resolve(options.volume_root)
-        version = (
-            options.model_version if options.model_version is not None else next_version(output_dir, spec.model.name)
-        )
-        self.fields["model_version"] = version
+        self.draft.set_device(str(device) if device.type != "cuda" else torch.cuda.get_device_name(device))
+        self.fields["model_version"] = plan.version
         self.fields["config"] = config = {
             "request": self.manifest.request_id,
             "model": spec.model.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -236,7 +192,7 @@ class Recipe:
             "output": spec.output.location.uri,
             "volumeRoot": str(options.volume_root),
             "device": str(device),
-            "modelVersion": version,
+            "modelVersion": plan.version,
         }
         log.info("config %s", json.dumps(config, sort_keys=True))
 
@@ -245,17 +201,8 @@ class Recipe:
         forget_idx = load_forget_indices(spec.forget, len(data.train), options.volume_root)
         self.fields["forget_samples"] = len(forget_idx)
         self.fields["forget_digest"] = forget_digest(forget_idx)
-        model_path = spec.model.source.resolve(options.volume_root)
-        loaded = load_model(spec.model, model_path)
-        self.fields["input_model"] = InputModel(uri=spec.model.source.uri, sha256=sha256_file(model_path))
-        model_dest = output_dir / f"{spec.model.name}-v{version}{loaded.suffix}"
-        fit.check_output(model_dest, model_path)
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InvalidInputError(f"output.location: cannot create {output_dir} ({error.strerror})") from None
-        if not os.access(output_dir, os.W_OK):
-            raise InvalidInputError(f"output.location: {output_dir} is not writable by the job (mount it read-write)")
+        loaded = load_model(spec.model, plan.model, options.allowed_factories)
+        self.fields["input_model"] = InputModel(uri=spec.model.source.uri, sha256=loaded.sha256)
         module = loaded.module.to(device)
         if device.type == "cpu":
             torch.set_num_threads(cpu_threads(sum(p.numel() for p in module.parameters())))
@@ -277,7 +224,7 @@ class Recipe:
         forget = TensorSet.from_numpy(data.train.x[forget_idx], data.train.y[forget_idx], device)
         retain = TensorSet.from_numpy(data.train.x[retain_mask], data.train.y[retain_mask], device)
         test = TensorSet.from_numpy(data.test.x, data.test.y, device)
-        self._timed("load", t)
+        self.draft.timed("load", t)
         log.info(
             "data %s: %d train (%d forget, %d retain), %d held-out, %d classes",
             data.description,
@@ -295,7 +242,7 @@ class Recipe:
             "heldout": test.take(torch.from_numpy(_bounded(len(test), limit, rng)).to(device)),
         }
         labels = {k: v.y.cpu().numpy() for k, v in audited.items()}
-        return Inputs(loaded, module, model_path, hyper, ctx, forget, retain, audited, labels, output_dir, model_dest)
+        return Inputs(loaded, module, plan.model.where, hyper, ctx, forget, retain, audited, labels)
 
     # -- attempts -----------------------------------------------------------------------------------
     def audit(self, inputs: Inputs, tag: str) -> AuditMetrics:
@@ -303,7 +250,7 @@ class Recipe:
         logits = {k: predict(inputs.module, v.x, inputs.ctx) for k, v in inputs.audited.items()}
         if not all(np.isfinite(v).all() for v in logits.values()):
             if tag == "pre":
-                raise InvalidInputError(f"model.source {inputs.model_path}: the model gives non-finite outputs")
+                raise InvalidInputError(f"{inputs.model_where}: the model gives non-finite outputs")
             raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
         for k in ("forget", "heldout"):
             self.outcome.logits[f"{tag}_{k}"] = logits[k]
@@ -320,13 +267,13 @@ class Recipe:
         spec, module = self.spec, inputs.module
         t = time.perf_counter()
         pre = self.audit(inputs, "pre")
-        self._timed("preAudit", t)
+        self.draft.timed("preAudit", t)
         self.fields["pre"] = pre
         log.info("pre-audit %s", _summary(pre))
 
         original = {k: v.detach().clone() for k, v in module.state_dict().items()}
         done = Attempts(pre=pre, tried=[], post=None, verdict=None)
-        current: tuning.Hyper | None = inputs.hyper
+        current: Hyper | None = inputs.hyper
         while current is not None and len(done.tried) < spec.tuning.max_attempts:
             if done.tried:
                 module.load_state_dict(original)
@@ -338,7 +285,7 @@ class Recipe:
                 run_method(module, inputs.forget, inputs.retain, current, inputs.ctx)
             except DivergedError as error:
                 diverged = str(error)
-            self._timed("unlearn", t)
+            self.draft.timed("unlearn", t)
             attempt_seconds = time.perf_counter() - t
             post: AuditMetrics | None = None
             if diverged is None:
@@ -347,7 +294,7 @@ class Recipe:
                     post = self.audit(inputs, "post")
                 except DivergedError as error:
                     diverged = str(error)
-                self._timed("postAudit", t)
+                self.draft.timed("postAudit", t)
             verdict: gates.Verdict | None = None
             if post is not None:
                 verdict = gates.evaluate(spec.gates, pre, post)
@@ -371,7 +318,7 @@ class Recipe:
             if done.passed:
                 break
             kinds: set[str] = set(verdict.failed_kinds()) if verdict is not None else set()
-            current = tuning.next_attempt(current, kinds, diverged=verdict is None)
+            current = next_attempt(current, kinds, diverged=verdict is None)
         last = done.tried[-1]
         self.fields["attempts"] = done.tried
         if done.post is not None:
@@ -384,31 +331,40 @@ class Recipe:
 
     # -- publish ------------------------------------------------------------------------------------
     def publish(self, inputs: Inputs, done: Attempts) -> Outcome:
-        """Passed: the new model version, then its record beside it. Failed: only the record."""
-        spec = self.spec
-        if done.passed:
-            t = time.perf_counter()
-            inputs.loaded.module = inputs.module.to("cpu")
-            save_model(inputs.loaded, inputs.model_dest)
-            self.fields["output_model"] = OutputModel(
-                uri=_join_uri(spec.output.location.uri, inputs.model_dest.name),
-                sha256=sha256_file(inputs.model_dest),
-                format=inputs.loaded.format,
-            )
-            self.outcome.model_path = inputs.model_dest
-            self._timed("save", t)
-        record = self._record("Passed" if done.passed else "Failed", EXIT_PASSED if done.passed else EXIT_GATES_FAILED)
-        suffix = ".json" if done.passed else ".failed.json"
-        record_path = inputs.output_dir / f"{spec.model.name}-v{self.fields['model_version']}{suffix}"
-        write_json(record_path, record.dump())
+        """Passed: the new model version and its record, together. Failed: only the record."""
+        plan = self.plan
+        assert plan is not None  # prepare settled it
+        if not done.passed:
+            record = self.draft.record("Failed", EXIT_GATES_FAILED)
+            compact(record)  # reportable, or fail here
+            try:
+                plan.output.publish([(plan.failed_file, json_bytes(record.dump()))], replace=True)
+                self.outcome.record_path = plan.output.place.path / plan.failed_file
+            except OutputSpaceError as error:
+                # The verdict stands (exit 3); the record still reaches the termination message and --result.
+                log.warning("the failed record was not written beside the model: %s", error)
+            self.outcome.record = record
+            return self.outcome
+        t = time.perf_counter()
+        inputs.loaded.module = inputs.module.to("cpu")
+        data = serialize(inputs.loaded)
+        output_model = OutputModel(
+            uri=_join_uri(self.spec.output.location.uri, plan.model_file),
+            sha256=hashlib.sha256(data).hexdigest(),
+            format=inputs.loaded.format,
+        )
+        self.draft.timed("save", t)
+        record = self.draft.record("Passed", EXIT_PASSED, output_model=output_model)
+        compact(record)  # built before anything is published: reporting cannot fail after publishing
+        plan.output.publish([(plan.model_file, data), (plan.record_file, json_bytes(record.dump()))])
+        self.fields["output_model"] = output_model
         self.outcome.record = record
-        self.outcome.record_path = record_path
+        self.outcome.model_path = plan.output.place.path / plan.model_file
+        self.outcome.record_path = plan.output.place.path / plan.record_file
         return self.outcome
 
-    def fail(self, exit_code: int, error: str) -> Outcome:
-        extra: dict[str, Any] = {"error": error, "reasons": [error]}
-        self.fields.pop("reasons", None)
-        self.outcome.record = self._record("Failed", exit_code, **extra)
+    def fail(self, exit_code: int, error: BaseException | str) -> Outcome:
+        self.outcome.record = self.draft.failed(exit_code, error)
         self.outcome.model_path = None
         return self.outcome
 
@@ -421,34 +377,19 @@ def _summary(result: AuditMetrics) -> str:
     return ", ".join(f"{shown.label} {getattr(result, name):{shown.fmt}}" for name, _, shown, _ in numbers())
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def run(
+    manifest: Manifest, options: RunOptions, *, plan: Plan | None = None, draft: RecordDraft | None = None
+) -> Outcome:
+    """Run one request; never raises for bad input or divergence (see the record's exitCode).
 
-    atomic_write(path, write)
-
-
-def run(manifest: Manifest, options: RunOptions) -> Outcome:
-    """Run one request; never raises for bad input or divergence (see the record's exitCode)."""
-    recipe = Recipe(manifest, options)
+    ``plan`` and ``draft``: what the CLI's checks before torch settled (made here when not given).
+    """
+    recipe = Recipe(manifest, options, plan, draft)
     try:
         return recipe.run()
     except InvalidInputError as error:
-        message = str(error).splitlines()[0]
-        log.error("invalid input: %s", message)
-        return recipe.fail(EXIT_INVALID_INPUT, message)
+        log.debug("invalid input", exc_info=True)
+        return recipe.fail(EXIT_INVALID_INPUT, error)
     except Exception as error:  # the retryable class: crash, OOM, a bug; the record says which
         log.error("unexpected error:\n%s", traceback.format_exc())
-        first = (str(error).strip().splitlines() or [""])[0][:300]
-        return recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {first}")
-
-
-def write_termination_message(path: Path, record: ResultRecord) -> None:
-    """The compact record (<= 4 KiB) where the kubelet reads the termination message."""
-    path.write_text(compact(record))
-
-
-def default_termination_log() -> Path | None:
-    """``/dev/termination-log`` in a pod (it exists and is writable there), else nothing."""
-    path = DEFAULT_TERMINATION_LOG
-    return path if path.exists() and os.access(path, os.W_OK) else None
+        return recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {one_line(error)}")

@@ -111,6 +111,33 @@ def resolve(spec: MethodSpec) -> Hyper:
     )
 
 
+def idle_reason(hyper: Hyper) -> str | None:
+    """Why these settings would not unlearn anything (every epoch the method uses is 0), or None.
+
+    Such a run would audit the unchanged model and, with gates it passes
+    already, publish a copy as a new version that claims the samples were
+    forgotten. ``retrain`` with no epochs is worse: it would publish untrained
+    random weights. Refused up front (exit 4), before any data is loaded.
+    """
+    used = {
+        "gradient-ascent": ("forget", "retain"),
+        "neggrad-plus": ("forget",),  # its forget epochs are the passes of the joint loss
+        "scrub": ("forget", "retain"),
+        "salun": ("forget",),
+        "retrain": ("retain",),
+    }[hyper.method]
+    epochs = {"forget": hyper.forget_epochs, "retain": hyper.retain_epochs}
+    if any(epochs[stage] > 0 for stage in used):
+        return None
+    fields = " and ".join(f"method.{stage}.epochs" for stage in used)
+    verb = "are" if len(used) > 1 else "is"
+    if hyper.method == "retrain":
+        return f"{fields} {verb} 0: retrain would publish untrained random weights: give epochs"
+    if hyper.weight_noise > 0:
+        return None  # noise alone changes the model; the gates judge it
+    return f"{fields} {verb} 0: {hyper.method} would not change the model (a copy would be published): give epochs"
+
+
 def next_attempt(hyper: Hyper, failed_kinds: set[str], diverged: bool = False) -> Hyper | None:
     """Hyper-parameters of the next attempt, or None when no rule applies (stop retrying)."""
     if hyper.method == "retrain":

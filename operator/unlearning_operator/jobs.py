@@ -190,6 +190,8 @@ def build_job(
             root,
             "--model-version",
             str(output_version),
+            # Defence in depth beside the operator's own check: in a pod a plain path is the container's disk.
+            "--require-claims",
         ],
         "env": [
             {"name": "UNLEARN_JOB_IMAGE", "value": image},

@@ -94,6 +94,7 @@ def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
         "/volumes",
         "--model-version",
         "4",
+        "--require-claims",
     ]
     assert {"name": "UNLEARN_JOB_IMAGE", "value": SETTINGS.job_image} in c["env"]
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"

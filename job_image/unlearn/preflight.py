@@ -1,0 +1,163 @@
+"""Everything about a request that can be checked before torch is imported.
+
+``unlearn run`` validates the manifest (``unlearning_contracts.spec``), then
+calls ``check`` here, and only then imports torch and the runner: importing
+torch costs seconds and about a gigabyte, and none of these answers needs it.
+The runner calls ``check`` too when used as a library, so no path skips it.
+In order, each with the reason it comes where it does:
+
+1. **The factory allow-list**, before anything the request names is
+   imported (``unlearning_contracts.factories``): importing a module runs
+   its code.
+2. **The method does something**: settings whose epochs are all 0 would
+   publish a copy, or untrained weights (``tuning.idle_reason``).
+3. **Claims**: with ``require_claims`` (the operator's Job passes
+   ``--require-claims``) every location must name a claim: in a pod a plain
+   path points into the container's own file system, and a lineage would
+   point into a finished pod's ``/tmp``. Locally, plain paths are fine.
+4. **Inputs exist where they should**: the model, the data and the index
+   file, each a regular file (or a folder for image folders and torchvision
+   datasets) inside its claim (``files``).
+5. **The output**: a folder the job may write (or create) inside its claim,
+   and a version that is not published yet: ``--model-version N`` when
+   version N exists is refused instead of replacing it, and so is an output
+   that would be the input model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unlearn import tuning
+from unlearn.errors import InvalidInputError
+from unlearn.files import OutputFolder, Place, resolve
+from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, factory_allowed, factory_module
+from unlearning_contracts.spec import Location, Manifest, ModelFormat
+
+EXPORTED_SUFFIX = ".pt2"
+VERSION_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.(pt2|pt|pth|safetensors|ts|json)$")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    volume_root: Path = Path("/volumes")
+    device: str = "auto"
+    model_version: int | None = None
+    progress: bool = False
+    job_image: str = field(default_factory=lambda: os.environ.get("UNLEARN_JOB_IMAGE", ""))
+    allowed_factories: tuple[str, ...] = ()
+    """Module prefixes an architecture factory may come from (``unlearning_contracts.factories``)."""
+    require_claims: bool = False
+    """Every location must name a claim (in a pod: a plain path would be the container's own file system)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the checks settled: the resolved method, and where the new version goes under which names."""
+
+    hyper: tuning.Hyper
+    model: Place
+    output: OutputFolder
+    version: int
+    model_file: str
+    """File name of the new version (``<name>-v<N>.<ext>``, the input's format and extension)."""
+
+    @property
+    def record_file(self) -> str:
+        return self.model_file.rsplit(".", 1)[0] + ".json"
+
+    @property
+    def failed_file(self) -> str:
+        return self.model_file.rsplit(".", 1)[0] + ".failed.json"
+
+
+def next_version(folder: Path, name: str) -> int:
+    """One more than the highest published version in ``folder`` (v0 is the original)."""
+    highest = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = VERSION_FILE.match(path.name)
+            if match and match["name"] == name:
+                highest = max(highest, int(match["version"]))
+    return highest + 1
+
+
+def model_suffix(model_format: ModelFormat, source: Path) -> str:
+    """The extension of a model file written in ``model_format`` from ``source`` (the input's own)."""
+    return EXPORTED_SUFFIX if model_format == "exported" else (source.suffix or ".pt")
+
+
+def refuse_factory(factory: str) -> InvalidInputError:
+    """The error for a factory whose module the cluster admin did not allow."""
+    return InvalidInputError(
+        f"model.architecture.factory: module {factory_module(factory)} is not allowed: the cluster admin allows "
+        f"factory modules by prefix (the operator passes them in {ENV_ALLOWED_FACTORY_MODULES}; locally "
+        f"unlearn run --allow-factory {factory_module(factory)})"
+    )
+
+
+def _claimed(location: Location | None, field_name: str, require: bool) -> None:
+    if require and location is not None and location.claim_name is None:
+        raise InvalidInputError(
+            f"{field_name}: {location.uri} names no claim: in a cluster every location is a path inside a "
+            "PersistentVolumeClaim: set claimName"
+        )
+
+
+def check(manifest: Manifest, options: RunOptions) -> Plan:
+    """Run the checks of the module doc in order; the first problem is an InvalidInputError (exit 4)."""
+    spec = manifest.spec
+    arch = spec.model.architecture
+    if arch is not None and arch.factory is not None and not factory_allowed(arch.factory, options.allowed_factories):
+        raise refuse_factory(arch.factory)
+
+    hyper = tuning.resolve(spec.method)
+    idle = tuning.idle_reason(hyper)
+    if idle is not None:
+        raise InvalidInputError(idle)
+
+    locations = {
+        "model.source": spec.model.source,
+        "data.train": spec.data.train,
+        "data.test": spec.data.test,
+        "forget.indicesFile": spec.forget.indices_file,
+        "output.location": spec.output.location,
+    }
+    for name, location in locations.items():
+        _claimed(location, name, options.require_claims)
+
+    root = options.volume_root
+    model = resolve(spec.model.source, root, "model.source")
+    model.require_file()
+    for name in ("data.train", "data.test"):
+        location = locations[name]
+        if location is not None:
+            place = resolve(location, root, name)
+            if spec.data.source == "npz":
+                place.require_file()
+            else:
+                place.require_folder()
+    if spec.forget.indices_file is not None:
+        resolve(spec.forget.indices_file, root, "forget.indicesFile").require_file()
+
+    output = OutputFolder(resolve(spec.output.location, root, "output.location"))
+    output.check()
+    folder = output.place.real()
+    version = options.model_version if options.model_version is not None else next_version(folder, spec.model.name)
+    model_file = f"{spec.model.name}-v{version}{model_suffix(spec.model.format, model.path)}"
+    plan = Plan(hyper=hyper, model=model, output=output, version=version, model_file=model_file)
+    if folder / model_file == model.real():
+        raise InvalidInputError(
+            f"output.location: {output.place.uri}/{model_file} would overwrite the input model: choose another folder"
+        )
+    for name in (plan.model_file, plan.record_file):
+        if output.exists(name):
+            raise InvalidInputError(
+                f"--model-version {version}: version {version} of {spec.model.name} is already published "
+                f"({output.place.uri}/{name}): a published version is never replaced; leave --model-version out "
+                "to take the next free one"
+            )
+    return plan
