@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "gpu-throughput": ("bench.gpu_throughput", "ResNet-18 on CIFAR-shaped tensors on a GPU (samples/s, AMP)"),
     "throughput": ("bench.throughput", "the tutorial's loop against the engine on the same work (CPU)"),
     "operator-scale": ("bench.operator_scale", "100 and 500 requests at once against the operator"),
+    "refusal": ("bench.refusal", "what `unlearn run` costs to refuse a bad request (wall, CPU, peak memory)"),
 }
 
 

@@ -255,6 +255,33 @@ def test_an_allowed_factory_is_imported_and_a_refused_one_is_not(demo_root: Path
         assert (done.returncode == EXIT_INVALID_INPUT) is not imported, done.stderr[-2000:]
 
 
+def test_a_record_that_cannot_be_reported_publishes_nothing(
+    demo_root: Path, tmp_path: Path, run_cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compact record is built before anything is published (the spec's byte bounds make it always fit)."""
+
+    def too_big(record: Any) -> str:
+        raise ValueError("compact record is 5000 bytes, over 4096")
+
+    monkeypatch.setattr(runner, "compact", too_big)
+    out = tmp_path / "out"
+    manifest = request(
+        str(demo_root / "models" / "digits" / "digits-mlp.pt2"),
+        str(out),
+        spec={
+            "method": {"name": "gradient-ascent", "forget": {"epochs": 1}, "retain": {"epochs": 1}},
+            "gates": {"maxMiaAuc": 1.0, "maxTestAccuracyDrop": 100.0},
+            "tuning": {"maxAttempts": 1},
+        },
+    )
+    result = run_cli(manifest)
+    assert result.code == runner.EXIT_UNEXPECTED
+    assert result.record is not None
+    assert result.record["error"] == "unexpected error: ValueError: compact record is 5000 bytes, over 4096"
+    assert "outputModel" not in result.record
+    assert not out.exists()  # not even the folder
+
+
 def test_divergence_is_a_failed_verdict_not_a_crash(demo_root: Path, tmp_path: Path, run_cli: RunCli) -> None:
     model = demo_root / "models" / "digits" / "digits-mlp.pt2"
     before = model.read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from unlearn import audit, fit, gates, tuning
-from unlearn.data import declared_split, load_forget_indices
+from unlearn.data import _npz_member, declared_split, load_forget_indices
 from unlearn.errors import InvalidInputError
 from unlearn.runner import forget_digest, next_version
 from unlearning_contracts.record import (
@@ -375,3 +376,11 @@ def test_bad_index_files(tmp_path: Path, content: str, message: str) -> None:
     path.write_text(content)
     with pytest.raises(InvalidInputError, match=message):
         load_forget_indices(ForgetSpec(indices_file=Location(path=str(path))), 100, tmp_path)
+
+
+def test_an_npz_member_over_the_memory_budget_is_refused_before_reading(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((100, 64), np.float32), y=np.zeros(100, np.int64))
+    with zipfile.ZipFile(tmp_path / "d.npz") as archive:
+        assert _npz_member(archive, "x.npy", "data.train d.npz", budget=1 << 20).shape == (100, 64)
+        with pytest.raises(InvalidInputError, match=r"x needs 0.0 GiB in memory, more than the job may use"):
+            _npz_member(archive, "x.npy", "data.train d.npz", budget=1000)
