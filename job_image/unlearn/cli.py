@@ -1,7 +1,7 @@
 """The ``unlearn`` command: ``run`` a request manifest, the ``demo``, and ``prepare-demo``.
 
 In a pod the operator runs
-``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --model-version N --require-claims``
+``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --require-claims --model-version N``
 with the allowed factory modules in ``UNLEARN_ALLOWED_FACTORY_MODULES``, and
 reads the compact record from ``/dev/termination-log``. The exit code says
 what happened (see ``unlearning_contracts.record``): 0 Passed, 3 gates Failed, 4 invalid

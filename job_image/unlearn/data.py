@@ -38,6 +38,7 @@ from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision import datasets, transforms
 
@@ -185,7 +186,7 @@ def _load_image_folder(place: Place) -> Arrays:
     for i in range(len(folder)):
         try:
             image, label = folder[i]
-        except (OSError, ValueError) as error:  # PIL: a corrupt image, or a decompression bomb
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # a corrupt image, or a bomb
             raise InvalidInputError(f"{where}: cannot read {folder.samples[i][0]} ({_first_line(error)})") from None
         xs.append(image.numpy())
         ys.append(label)

@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unlearn import tuning
+from unlearn import fit, tuning
 from unlearn.errors import InvalidInputError
 from unlearn.files import OutputFolder, Place, resolve
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, factory_allowed, factory_module
@@ -149,10 +149,7 @@ def check(manifest: Manifest, options: RunOptions) -> Plan:
     version = options.model_version if options.model_version is not None else next_version(folder, spec.model.name)
     model_file = f"{spec.model.name}-v{version}{model_suffix(spec.model.format, model.path)}"
     plan = Plan(hyper=hyper, model=model, output=output, version=version, model_file=model_file)
-    if folder / model_file == model.real():
-        raise InvalidInputError(
-            f"output.location: {output.place.uri}/{model_file} would overwrite the input model: choose another folder"
-        )
+    fit.check_output(folder / model_file, model.real())
     for name in (plan.model_file, plan.record_file):
         if output.exists(name):
             raise InvalidInputError(

@@ -40,7 +40,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from unlearn import audit, fit, gates, preflight
+from unlearn import audit, fit, gates, preflight, tuning
 from unlearn.data import load_data, load_forget_indices
 from unlearn.draft import RecordDraft, json_bytes, one_line
 from unlearn.engine import Context, TensorSet, predict
@@ -49,7 +49,6 @@ from unlearn.errors import DivergedError, InvalidInputError
 from unlearn.files import OutputSpaceError
 from unlearn.model_io import LoadedModel, load_model, reinitialise, serialize
 from unlearn.preflight import Plan, RunOptions, next_version
-from unlearn.tuning import Hyper, next_attempt
 from unlearning_contracts.record import (
     EXIT_GATES_FAILED,
     EXIT_INVALID_INPUT,
@@ -128,7 +127,7 @@ class Inputs:
     module: nn.Module
     model_where: str
     """``model.source <uri>``, for messages."""
-    hyper: Hyper
+    hyper: tuning.Hyper
     ctx: Context
     forget: TensorSet
     retain: TensorSet
@@ -273,7 +272,7 @@ class Recipe:
 
         original = {k: v.detach().clone() for k, v in module.state_dict().items()}
         done = Attempts(pre=pre, tried=[], post=None, verdict=None)
-        current: Hyper | None = inputs.hyper
+        current: tuning.Hyper | None = inputs.hyper
         while current is not None and len(done.tried) < spec.tuning.max_attempts:
             if done.tried:
                 module.load_state_dict(original)
@@ -318,7 +317,7 @@ class Recipe:
             if done.passed:
                 break
             kinds: set[str] = set(verdict.failed_kinds()) if verdict is not None else set()
-            current = next_attempt(current, kinds, diverged=verdict is None)
+            current = tuning.next_attempt(current, kinds, diverged=verdict is None)
         last = done.tried[-1]
         self.fields["attempts"] = done.tried
         if done.post is not None:

@@ -188,10 +188,10 @@ def build_job(
             SPEC_PATH,
             "--volume-root",
             root,
-            "--model-version",
-            str(output_version),
             # Defence in depth beside the operator's own check: in a pod a plain path is the container's disk.
             "--require-claims",
+            "--model-version",
+            str(output_version),
         ],
         "env": [
             {"name": "UNLEARN_JOB_IMAGE", "value": image},

@@ -106,7 +106,7 @@ def test_helm_upgrade_then_uninstall_keeps_audit_records(
         complete = condition(obj, "Complete")
         assert complete["reason"] == "InvalidInput"
         assert "nope.pt2" in complete["message"]
-        assert "no such file" in complete["message"]
+        assert "not found" in complete["message"]
         audits[name] = e2e_api.configmap(ns, obj["status"]["auditConfigMap"])
     jobs = sorted(
         (job for name in ("missing-a", "missing-b") for job in e2e_api.jobs(ns, name)),

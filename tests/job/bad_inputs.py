@@ -589,7 +589,7 @@ CASES: list[Case] = [
             w.set("spec.model.source.path", "digits-mlp-v1.pt2"),
             w.set("spec.output.location", {"claimName": "models", "path": "."}),
         ),
-        "output.location: pvc://models/./digits-mlp-v1.pt2 would overwrite the input model: choose another folder",
+        "output.location: $VOL/models/digits-mlp-v1.pt2 would overwrite the input model: choose another folder",
         "preflight",
     ),
     C(

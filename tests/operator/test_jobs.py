@@ -92,9 +92,9 @@ def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
         "/etc/unlearning/request.yaml",
         "--volume-root",
         "/volumes",
+        "--require-claims",
         "--model-version",
         "4",
-        "--require-claims",
     ]
     assert {"name": "UNLEARN_JOB_IMAGE", "value": SETTINGS.job_image} in c["env"]
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
