@@ -11,6 +11,12 @@ saying how it is shown. Everything else is derived from those declarations:
 the compact record's numbers, the CRD's status schema and printer columns,
 the table ``unlearn run`` prints and the table in docs/audit-record.md. A new
 number is one field here and its computation in the job's ``audit.py``.
+
+Every number comes with its uncertainty: ``intervals`` maps a number's name
+(camelCase) to its 95% interval and the counts it rests on; how each interval
+is computed is declared with the number (``Number.interval``). Numbers added
+after the first release default to ``None`` (and ``intervals`` to empty), so a
+record written by an older job still parses in a newer operator.
 """
 
 from __future__ import annotations
@@ -63,6 +69,30 @@ class Number:
     """What a good unlearning gives (docs/audit-record.md)."""
     column: str | None = None
     """Printer column title of its post-unlearning value in ``kubectl get``, if shown there."""
+    interval: str | None = None
+    """How its 95% interval is computed (docs/audit-record.md), or None when it has none."""
+
+
+class Interval(_Record):
+    """A number's 95% interval and the rows it rests on."""
+
+    low: float = Field(description="Lower end of the 95% interval.")
+    high: float = Field(description="Upper end of the 95% interval.")
+    n: int = Field(description="Rows measured: the forget rows compared, or the rows of the set measured.")
+    against: int | None = Field(
+        default=None,
+        description="Rows compared with (held-out rows of the forget set's classes; an effective count when "
+        "they are weighted), for numbers that compare two sets.",
+    )
+
+
+# How each interval is computed (docs/audit-record.md shows these beside each number; unlearn.stats says why).
+CLOPPER_PEARSON = "Clopper-Pearson (exact binomial)"
+DELONG = "DeLong, stratified by class; logit scale, Student t with n-1 degrees of freedom"
+DELONG_UNMATCHED = "DeLong; logit scale, Student t with n-1 degrees of freedom"
+WELCH = "normal (Welch), held-out side per class; Student t with n-1 degrees of freedom"
+WELCH_UNMATCHED = "normal (Welch); Student t with n-1 degrees of freedom"
+BALANCED = "normal, each side's Agresti-Coull binomial variance, doubled for the cross-validation's own variance"
 
 
 class SummaryMetrics(_Record):
@@ -79,11 +109,12 @@ class SummaryMetrics(_Record):
             "close to the accuracy on unseen data, not necessarily 0: a model that never saw a sample "
             "still often classifies it correctly",
             column="Forget Acc",
+            interval=CLOPPER_PEARSON,
         ),
     ] = Field(description="Accuracy (percent) on the forgotten samples.")
-    retain_accuracy: Annotated[float, Number("retain accuracy %", ".1f", "about as before")] = Field(
-        description="Accuracy (percent) on (a bounded sample of) the data the model keeps."
-    )
+    retain_accuracy: Annotated[
+        float, Number("retain accuracy %", ".1f", "about as before", interval=CLOPPER_PEARSON)
+    ] = Field(description="Accuracy (percent) on (a bounded sample of) the data the model keeps.")
     test_accuracy: Annotated[
         float,
         Number(
@@ -91,6 +122,7 @@ class SummaryMetrics(_Record):
             ".1f",
             "about as before; the gate `maxTestAccuracyDrop` bounds the fall",
             column="Test Acc",
+            interval=CLOPPER_PEARSON,
         ),
     ] = Field(description="Accuracy (percent) on held-out data the model never trained on.")
     confidence_gap: Annotated[
@@ -100,25 +132,72 @@ class SummaryMetrics(_Record):
             "+.3f",
             "near 0. **Weak on its own**: compare with `pre` (a model that did not memorise has a small "
             "gap before anything is done)",
+            interval=WELCH,
         ),
-    ] = Field(description="Mean top-class confidence (max-softmax) on the forgotten samples minus on held-out data.")
+    ] = Field(
+        description="Mean top-class confidence (max-softmax) on the forgotten samples minus on held-out samples "
+        "of the same classes."
+    )
     mia_auc: Annotated[
         float,
         Number(
             "MIA loss AUC",
             ".3f",
-            "near 0.5, i.e. the attacker cannot tell the forgotten samples from data the model never saw. "
-            "The gate `maxMiaAuc` bounds it",
+            "near what retraining shows: 0.5 for typical samples (the attacker cannot tell them from unseen "
+            "samples of the same class); for mislabelled or atypical samples retraining itself gives far "
+            "below 0.5. The gate `maxMiaAuc` bounds it on both sides",
             column="MIA AUC",
+            interval=DELONG,
         ),
     ] = Field(
         description="Membership-inference attack on the per-sample loss: ROC AUC of forgotten samples "
-        "(members) against held-out data (non-members); 0.5 means indistinguishable."
+        "(members) against held-out samples of the same classes (non-members); 0.5 means indistinguishable."
     )
+    mia_classifier_accuracy: Annotated[
+        float | None,
+        Number(
+            "MIA classifier acc",
+            ".3f",
+            "near 0.5 (chance). It reads no label, so a model retrained without mislabelled samples scores "
+            "0.5 on them too. The gate `maxMiaClassifierAccuracy` (on by default) bounds it",
+            column="MIA Clf",
+            interval=BALANCED,
+        ),
+    ] = Field(
+        default=None,
+        description="Cross-validated balanced accuracy of a classifier telling the forgotten samples from every "
+        "held-out sample (weighted to the forgotten samples' classes) by the model's sorted confidence "
+        "vectors; 0.5 is chance.",
+    )
+    intervals: dict[str, Interval] = Field(
+        default_factory=dict,
+        description="95% interval and sample counts of each number above, by its name.",
+    )
+
+    def rounded(self) -> dict[str, Any]:
+        """The numbers and their intervals at 4 decimals, camelCase: what the compact record and status keep."""
+        kept: dict[str, Any] = {}
+        for name, alias, _, _ in numbers(SummaryMetrics):
+            value = getattr(self, name)
+            if value is not None:
+                kept[alias] = round(float(value), 4)
+        intervals = {
+            alias: {k: round(v, 4) if isinstance(v, float) else v for k, v in interval.dump().items()}
+            for alias, interval in self.intervals.items()
+            if alias in kept
+        }
+        if intervals:
+            kept["intervals"] = intervals
+        return kept
 
     def display(self) -> dict[str, str]:
         """The printer columns' text: each number at its own fixed precision (95.0, not 95)."""
-        return {alias: format(getattr(self, name), number.fmt) for name, alias, number, _ in columns()}
+        return {alias: show(getattr(self, name), number.fmt) for name, alias, number, _ in columns()}
+
+
+def show(value: float | None, fmt: str) -> str:
+    """A number as the tables print it; "-" for one that was not measured."""
+    return "-" if value is None else format(value, fmt)
 
 
 class AuditMetrics(SummaryMetrics):
@@ -126,20 +205,100 @@ class AuditMetrics(SummaryMetrics):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
-    mia_tpr_at_1fpr: Annotated[float, Number("MIA TPR@1%FPR", ".3f", "near 0.01")] = Field(
-        description="The loss attack's true-positive rate when it may wrongly flag only 1% of unseen samples."
+    mia_tpr_at_1fpr: Annotated[float | None, Number("MIA TPR@1%FPR", ".3f", "near 0.01", interval=CLOPPER_PEARSON)] = (
+        Field(
+            default=None,
+            description="The loss attack's true-positive rate when it may wrongly flag only 1% of unseen samples "
+            "(of the forgotten samples' classes). Absent when fewer than 100 such held-out samples exist: the "
+            "lowest false-positive rate one could then set is 0%, not 1%.",
+        )
     )
-    mia_classifier_accuracy: Annotated[float, Number("MIA classifier acc", ".3f", "near 0.5 (chance)")] = Field(
-        description="Cross-validated accuracy of a classifier telling the forgotten samples from held-out data "
-        "by the model's confidence vectors (0.5 is chance)."
+    mia_efficacy: Annotated[
+        float | None,
+        Number(
+            "MIA-efficacy %",
+            ".1f",
+            "near what retraining gives (the benchmarks compare the two), not 100",
+            interval=CLOPPER_PEARSON,
+        ),
+    ] = Field(
+        default=None,
+        description="Percent of the forgotten samples that an attack trained on retained (members) against "
+        "held-out samples (non-members) calls non-members: the papers' MIA-efficacy (SVC on the true-label "
+        "confidence, as in SalUn's SVC_MIA).",
     )
     forget_loss: Annotated[float, Number("forget loss", ".3f", "up from `pre`, toward the loss on unseen data")] = (
         Field(description="Mean cross-entropy on the forgotten samples.")
     )
+    test_accuracy_drop: Annotated[
+        float | None,
+        Number(
+            "test accuracy drop",
+            "+.2f",
+            "small; the gate `maxTestAccuracyDrop` bounds its interval's upper end",
+            interval="exact conditional (McNemar): Clopper-Pearson on the held-out rows that changed",
+        ),
+    ] = Field(
+        default=None,
+        description="Fall in held-out accuracy (percentage points) from before unlearning, on the same rows "
+        "(after unlearning only).",
+    )
+    control_mia_auc: Annotated[
+        float | None,
+        Number(
+            "control: loss AUC",
+            ".3f",
+            "well above 0.5 for the loss attack to be informative: the positive control",
+            interval=DELONG,
+        ),
+    ] = Field(
+        default=None,
+        description="Positive control: the loss attack on retained training samples (members the model "
+        "still knows) against held-out samples of the same classes. Near 0.5 means the attack cannot tell "
+        "members on this model at all, so `miaAuc` says nothing about the forgotten samples.",
+    )
+    control_mia_classifier_accuracy: Annotated[
+        float | None,
+        Number(
+            "control: classifier acc",
+            ".3f",
+            "well above 0.5 for the classifier attack to be informative: the positive control",
+            interval=BALANCED,
+        ),
+    ] = Field(
+        default=None,
+        description="Positive control: the classifier attack on retained training samples against held-out "
+        "samples of the same classes.",
+    )
+    mia_auc_unmatched: Annotated[
+        float | None, Number("unmatched: loss AUC", ".3f", "(for comparison only)", interval=DELONG_UNMATCHED)
+    ] = Field(
+        default=None,
+        description="`miaAuc` against all held-out samples, not class-matched (present when it differs).",
+    )
+    mia_classifier_accuracy_unmatched: Annotated[
+        float | None, Number("unmatched: classifier acc", ".3f", "(for comparison only)", interval=BALANCED)
+    ] = Field(
+        default=None,
+        description="`miaClassifierAccuracy` against all held-out samples equally weighted (present when it differs).",
+    )
+    confidence_gap_unmatched: Annotated[
+        float | None, Number("unmatched: confidence gap", "+.3f", "(for comparison only)", interval=WELCH_UNMATCHED)
+    ] = Field(
+        default=None,
+        description="`confidenceGap` against all held-out samples (present when it differs).",
+    )
     samples: dict[str, int] = Field(default_factory=dict, description="How many samples of each set were evaluated.")
 
     def summary(self) -> SummaryMetrics:
-        return SummaryMetrics.model_validate({name: getattr(self, name) for name in SummaryMetrics.model_fields})
+        keep = set(SummaryMetrics.model_fields)
+        values = {name: getattr(self, name) for name in keep}
+        values["intervals"] = {k: v for k, v in self.intervals.items() if k in SUMMARY_KEYS}
+        return SummaryMetrics.model_validate(values)
+
+    def interval(self, name: str) -> Interval | None:
+        """The interval of the number with field name ``name`` (None when it has none)."""
+        return self.intervals.get(AuditMetrics.model_fields[name].alias or name)
 
 
 NumberField = tuple[str, str, Number, FieldInfo]
@@ -163,6 +322,28 @@ def columns() -> list[NumberField]:
 SUMMARY_KEYS = tuple(alias for _, alias, _, _ in numbers(SummaryMetrics))
 
 
+GateStatus = Literal["passed", "failed", "inconclusive"]
+
+
+class GateResult(_Record):
+    """How one gate of ``spec.gates`` decided, and on what."""
+
+    gate: str = Field(description="The spec.gates field (camelCase).")
+    status: GateStatus = Field(
+        description="passed; failed; or inconclusive: a membership gate whose attack cannot tell, on this model "
+        "and at this forget-set size, a set the model still remembers (it neither passes nor fails the verdict)."
+    )
+    value: float | None = Field(default=None, description="The number the gate judged.")
+    low: float | None = Field(default=None, description="Its 95% interval's lower end.")
+    high: float | None = Field(default=None, description="Its 95% interval's upper end.")
+    allowed_low: float | None = Field(default=None, description="The lowest value the gate allows (two-sided gates).")
+    allowed_high: float | None = Field(default=None, description="The highest value the gate allows.")
+    reference: str | None = Field(
+        default=None, description="What the allowed range is centred on (what retraining would show), and its source."
+    )
+    reason: str = Field(description="One line: the value, its interval, the limit and which end decided.")
+
+
 class Attempt(_Record):
     """One unlearning attempt with its hyper-parameters and outcome."""
 
@@ -172,6 +353,7 @@ class Attempt(_Record):
     verdict: Verdict
     reasons: list[str]
     failed_gates: list[str] = Field(default_factory=list, description="The spec.gates fields that failed.")
+    gates: list[GateResult] = Field(default_factory=list, description="Every gate checked, with its evidence.")
     duration_seconds: float
 
 
@@ -198,6 +380,12 @@ class _Common(_Record):
     reasons: list[str] = Field(default_factory=list)
     failed_gates: list[str] = Field(
         default_factory=list, description="The spec.gates fields that failed (camelCase, as in the spec)."
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="What the numbers cannot show on this run, one line each (for example: the membership "
+        "numbers are uninformative because the attack cannot tell the model's own training rows from "
+        "held-out rows).",
     )
     exit_code: int
     error: str | None = Field(default=None, description="Set when the run ended on invalid input or an error.")
@@ -258,8 +446,9 @@ _SHORTENED: tuple[tuple[str, ...], ...] = (
 def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
     """The termination-message form: the record without bulky parts, at most ``limit`` bytes of UTF-8.
 
-    Drops the resolved config and per-attempt details, then the reasons from
-    the last (``reasonsTruncated``), then shortens the fields listed in
+    Drops the resolved config and per-attempt details, then the notes from the
+    last (``notesTruncated``), then the reasons from the last
+    (``reasonsTruncated``), then shortens the fields listed in
     ``_SHORTENED`` (named in ``truncated``). The spec bounds every string that
     reaches the record in bytes, so that this always fits: a test fills every
     field to its bound with the costliest characters. It raises only if that
@@ -269,9 +458,12 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     full.pop("config", None)
     attempts = full.pop("attempts", [])
     full["attemptCount"] = len(attempts)
-    for key in ("pre", "post"):
-        if key in full:
-            full[key] = {k: round(v, 4) for k, v in full[key].items() if k in SUMMARY_KEYS}
+    for key, metrics in (("pre", record.pre), ("post", record.post)):
+        if metrics is not None:
+            full[key] = metrics.summary().rounded()
+    while _size(full) > limit and full.get("notes"):
+        full["notes"] = full["notes"][:-1]
+        full["notesTruncated"] = True
     while _size(full) > limit and full.get("reasons"):
         full["reasons"] = full["reasons"][:-1]
         full["reasonsTruncated"] = True
@@ -309,6 +501,7 @@ class CompactRecord(_Common):
     post: SummaryMetrics | None = None
     attempt_count: int = 0
     reasons_truncated: bool = False
+    notes_truncated: bool = False
     truncated: list[str] = Field(
         default_factory=list, description="Fields shortened to fit the termination message (dotted camelCase)."
     )

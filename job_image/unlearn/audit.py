@@ -1,41 +1,60 @@
-"""The audit: pure functions on logits and labels (numpy and scikit-learn only).
+"""The audit: pure functions on logits and labels (numpy, scipy and scikit-learn only).
 
-What one model's outputs can tell:
+What one model's outputs can tell, each number with its 95% interval and the
+rows it rests on (``unlearn.stats`` says which interval and why):
 
-* accuracy on the forget, retain and held-out sets;
-* the confidence gap: mean max-softmax on forget minus on held-out. Weak on its
-  own: a model that generalises well shows a small gap even before unlearning,
-  which is why the record always carries the pre-unlearning numbers too;
+* accuracy on the forget, retain and held-out sets (Clopper-Pearson), and
+  after unlearning the fall in held-out accuracy on the same rows;
+* the confidence gap: mean max-softmax on forget minus on held-out rows of the
+  same classes. Weak on its own: a model that generalises well shows a small
+  gap even before unlearning, which is why the record always carries the
+  pre-unlearning numbers too;
 * a loss attack: per-sample cross-entropy as a membership score (lower loss =
-  "was trained on"), forget (members) against held-out (non-members): ROC AUC and
-  the true-positive rate at 1% false positives. AUC 0.5 is indistinguishable.
-  An AUC well *below* 0.5 means the forget set now looks less familiar than
-  unseen data (over-forgetting, itself a signal an attacker could use);
-* a classifier on confidence vectors (sorted log-softmax), trained and
-  cross-validated on balanced classes; accuracy 0.5 is chance;
+  "was trained on"), forget (members) against held-out rows of the same class
+  (non-members): ROC AUC and the true-positive rate at 1% false positives.
+  AUC 0.5 is indistinguishable. Below 0.5 the forget rows look *less* familiar
+  than unseen rows of their class: over-forgetting, or rows that are atypical
+  under their recorded label (mislabelled rows score far below 0.5 under a
+  model retrained without them, because it predicts their true class);
+* a classifier on confidence vectors (sorted log-softmax: it reads no label),
+  cross-validated, every held-out row weighted to the forget set's class mix;
+  balanced accuracy 0.5 is chance. On mislabelled rows it is the attack that
+  tells a model that still remembers them (0.87 on digits) from one retrained
+  without them (0.5), where the loss attack scores both far below 0.5;
 * MIA-efficacy (Jia et al. 2023, Fan et al. 2024): an attack trained on retain
   (members) against held-out (non-members) outputs, applied to the forget set;
   the share it calls non-members. Its target is the value of a model retrained
-  without the forget set, not 100 (the benchmarks in bench/ compare the two).
+  without the forget set, not 100 (the benchmarks in bench/ call this very
+  function, so the record and the benchmark speak the same metric);
+* the positive control: both attacks on retained training rows (members the
+  model still knows) against held-out rows of the same classes. When the
+  attack cannot tell those apart, it cannot tell a forget set the model still
+  remembers either, and the gates say the membership numbers are uninformative.
+
+Comparisons are class-matched (``unlearn.stats``); the unmatched values are
+kept beside them where they differ. The audit's randomness (the classifier's
+folds, MIA-efficacy's subsample) comes from its own seed (``spec.audit.seed``),
+never from the method's, so the same model gets the same numbers whichever
+method runs after it.
 
 No statistic computed on one model tells how far a model retrained without the
 forget set would have moved. Per-sample calibration against reference models
 (LiRA, RMIA) is the fix; ``membership_scores`` takes an optional per-sample
-``reference`` offset so such calibration can plug in without touching the rest.
+``reference`` offset, and the gates take a reference per number
+(``unlearn.gates.Reference``), so such calibration can plug in without touching the rest.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
-from unlearning_contracts.record import AuditMetrics
+from unlearn import stats
+from unlearn.stats import Estimate
+from unlearning_contracts.record import AuditMetrics, Interval
 
 Array = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.integer]
@@ -83,49 +102,9 @@ def membership_scores(
     return score
 
 
-def roc_auc(member_scores: Array, nonmember_scores: Array) -> float:
-    """P(score of a random member > score of a random non-member), ties counting half."""
-    m = np.asarray(member_scores, dtype=np.float64)
-    n = np.asarray(nonmember_scores, dtype=np.float64)
-    if len(m) == 0 or len(n) == 0:
-        return float("nan")
-    truth = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
-    return float(roc_auc_score(truth, np.concatenate([m, n])))
-
-
-def tpr_at_fpr(member_scores: Array, nonmember_scores: Array, fpr: float = 0.01) -> float:
-    """True-positive rate at the threshold that flags at most ``fpr`` of the non-members."""
-    m = np.asarray(member_scores, dtype=np.float64)
-    n = np.sort(np.asarray(nonmember_scores, dtype=np.float64))
-    if len(m) == 0 or len(n) == 0:
-        return float("nan")
-    allowed = int(np.floor(fpr * len(n)))
-    # Threshold strictly above the (allowed+1)-th highest non-member score.
-    threshold = n[len(n) - allowed - 1]
-    return float(np.mean(m > threshold))
-
-
 def confidence_features(logits: Array) -> npt.NDArray[np.float64]:
     """Sorted log-softmax vectors (log scale separates 0.999 from 0.99999, raw softmax does not)."""
     return np.asarray(-np.sort(-np.maximum(log_softmax(logits), -50.0), axis=1))
-
-
-def classifier_attack_accuracy(member_logits: Array, nonmember_logits: Array, seed: int = 0, folds: int = 5) -> float:
-    """Cross-validated accuracy of logistic regression telling members from non-members.
-
-    The larger side is subsampled to the smaller so that chance is exactly 0.5.
-    """
-    rng = np.random.default_rng(seed)
-    n = min(len(member_logits), len(nonmember_logits))
-    if n < 2:
-        return float("nan")
-    members = confidence_features(member_logits)[rng.permutation(len(member_logits))[:n]]
-    others = confidence_features(nonmember_logits)[rng.permutation(len(nonmember_logits))[:n]]
-    features = np.concatenate([members, others])
-    target = np.concatenate([np.ones(n), np.zeros(n)])
-    splitter = StratifiedKFold(n_splits=min(folds, n), shuffle=True, random_state=seed)
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    return float(np.mean(cross_val_score(model, features, target, cv=splitter)))
 
 
 def true_label_confidence(logits: Array, labels: Labels) -> npt.NDArray[np.float64]:
@@ -139,7 +118,7 @@ def mia_efficacy(
     forget: tuple[Array, Labels],
     *,
     seed: int = 0,
-) -> float:
+) -> Estimate:
     """Percent of forget samples that a membership attack calls non-members (the papers' MIA-efficacy).
 
     As in the l1-sparse and SalUn code: an RBF SVC (C=3, gamma "auto") on the
@@ -147,20 +126,18 @@ def mia_efficacy(
     held-out size so the classes balance) against held-out outputs (non-members),
     then applied to the forget set. Higher means the forget set looks unseen.
     """
-    r_logits, r_labels = retain
-    h_logits, h_labels = heldout
-    f_logits, f_labels = forget
-    n = min(len(r_labels), len(h_labels))
-    if n < 2 or len(f_labels) == 0:
-        return float("nan")
-    pick = np.random.default_rng(seed).permutation(len(r_labels))[:n]
-    members = true_label_confidence(r_logits[pick], r_labels[pick])
-    others = true_label_confidence(h_logits, h_labels)[:n]
-    features = np.concatenate([members, others]).reshape(-1, 1)
-    target = np.concatenate([np.ones(n), np.zeros(len(others))])
-    attack = SVC(C=3, gamma="auto", kernel="rbf").fit(features, target)
-    predicted = attack.predict(true_label_confidence(f_logits, f_labels).reshape(-1, 1))
-    return float(100.0 * np.mean(predicted == 0))
+    return stats.svc_efficacy(
+        true_label_confidence(*retain), true_label_confidence(*heldout), true_label_confidence(*forget), seed=seed
+    ).scaled(100.0)
+
+
+def _correct(logits: Array, labels: Labels) -> npt.NDArray[np.bool_]:
+    return np.asarray(np.argmax(logits, axis=1) == labels)
+
+
+def _differs(matched: Estimate, unmatched: Estimate) -> bool:
+    """Whether the unmatched value would print differently (the record keeps it only then)."""
+    return unmatched.finite and (not matched.finite or abs(matched.value - unmatched.value) >= 5e-4)
 
 
 def audit_outputs(
@@ -169,23 +146,75 @@ def audit_outputs(
     heldout: tuple[Array, Labels],
     *,
     seed: int = 0,
+    heldout_before: Array | None = None,
     forget_reference: npt.NDArray[np.float64] | None = None,
     heldout_reference: npt.NDArray[np.float64] | None = None,
 ) -> AuditMetrics:
-    """Every audit number of the record (``AuditMetrics``) from (logits, labels) of the three sets."""
+    """Every audit number of the record (``AuditMetrics``), with intervals, from (logits, labels) of the three sets.
+
+    ``heldout_before``: the held-out logits of the model before unlearning (the
+    same rows), for the paired fall in held-out accuracy.
+    """
     f_logits, f_labels = forget
     r_logits, r_labels = retain
     h_logits, h_labels = heldout
+    found: dict[str, Estimate] = {}
+
+    def keep(name: str, estimate: Estimate) -> float:
+        found[name] = estimate
+        return estimate.value
+
+    def keep_if_differs(name: str, unmatched: Estimate, matched: Estimate) -> float | None:
+        return keep(name, unmatched) if _differs(matched, unmatched) else None
+
     members = membership_scores(f_logits, f_labels, forget_reference)
     nonmembers = membership_scores(h_logits, h_labels, heldout_reference)
-    return AuditMetrics(
-        forget_accuracy=accuracy(f_logits, f_labels),
-        retain_accuracy=accuracy(r_logits, r_labels),
-        test_accuracy=accuracy(h_logits, h_labels),
-        confidence_gap=confidence_gap(f_logits, h_logits),
-        mia_auc=roc_auc(members, nonmembers),
-        mia_tpr_at_1fpr=tpr_at_fpr(members, nonmembers, 0.01),
-        mia_classifier_accuracy=classifier_attack_accuracy(f_logits, h_logits, seed=seed),
-        forget_loss=float(per_sample_loss(f_logits, f_labels).mean()),
-        samples={"forget": len(f_labels), "retain": len(r_labels), "heldout": len(h_labels)},
-    )
+    f_features, h_features = confidence_features(f_logits), confidence_features(h_logits)
+    f_conf, h_conf = max_softmax(f_logits), max_softmax(h_logits)
+    loss_auc = stats.auc(members, nonmembers, f_labels, h_labels)
+    classifier = stats.classifier_attack(f_features, h_features, f_labels, h_labels, seed=seed)
+    gap = stats.mean_difference(f_conf, h_conf, f_labels, h_labels)
+    drop = None
+    if heldout_before is not None:
+        change = stats.paired_change(_correct(heldout_before, h_labels), _correct(h_logits, h_labels))
+        drop = keep("test_accuracy_drop", change.scaled(100.0))
+    values: dict[str, Any] = {
+        "forget_accuracy": keep("forget_accuracy", stats.proportion(_correct(f_logits, f_labels)).scaled(100.0)),
+        "retain_accuracy": keep("retain_accuracy", stats.proportion(_correct(r_logits, r_labels)).scaled(100.0)),
+        "test_accuracy": keep("test_accuracy", stats.proportion(_correct(h_logits, h_labels)).scaled(100.0)),
+        "confidence_gap": keep("confidence_gap", gap),
+        "mia_auc": keep("mia_auc", loss_auc),
+        "mia_classifier_accuracy": keep("mia_classifier_accuracy", classifier),
+        "mia_tpr_at_1fpr": keep("mia_tpr_at_1fpr", stats.tpr_at_fpr(members, nonmembers, 0.01, f_labels, h_labels)),
+        "mia_efficacy": keep("mia_efficacy", mia_efficacy(retain, heldout, forget, seed=seed)),
+        "forget_loss": float(per_sample_loss(f_logits, f_labels).mean()) if len(f_labels) else float("nan"),
+        "test_accuracy_drop": drop,
+        "control_mia_auc": keep(
+            "control_mia_auc", stats.auc(membership_scores(r_logits, r_labels), nonmembers, r_labels, h_labels)
+        ),
+        "control_mia_classifier_accuracy": keep(
+            "control_mia_classifier_accuracy",
+            stats.classifier_attack(confidence_features(r_logits), h_features, r_labels, h_labels, seed=seed),
+        ),
+        "mia_auc_unmatched": keep_if_differs("mia_auc_unmatched", stats.auc(members, nonmembers), loss_auc),
+        "mia_classifier_accuracy_unmatched": keep_if_differs(
+            "mia_classifier_accuracy_unmatched", stats.classifier_attack(f_features, h_features, seed=seed), classifier
+        ),
+        "confidence_gap_unmatched": keep_if_differs(
+            "confidence_gap_unmatched", stats.mean_difference(f_conf, h_conf), gap
+        ),
+        "samples": {"forget": len(f_labels), "retain": len(r_labels), "heldout": len(h_labels)},
+    }
+    values = {
+        k: (None if isinstance(v, float) and math.isnan(v) and k not in _ALWAYS else v) for k, v in values.items()
+    }
+    intervals = {
+        AuditMetrics.model_fields[name].alias or name: Interval(low=e.low, high=e.high, n=e.n, against=e.against)
+        for name, e in found.items()
+        if e.finite and values.get(name) is not None
+    }
+    return AuditMetrics(**values, intervals=intervals)
+
+
+# Numbers every record has (NaN when a set is empty); the rest are absent when not measurable.
+_ALWAYS = frozenset(("forget_accuracy", "retain_accuracy", "test_accuracy", "confidence_gap", "mia_auc", "forget_loss"))

@@ -30,7 +30,14 @@ from unlearn import preflight
 from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
 from unlearn.errors import InvalidInputError
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, parse_allowed_modules
-from unlearning_contracts.record import EXIT_CODE_MEANINGS, EXIT_INVALID_INPUT, ResultRecord, numbers
+from unlearning_contracts.record import (
+    EXIT_CODE_MEANINGS,
+    EXIT_INVALID_INPUT,
+    AuditMetrics,
+    ResultRecord,
+    numbers,
+    show,
+)
 from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
 
 log = logging.getLogger("unlearn")
@@ -106,19 +113,37 @@ def _exit_codes() -> str:
     )
 
 
+def _cell(metrics: AuditMetrics | None, name: str, fmt: str) -> str:
+    """A number with its 95% interval, as the table prints it."""
+    if metrics is None:
+        return "-"
+    value = getattr(metrics, name)
+    interval = metrics.interval(name)
+    if value is None or interval is None:
+        return show(value, fmt)
+    return f"{show(value, fmt)} [{show(interval.low, fmt.lstrip('+'))}, {show(interval.high, fmt.lstrip('+'))}]"
+
+
 def format_table(record: ResultRecord) -> str:
-    """Before/after table of the audit, then the verdict and its reasons."""
-    lines = [f"{'':22}{'before':>10}{'after':>10}"]
+    """Before/after table of the audit (each number with its 95% interval), then the verdict, reasons and notes."""
+    lines = [f"{'':27}{'before':>24}{'after':>24}"]
     for name, _, shown, _ in numbers():
-        pre = format(getattr(record.pre, name), shown.fmt) if record.pre else "-"
-        post = format(getattr(record.post, name), shown.fmt) if record.post else "-"
-        lines.append(f"{shown.label:22}{pre:>10}{post:>10}")
+        pre, post = _cell(record.pre, name, shown.fmt), _cell(record.post, name, shown.fmt)
+        if pre == post == "-":
+            continue
+        lines.append(f"{shown.label:27}{pre:>24}{post:>24}")
     lines.append("")
+    samples = record.post.samples if record.post is not None else record.pre.samples if record.pre else {}
+    counted = ", ".join(f"{count} {name}" for name, count in samples.items())
     lines.append(
         f"method {record.method}, {len(record.attempts)} attempt(s), {record.forget_samples} samples forgotten"
+        + (f" (audited: {counted})" if counted else "")
     )
     lines.append(f"verdict {record.verdict}")
     lines.extend(f"  - {reason}" for reason in record.reasons)
+    if record.notes:
+        lines.append("notes")
+        lines.extend(f"  - {note}" for note in record.notes)
     if record.output_model is not None:
         lines.append(f"new model {record.output_model.uri} (sha256 {record.output_model.sha256[:12]}...)")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ from unlearning_contracts.record import (
     ResultRecord,
     compact,
     numbers,
+    show,
 )
 from unlearning_contracts.spec import Manifest
 
@@ -233,7 +234,8 @@ class Recipe:
             len(test),
             outputs,
         )
-        rng = np.random.default_rng(hyper.seed)
+        # The audit's own seed, never the method's: the same model gets the same audit whatever runs after it.
+        rng = np.random.default_rng(spec.audit.seed)
         limit = spec.audit.max_samples
         audited = {
             "forget": forget.take(torch.from_numpy(_bounded(len(forget), limit, rng)).to(device)),
@@ -245,8 +247,13 @@ class Recipe:
 
     # -- attempts -----------------------------------------------------------------------------------
     def audit(self, inputs: Inputs, tag: str) -> AuditMetrics:
-        """Audit the module as it is now; keeps the forget and held-out logits for ``--plot``."""
-        logits = {k: predict(inputs.module, v.x, inputs.ctx) for k, v in inputs.audited.items()}
+        """Audit the module as it is now; keeps the forget and held-out logits for ``--plot``.
+
+        In float32 whatever ``mixedPrecision`` says: bfloat16 logits round the
+        losses of memorised rows (1e-6 and 1e-4 alike) and the audit ranks them.
+        """
+        full_precision = replace(inputs.ctx, mixed_precision=False)
+        logits = {k: predict(inputs.module, v.x, full_precision) for k, v in inputs.audited.items()}
         if not all(np.isfinite(v).all() for v in logits.values()):
             if tag == "pre":
                 raise InvalidInputError(f"{inputs.model_where}: the model gives non-finite outputs")
@@ -258,7 +265,8 @@ class Recipe:
             (logits["forget"], labels["forget"]),
             (logits["retain"], labels["retain"]),
             (logits["heldout"], labels["heldout"]),
-            seed=inputs.hyper.seed,
+            seed=self.spec.audit.seed,
+            heldout_before=self.outcome.logits.get("pre_heldout") if tag == "post" else None,
         )
 
     def attempts(self, inputs: Inputs) -> Attempts:
@@ -272,6 +280,7 @@ class Recipe:
 
         original = {k: v.detach().clone() for k, v in module.state_dict().items()}
         done = Attempts(pre=pre, tried=[], post=None, verdict=None)
+        verdicts: list[gates.Verdict | None] = []
         current: tuning.Hyper | None = inputs.hyper
         while current is not None and len(done.tried) < spec.tuning.max_attempts:
             if done.tried:
@@ -297,12 +306,15 @@ class Recipe:
             verdict: gates.Verdict | None = None
             if post is not None:
                 verdict = gates.evaluate(spec.gates, pre, post)
+                # A retry does not pass a gate an earlier attempt failed on a change within the noise.
+                verdict = gates.confirm(verdict, [v for v in verdicts if v is not None])
                 reasons = verdict.reasons
                 log.info("attempt %d post-audit %s -> %s %s", number, _summary(post), verdict.name, reasons)
             else:
                 reasons = [f"diverged: {diverged}"]
                 log.warning("attempt %d %s", number, reasons[0])
             done.post, done.verdict = post, verdict
+            verdicts.append(verdict)
             done.tried.append(
                 Attempt(
                     number=number,
@@ -311,6 +323,7 @@ class Recipe:
                     verdict=verdict.name if verdict is not None else "Failed",
                     reasons=reasons,
                     failed_gates=verdict.failed_gates if verdict is not None else [],
+                    gates=verdict.results() if verdict is not None else [],
                     duration_seconds=round(attempt_seconds, 3),
                 )
             )
@@ -324,6 +337,7 @@ class Recipe:
             self.fields["post"] = done.post
         self.fields["reasons"] = last.reasons
         self.fields["failed_gates"] = last.failed_gates
+        self.fields["notes"] = gates.notes(done.verdict, done.post)
         if last.post is not None:
             self.fields["config"]["chosenAttempt"] = last.number
         return done
@@ -373,7 +387,7 @@ def _join_uri(folder_uri: str, name: str) -> str:
 
 
 def _summary(result: AuditMetrics) -> str:
-    return ", ".join(f"{shown.label} {getattr(result, name):{shown.fmt}}" for name, _, shown, _ in numbers())
+    return ", ".join(f"{shown.label} {show(getattr(result, name), shown.fmt)}" for name, _, shown, _ in numbers())
 
 
 def run(

@@ -6,10 +6,12 @@ below. ``next_attempt`` applies the practitioners' rules to a failed attempt:
 * the model still remembers (a ``forgetting`` gate failed): double the
   forget-stage learning rate; once it reaches ``MAX_FORGET_LR``, add half
   again as many forget epochs instead;
-* held-out accuracy fell too far (a ``utility`` gate failed) or the loss
-  diverged: halve the forget learning rate and cut the forget epochs by a third.
-  Damage wins over incomplete forgetting when both gates fail, because a
-  broken model is never the better output.
+* held-out accuracy fell too far (a ``utility`` gate failed), the forget set
+  now looks less familiar than unseen data (an ``overforgetting`` gate failed:
+  a two-sided membership gate below its range), or the loss diverged: halve
+  the forget learning rate and cut the forget epochs by a third. Damage wins
+  over incomplete forgetting when both fail, because a broken model is never
+  the better output.
 
 Every attempt starts from the original weights (the runner restores them), so
 attempts are independent and each one is recorded.
@@ -142,7 +144,7 @@ def next_attempt(hyper: Hyper, failed_kinds: set[str], diverged: bool = False) -
     """Hyper-parameters of the next attempt, or None when no rule applies (stop retrying)."""
     if hyper.method == "retrain":
         return None  # nothing to tune: retraining is the reference itself
-    if diverged or "utility" in failed_kinds:
+    if diverged or "utility" in failed_kinds or "overforgetting" in failed_kinds:
         epochs = max(1, hyper.forget_epochs - math.ceil(hyper.forget_epochs / 3)) if hyper.forget_epochs > 1 else 1
         return replace(hyper, forget_lr=hyper.forget_lr / 2, forget_epochs=epochs)
     if "forgetting" in failed_kinds:

@@ -231,6 +231,12 @@ def _convert(schema: dict[str, Any], walk: _Walk, path: str, def_name: str | Non
             required = [name for name in schema.get("required", []) if name in properties]
             if required:
                 out["required"] = required
+        elif isinstance(additional, dict) and ("$ref" in additional or "properties" in _resolve(additional, defs)):
+            # A map of sub-objects (the record's intervals): its values converted like list items.
+            value_def = additional["$ref"].split("/")[-1] if "$ref" in additional else None
+            resolved = _resolve(additional, defs)
+            resolved.setdefault("description", schema.get("description", ""))
+            out["additionalProperties"] = _convert(resolved, walk, f"{path}{{}}", value_def)
         elif isinstance(additional, dict):
             out["additionalProperties"] = _strip(additional)
         else:
@@ -365,12 +371,14 @@ def render(resource: CustomResource = REQUEST_CRD) -> str:
 def numbers_table() -> str:
     """docs/audit-record.md's table of the audit numbers, from their declarations."""
     summary = set(SummaryMetrics.model_fields)
-    lines = ["| field | meaning | after a good unlearning |", "|---|---|---|"]
+    lines = ["| field | meaning | after a good unlearning | 95% interval |", "|---|---|---|---|"]
     for name, alias, shown, info in numbers(AuditMetrics):
         where = "" if name in summary else "(full record) "
-        lines.append(f"| `{alias}` | {where}{info.description} | {shown.after} |")
-    samples = AuditMetrics.model_fields["samples"]
-    lines.append(f"| `samples` | (full record) {samples.description} | |")
+        lines.append(f"| `{alias}` | {where}{info.description} | {shown.after} | {shown.interval or '-'} |")
+    for extra in ("intervals", "samples"):
+        info = AuditMetrics.model_fields[extra]
+        where = "" if extra in summary else "(full record) "
+        lines.append(f"| `{extra}` | {where}{info.description} | | |")
     return "\n".join(lines)
 
 

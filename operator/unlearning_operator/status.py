@@ -317,10 +317,8 @@ def pod_started(status: dict[str, Any], now: datetime) -> dict[str, Any]:
     return new
 
 
-def _numbers(values: SummaryMetrics | None) -> dict[str, float] | None:
-    if values is None:
-        return None
-    return {key: round(float(value), 4) for key, value in values.dump().items()}
+def _numbers(values: SummaryMetrics | None) -> dict[str, Any] | None:
+    return None if values is None else values.rounded()
 
 
 def finished(status: dict[str, Any], record: CompactRecord, now: datetime) -> dict[str, Any]:

@@ -46,6 +46,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Mislabelled:
     root: Path  # volume root (claims: models, data)
     model: Path  # the original (memorising) model, .pt2
+    retrained: Path  # the same recipe without the forget set, .pt2 (what unlearning should approach)
     forget: list[int]  # training rows whose labels are wrong
     original_forget_accuracy: float  # under the wrong labels, percent
     original_test_accuracy: float
@@ -78,9 +79,12 @@ def mislabelled(tmp_path_factory: pytest.TempPathFactory) -> Mislabelled:
     export_to(original, x, model_path)
     keep = np.setdiff1d(np.arange(len(y)), forget)
     retrained = train_digits_model(x[keep], torch.from_numpy(y[keep]))
+    retrained_path = root / "models" / "noisy" / "digits-noisy-retrained.pt2"
+    export_to(retrained, x, retrained_path)
     return Mislabelled(
         root=root,
         model=model_path,
+        retrained=retrained_path,
         forget=[int(i) for i in forget],
         original_forget_accuracy=_accuracy(original, train.x[forget], y[forget]),
         original_test_accuracy=_accuracy(original, test.x, test.y),

@@ -84,8 +84,9 @@ def test_defaults_enums_bounds_and_nullable_gates() -> None:
     assert (lr["minimum"], lr["exclusiveMinimum"], lr["maximum"]) == (0.0, True, 1.0)
     share = spec["forget"]["properties"]["maxShare"]
     assert (share["maximum"], share["default"]) == (0.5, 0.2)
-    mia = spec["gates"]["properties"]["maxMiaAuc"]
+    mia = spec["gates"]["properties"]["maxMiaClassifierAccuracy"]
     assert (mia["default"], mia["nullable"]) == (0.6, True)
+    assert "default" not in spec["gates"]["properties"]["maxMiaAuc"]  # off by default: wrong for mislabelled rows
     assert "nullable" not in spec["gates"]["properties"]["maxForgetAccuracy"]
     assert spec["model"]["properties"]["source"]["properties"]["claimName"]["pattern"].startswith("^[a-z0-9]")
     assert set(schema()["properties"]["spec"]["required"]) == {"model", "forget", "output"}

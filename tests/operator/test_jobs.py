@@ -264,7 +264,7 @@ def test_volume_root_from_settings() -> None:
 
 def test_spec_configmap_carries_the_effective_manifest() -> None:
     v2 = Version(2, "pvc://models/digits/versions/v2/model.pt2", "bb", "r2", 1)
-    request = spec(**{"gates.maxMiaAuc": None, "requestId": None})
+    request = spec(**{"gates.maxMiaClassifierAccuracy": None, "requestId": None})
     cm = build_spec_configmap(REF, request, v2)
     assert cm["metadata"]["name"] == job_for(REF, request, SETTINGS, v2)["metadata"]["name"] + "-spec"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == REF.uid
@@ -274,18 +274,18 @@ def test_spec_configmap_carries_the_effective_manifest() -> None:
     assert manifest.spec.forget.indices == [3, 17, 42]
     assert manifest.request_id == "team-a/digits-gdpr"
     # The default gate is kept as the spec resolved it, not re-defaulted by the job.
-    assert manifest.spec.gates.max_mia_auc == 0.6
+    assert manifest.spec.gates.max_mia_classifier_accuracy == 0.6
     volumes = {v["name"]: v for v in pod_spec(job_for(REF, request, SETTINGS, v2))["volumes"]}
     assert volumes["request-spec"]["configMap"]["name"] == cm["metadata"]["name"]
 
 
 def test_disabled_gate_stays_disabled_in_the_manifest() -> None:
     raw = raw_spec()
-    raw["gates"] = {"maxMiaAuc": None}
+    raw["gates"] = {"maxMiaClassifierAccuracy": None}
     request = parse_spec(raw)
-    assert request.gates.max_mia_auc is None
+    assert request.gates.max_mia_classifier_accuracy is None
     manifest = parse_manifest(yaml.safe_load(build_spec_configmap(REF, request, V0)["data"]["request.yaml"]))
-    assert manifest.spec.gates.max_mia_auc is None
+    assert manifest.spec.gates.max_mia_classifier_accuracy is None
 
 
 @pytest.mark.parametrize(
