@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from unlearn import tuning
-from unlearn.engine import Context, TensorSet
+from unlearn.engine import Context, TensorSet, scrub_plan
 from unlearn.engine import unlearn as run_method
 from unlearning_contracts.spec import MethodSpec
 
@@ -146,8 +146,9 @@ def samples_trained(h: tuning.Hyper, n_forget: int, n_retain: int) -> int:
     if h.method in ("neggrad-plus", "salun"):
         steps = -(-n_retain // h.retain_batch)  # each retain step carries one forget batch
         return h.forget_epochs * (n_retain + steps * min(h.forget_batch, n_forget)) + retain_pass
-    if h.method == "scrub":
-        return forget_pass + max(h.retain_epochs, h.forget_epochs) * n_retain
+    if h.method == "scrub":  # its own schedule: max steps with a floor, exactly retain.epochs min passes
+        plan = scrub_plan(n_forget, n_retain, h)
+        return sum(m for m, _ in plan) * min(h.forget_batch, n_forget) + h.retain_epochs * n_retain
     if h.method == "retrain":
         return retain_pass
     return forget_pass + retain_pass  # gradient-ascent

@@ -255,17 +255,51 @@ def neggrad_plus(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyp
     _fine_tune(module, retain, h, ctx)
 
 
-def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened outputs, as SCRUB's distillation term."""
-    return F.kl_div(
+SCRUB_TEMPERATURE = 4.0
+
+
+def _kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = SCRUB_TEMPERATURE
+) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened outputs, times T^2, as SCRUB's distillation term.
+
+    The T^2 factor (Hinton et al.; SCRUB's ``DistillKL``) keeps the term's
+    gradients at the scale of the cross-entropy's whatever the temperature.
+    """
+    kl = F.kl_div(
         F.log_softmax(student_logits.float() / temperature, dim=1),
         F.log_softmax(teacher_logits.float() / temperature, dim=1),
         reduction="batchmean",
         log_target=True,
     )
+    return kl * temperature**2
+
+
+def scrub_plan(forget_rows: int, retain_rows: int, h: Hyper) -> list[tuple[int, int]]:
+    """SCRUB's schedule: per epoch, (max steps, min steps), max steps first.
+
+    * exactly ``retain.epochs`` passes of min steps over the retain set, in the
+      *last* epochs, so the schedule always ends on min steps when it has any;
+    * ``forget.epochs`` phases of max steps in the first epochs, each at least
+      ``forget_steps_floor`` steps (cycling the forget set): counted in steps,
+      a 20-row forget set is not one step an epoch;
+    * epochs beyond the max phases are the min-only tail that repairs what the
+      max steps broke.
+    """
+    phase = max(-(-forget_rows // h.forget_batch), h.forget_steps_floor) if forget_rows > 0 else 0
+    min_pass = -(-retain_rows // h.retain_batch) if retain_rows > 0 else 0
+    epochs = max(h.forget_epochs, h.retain_epochs)
+    first_min = epochs - h.retain_epochs
+    return [(phase if e < h.forget_epochs else 0, min_pass if e >= first_min else 0) for e in range(epochs)]
 
 
 def scrub(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
+    """Max steps (maximise KL to the frozen teacher on forget rows) and min steps (alpha * KL + CE on retain rows).
+
+    Two Adam optimisers where the paper shares one SGD: the max steps' ascent
+    direction then never enters the moment estimates the min steps use, and each
+    stage keeps its own learning rate (forget.lr, retain.lr).
+    """
     teacher = copy.deepcopy(module)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -273,36 +307,36 @@ def scrub(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
     max_opt = _adam(module, h.forget_lr)
     min_opt = _adam(module, h.retain_lr)
     set_mode(module, True)
-    epochs = max(h.retain_epochs, h.forget_epochs)
-    steps = -(-len(forget) // h.forget_batch) + -(-len(retain) // h.retain_batch)
-    stage = _Stage("scrub", epochs, steps, ctx)
+    plan = scrub_plan(len(forget), len(retain), h)
+    forget_batches = _cycle(len(forget), min(h.forget_batch, max(1, len(forget))), ctx.gen, ctx.device)
+    stage = _Stage("scrub", len(plan), max((a + b for a, b in plan), default=0), ctx)
     try:
-        for epoch in range(epochs):
+        for epoch, (max_steps, min_steps) in enumerate(plan):
             total = torch.zeros((), device=ctx.device)
             count = 0
-            if epoch < h.forget_epochs:
-                for idx in _batches(len(forget), h.forget_batch, ctx.gen, ctx.device):
-                    xb, _ = forget.batch(idx)
-                    with ctx.autocast():
-                        student = module(xb)
-                        with torch.no_grad():
-                            target = teacher(xb)
-                    loss = -_kl(student, target)
-                    _update(max_opt, loss)
-                    total += loss.detach()
-                    count += 1
-                    stage.step()
-            for idx in _batches(len(retain), h.retain_batch, ctx.gen, ctx.device):
-                xb, yb = retain.batch(idx)
+            for _ in range(max_steps):
+                xb, _ = forget.batch(next(forget_batches))
                 with ctx.autocast():
                     student = module(xb)
                     with torch.no_grad():
                         target = teacher(xb)
-                loss = h.alpha * _kl(student, target) + F.cross_entropy(student.float(), yb)
-                _update(min_opt, loss)
+                loss = -_kl(student, target)
+                _update(max_opt, loss)
                 total += loss.detach()
                 count += 1
                 stage.step()
+            if min_steps:
+                for idx in _batches(len(retain), h.retain_batch, ctx.gen, ctx.device):
+                    xb, yb = retain.batch(idx)
+                    with ctx.autocast():
+                        student = module(xb)
+                        with torch.no_grad():
+                            target = teacher(xb)
+                    loss = h.alpha * _kl(student, target) + F.cross_entropy(student.float(), yb)
+                    _update(min_opt, loss)
+                    total += loss.detach()
+                    count += 1
+                    stage.step()
             stage.end_epoch(epoch, total, count)
     finally:
         stage.close()

@@ -50,6 +50,8 @@ def test_samples_trained_counts_every_pass_of_each_method() -> None:
     count = gpu_throughput.samples_trained
     assert count(replace(base, **fixed), 10, 100) == 2 * 10 + 3 * 100  # ascent passes, then fine-tuning passes
     assert count(replace(base, method="scrub", **fixed), 10, 100) == 2 * 10 + 3 * 100
+    # scrub's max steps have a floor: 4 steps of the 10-row forget set per phase, however small it is.
+    assert count(replace(base, method="scrub", forget_steps_floor=4, **fixed), 10, 100) == 2 * 4 * 10 + 3 * 100
     # Every retain step (2 of them for 100 samples) carries a forget batch of min(64, 10) samples.
     assert count(replace(base, method="neggrad-plus", **fixed), 10, 100) == 2 * (100 + 2 * 10) + 3 * 100
     assert count(replace(base, method="retrain", **fixed), 10, 100) == 3 * 100
