@@ -57,8 +57,47 @@ def test_mia_efficacy_tells_memorised_from_unseen() -> None:
     retain, heldout = (members[:200], labels[:200]), (unseen[:200], labels[:200])
     still_remembered = audit.mia_efficacy(retain, heldout, (members[200:], labels[200:]))
     forgotten = audit.mia_efficacy(retain, heldout, (unseen[200:], labels[200:]))
-    assert still_remembered < 5.0
-    assert forgotten > 95.0
+    assert still_remembered.value < 5.0
+    assert forgotten.value > 95.0
+    assert forgotten.n == 200
+    assert forgotten.low < forgotten.value <= forgotten.high  # Clopper-Pearson, in percent
+
+
+def _row(method: str, seed: int, gap_metrics: tuple[float, float, float, float], seconds: list[float]) -> dict:
+    ua, ra, ta, mia = gap_metrics
+    return {
+        "dataset": "d",
+        "kind": "random",
+        "method": method,
+        "seed": seed,
+        "ua": ua,
+        "ra": ra,
+        "ta": ta,
+        "mia": mia,
+        "gap": 0.0,
+        "seconds": seconds,
+    }
+
+
+def test_summary_gap_of_means_floor_goal_and_speedup() -> None:
+    rows = [
+        _row(quality.RETRAIN, 0, (10, 100, 90, 20), [10.0]),
+        _row(quality.RETRAIN, 1, (12, 100, 90, 22), [14.0]),
+        _row(quality.FLOOR, 0, (14, 100, 88, 20), [12.0]),
+        _row(quality.FLOOR, 1, (14, 100, 88, 26), [12.0]),
+        _row("m", 0, (9, 100, 90, 21), [1.0, 2.0]),
+        _row("m", 1, (13, 100, 90, 21), [1.0, 0.0]),
+    ]
+    summary = {e["method"]: e for e in quality.summarise(rows)}
+    # Gap of the means (SalUn's tables): m's means equal retrain's, whatever each seed's difference.
+    assert summary["m"]["avgGap"] == pytest.approx(0.0)
+    assert summary[quality.FLOOR]["avgGap"] == pytest.approx((3 + 0 + 2 + 2) / 4)
+    assert summary["m"]["ua"]["std"] == pytest.approx(np.std([9, 13], ddof=1))  # ddof 1
+    # Speed-up: every retraining's mean time over the method's mean time (a ratio of repeated timings).
+    assert summary["m"]["speedup"] == pytest.approx(12.0 / 1.0)
+    target, floor = quality.goal(list(summary.values()), "d", "random")
+    assert floor == pytest.approx(1.75)
+    assert target == pytest.approx(1.75)  # the floor, being above 1.0
 
 
 def test_avg_gap_is_the_mean_absolute_difference() -> None:
@@ -97,23 +136,42 @@ def test_docs_update_touches_only_the_generated_part(tmp_path: Path) -> None:
 
 def test_tiny_quality_run_writes_tables_plot_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, md, png = tmp_path / "q.json", tmp_path / "q.md", tmp_path / "q.png"
-    tiny = ["--datasets", "digits", "--kinds", "class", "--seeds", "1", "--epochs", "4", "--samples", "240"]
+    tiny = [
+        "--datasets",
+        "digits",
+        "--kinds",
+        "class",
+        "--seeds",
+        "1",
+        "--epochs",
+        "4",
+        "--samples",
+        "240",
+        "--repeats",
+        "2",
+    ]
     code = quality.main([*tiny, "--out", str(out), "--markdown", str(md), "--plot", str(png)])
     assert code == 0
     result = json.loads(out.read_text())
     methods = [row["method"] for row in result["runs"]]
-    assert methods == ["retrain", "original", *quality.VARIANTS]
+    assert methods == [quality.RETRAIN, quality.FLOOR, quality.ORIGINAL, *quality.VARIANTS]
     rows = {row["method"]: row for row in result["runs"]}
     assert rows["retrain"]["gap"] == 0.0
     assert rows["retrain"]["ua"] == 100.0  # a model that never saw class 0 never predicts it
+    # The reference and the floor are retrained from seeds that share nothing with the original's (seed 0).
+    assert rows[quality.RETRAIN]["hyper"]["seed"] == quality.REFERENCE_SEED
+    assert rows[quality.FLOOR]["hyper"]["seed"] == quality.FLOOR_SEED
     # The original saw the whole class: far from the retrained model, whatever the tiny recipe.
     assert rows["original"]["gap"] > 10.0
     for row in result["runs"]:
         for metric in ("ua", "ra", "ta", "mia"):
             assert 0.0 <= row[metric] <= 100.0
         if row["method"] not in ("original", "retrain"):
-            assert row["seconds"] > 0
-            assert row["speedup"] > 0
+            assert len(row["seconds"]) == (1 if row["method"] == quality.FLOOR else 2)
+            assert min(row["seconds"]) > 0
+    summary = {e["method"]: e for e in result["summary"]}
+    assert summary[quality.FLOOR]["avgGap"] == pytest.approx(rows[quality.FLOOR]["gap"])  # one seed
+    assert all(e["speedup"] > 0 for e in summary.values() if e["method"] != quality.ORIGINAL)
     assert rows[quality.TUNED]["attempts"][0]["verdict"] in ("Passed", "Failed")
     tables = md.read_text()
     assert "#### digits, class forgetting" in tables
