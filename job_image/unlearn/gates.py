@@ -275,7 +275,7 @@ def _membership_gate(
     def outcome(status: GateStatus, kind: GateKind, reason: str) -> GateOutcome:
         return GateOutcome(gate.gate, metric, observed, limit, status, kind, reason, allowed, reference)
 
-    band = f"{allowed[0]:{gate.fmt}}..{allowed[1]:{gate.fmt}}" if gate.two_sided else f"at most {allowed[1]:{gate.fmt}}"
+    band = f"{allowed[0]:{gate.fmt}}..{allowed[1]:{gate.fmt}}" if gate.two_sided else f"..{allowed[1]:{gate.fmt}}"
     around = f"{reference.describe()} {'+-' if gate.two_sided else '+'} {tolerance:g}"
     if observed is None or not observed.measured:
         if gate.control is not None:
@@ -306,19 +306,13 @@ def _membership_gate(
     control = Observed.of(post, gate.control) if gate.control is not None else None
     informative, needed = power(observed, control, allowed)
     if not informative and control is not None:
-        size = (
-            f"it would take about {needed} forget rows"
-            if needed is not None
-            else "no forget-set size would do, because the attack cannot tell this model's own training rows "
-            "from held-out rows well enough"
-        )
+        size = f"about {needed} would" if needed is not None else "no number of rows would"
         return outcome(
             "inconclusive",
             "forgetting",
-            f"{metric} {shown} is within {band}, but uninformative: on this model the attack scores "
-            f"{control.show(gate.fmt)} on retained training rows against held-out rows (the positive control), "
-            f"so a set the model still remembered would not be told apart at {observed.n} rows; {size}. "
-            f"{gate.gate} neither passes nor fails",
+            f"{metric} {shown} is within {band} but uninformative: the attack scores only "
+            f"{control.show(gate.fmt)} on the model's own retained rows (positive control), so it would not tell a "
+            f"remembered set of {observed.n} rows either ({size}); {gate.gate} neither passes nor fails",
         )
     return outcome(
         "passed", "forgetting", f"{metric} {shown}: the 95% interval reaches into {band} ({gate.gate}: {around})"

@@ -72,14 +72,14 @@ def spec(**values: float | None) -> GatesSpec:
             0.6,
             {"mia_auc": (0.5, 0.37, 0.63), "control_mia_auc": (0.51, 0.48, 0.54)},
             ("inconclusive", "forgetting"),
-            "no forget-set size would do",
+            "no number of rows would",
         ),
         (
             "maxMiaClassifierAccuracy",
             0.6,
             {"mia_classifier_accuracy": (0.5, 0.35, 0.65), "control_mia_classifier_accuracy": (0.74, 0.72, 0.76)},
             ("inconclusive", "forgetting"),
-            "it would take about",
+            "(about ",
         ),
         # Not measurable (a forget set under 5 rows for the classifier): inconclusive, with why.
         (
