@@ -449,7 +449,8 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     Drops the resolved config and per-attempt details, then the notes from the
     last (``notesTruncated``), then the reasons from the last
     (``reasonsTruncated``), then shortens the fields listed in
-    ``_SHORTENED`` (named in ``truncated``). The spec bounds every string that
+    ``_SHORTENED``, then drops the intervals of ``pre`` and of ``post`` (each
+    named in ``truncated``). The spec bounds every string that
     reaches the record in bytes, so that this always fits: a test fills every
     field to its bound with the costliest characters. It raises only if that
     promise is broken, and the job builds it before publishing anything.
@@ -486,6 +487,12 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
         while keep > 0 and _size(full) > limit:
             keep = max(0, keep - (_size(full) - limit))
             holder[leaf] = truncate_utf8(value, keep)
+    # Last, the intervals: before's first. Only a request that fills every string to its bound with
+    # characters JSON escapes gets here; the numbers themselves always stay.
+    for key in ("pre", "post"):
+        if _size(full) > limit and full.get(key, {}).pop("intervals", None) is not None:
+            truncated.append(f"{key}.intervals")
+            full["truncated"] = truncated
     text = _dumps(full)
     if len(text.encode()) > limit:
         raise ValueError(f"compact record is {len(text.encode())} bytes, over {limit}")

@@ -58,8 +58,11 @@ def _worst(char: str, error: bool) -> ResultRecord:
     claim = "c" * 63
     path = _longest_path(char)
     model = "m" * 63
+    interval = {"low": -123456.789012, "high": -123456.789012, "n": 10**6, "against": 10**6}
     metrics = AuditMetrics.model_validate(
-        {name: -123456.789012 for name, *_ in numbers()} | {"samples": {"forget": 10**6, "retain": 10**6}}
+        {name: -123456.789012 for name, *_ in numbers()}
+        | {"samples": {"forget": 10**6, "retain": 10**6}}
+        | {"intervals": {alias: interval for _, alias, *_ in numbers()}}
     )
     request_id = char * (MAX_REQUEST_ID_BYTES // len(char.encode()))
     UnlearningRequestSpec.model_validate(
@@ -79,6 +82,7 @@ def _worst(char: str, error: bool) -> ResultRecord:
         method="gradient-ascent",
         verdict="Failed" if error else "Passed",
         reasons=[char * 1000] * 50,
+        notes=[char * 1000] * 10,
         failed_gates=list(GatesSpec.model_fields),
         exit_code=4 if error else 0,
         error=char * 1000 if error else None,
@@ -116,6 +120,8 @@ def test_the_worst_record_the_spec_allows_still_fits(char: str, error: bool) -> 
     if record.output_model is not None:
         assert parsed.output_model == record.output_model  # the lineage needs it whole
     assert parsed.reasons_truncated
+    assert parsed.notes_truncated
+    assert parsed.post.forget_accuracy == round(-123456.789012, 4)  # the numbers always stay
     assert parsed.truncated  # and says what it shortened
     assert "outputModel.uri" not in parsed.truncated
 
