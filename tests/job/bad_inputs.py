@@ -496,8 +496,8 @@ CASES: list[Case] = [
     C(
         "no-gate",
         "every gate null (verdict Passed whatever happened)",
-        lambda w: w.set("spec.gates", {"maxTestAccuracyDrop": None, "maxMiaAuc": None}),
-        "manifest.spec.gates: every gate is null, so the verdict would be Passed whatever the audit measured: set at least one (for example maxMiaAuc: 0.6)",
+        lambda w: w.set("spec.gates", {"maxTestAccuracyDrop": None, "maxMiaClassifierAccuracy": None}),
+        "manifest.spec.gates: every gate is null, so the verdict would be Passed whatever the audit measured: set at least one (for example maxMiaClassifierAccuracy: 0.6)",
         "manifest",
         issue=True,
     ),
