@@ -10,7 +10,7 @@ fails. Six rules, each with its reason:
 2. **A forgetting gate fails on evidence**: only when the whole interval lies
    beyond the allowed range (the data show the model still remembers, or
    over-forgot). Hence the null false-failure rate stays under 5% at 20 rows
-   (measured in tests/job/test_gates_null.py). The reason says which end decided.
+   (measured in tests/job/test_audit_findings.py). The reason says which end decided.
 3. **Membership gates are two-sided, around a reference**: what a model that
    never saw the forget set would show. ``maxMiaAuc: 0.6`` allows the
    reference +- 0.1. The reference is a ``Reference`` per number: today the
@@ -310,7 +310,7 @@ def _membership_gate(
         return outcome(
             "inconclusive",
             "forgetting",
-            f"{metric} {shown} is within {band} but uninformative: the attack scores only "
+            f"{metric} {shown} reaches into {band} but is uninformative: the attack scores only "
             f"{control.show(gate.fmt)} on the model's own retained rows (positive control), so it would not tell a "
             f"remembered set of {observed.n} rows either ({size}); {gate.gate} neither passes nor fails",
         )

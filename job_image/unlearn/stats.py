@@ -11,16 +11,19 @@ ever trained on; matched, 0.49 to 0.51.
 
 Which interval, and why:
 
-* **AUC: DeLong's variance, stratified by class**, normal interval clipped to
-  [0, 1]. It is deterministic (the same model gives the same record, no
-  resampling seed to report), costs a sort, and splits cleanly into strata: the
-  forget side's variance from the per-row placements, the held-out side's per
-  class, weighted by the forget set's class shares. With 20 forget rows against
-  about 430 held-out rows its coverage was measured by simulation
-  (tests/job/test_stats.py, and ``coverage`` below): close to 95% for true AUCs
-  from 0.5 to 0.8. Near 0 or 1 it narrows too much at small sizes, which only
-  matters for rows far from the band a gate allows. A bootstrap would cover
-  that edge better, at a thousand times the cost and with a seed in the record.
+* **AUC: DeLong's variance, stratified by class**, the interval taken on the
+  logit scale with Student's t (n - 1 degrees of freedom, n the forget rows
+  compared), so it stays inside (0, 1) however small the set. It is
+  deterministic (the same model gives the same record, no resampling seed to
+  report), costs a sort, and splits cleanly into strata: the forget side's
+  variance from the per-row placements, the held-out side's per class,
+  weighted by the forget set's class shares. With 20 forget rows against 429
+  held-out rows its coverage was measured by simulation (tests/job/test_stats.py,
+  with ``coverage`` below; 1,000 draws each): 93-96% for true AUCs 0.5, 0.64
+  and 0.80. Near 0 or 1 it narrows too much at small sizes (0.88 at 0.98),
+  which only matters for rows far from the band a gate allows. A bootstrap
+  would cover that edge better, at a thousand times the cost and with a seed in
+  the record.
 * **Proportions (accuracies, true-positive rates, MIA-efficacy):
   Clopper-Pearson**, exact and conservative: at 20 rows an accuracy of 100% has
   the interval [83.2, 100], not a normal interval's [100, 100].
