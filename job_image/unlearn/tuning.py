@@ -83,8 +83,8 @@ DEFAULTS: dict[str, MethodDefaults] = {
     "neggrad-plus": MethodDefaults(forget_lr=1e-3, forget_epochs=8, retain_lr=0.0, retain_epochs=0, alpha=0.995),
     # Max steps (forget lr) in the first 4 epochs, at least 4 a phase however small the forget set, then
     # min steps (retain lr) in all 5: the last, min-only epoch repairs what the max steps broke. Chosen by
-    # the benchmark (docs/benchmarks.md, "What was tried"): mean Avg. Gap 5.05 over the six splits and two
-    # seeds, against 8.69 for the former 8-in-8 with one max step a phase for a small set; the schedule at
+    # the benchmark (docs/benchmarks.md, "What was tried"): mean Avg. Gap 5.05 over the six splits and seeds
+    # 0 and 1, where the former 8-in-8 with one max step a phase for a small set scored 8.69 (seed 0); the schedule at
     # 4.71 (lr 5e-3, 6 epochs) left the digits demo's held-out drop at the edge of its gate (1.99 of 2.00).
     # alpha 1/32 with the T^2 factor (16) weighs the KL as the former 0.5 without it did.
     "scrub": MethodDefaults(
