@@ -364,8 +364,31 @@ REQUEST_CRD = CustomResource(
 RESOURCES: tuple[CustomResource, ...] = (REQUEST_CRD,)
 
 
+# Plain scalars that YAML 1.1 reads as booleans. The API server (sigs.k8s.io/yaml) parses YAML 1.1, where a
+# bare `n` or `y` is a boolean; PyYAML writes them unquoted (it follows YAML 1.1 only for yes/no/on/off/true/
+# false), so a property named `n` would reach the server as `false` and the CRD would be refused.
+YAML11_BOOLEANS = frozenset(
+    word
+    for base in ("y", "yes", "n", "no", "true", "false", "on", "off")
+    for word in (base, base.capitalize(), base.upper())
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string a YAML 1.1 parser would read as a boolean."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if value in YAML11_BOOLEANS:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+    return dumper.represent_str(value)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def render(resource: CustomResource = REQUEST_CRD) -> str:
-    return resource.header() + yaml.safe_dump(build_crd(resource), sort_keys=False, width=120)
+    return resource.header() + yaml.dump(build_crd(resource), Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def numbers_table() -> str:

@@ -130,3 +130,17 @@ def test_names_status_and_printer_columns() -> None:
     assert [c["jsonPath"].removeprefix(".status.display.") for c in numbers] == list(display)
     conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_no_plain_scalar_reads_as_a_boolean_to_the_api_server() -> None:
+    """The API server parses YAML 1.1: a bare `n` (the intervals' row count) is `false` there, and the CRD is refused.
+
+    PyYAML reads the same text as the string "n", so only a check of the emitted scalars catches it.
+    """
+    text = crdgen.render()
+    plain = [e.value for e in yaml.parse(text) if isinstance(e, yaml.ScalarEvent) and e.style is None]
+    assert "n" not in plain
+    assert not [v for v in plain if v in crdgen.YAML11_BOOLEANS and v not in ("true", "false")]
+    assert yaml.safe_load(text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"
+    ]["pre"]["properties"]["intervals"]["additionalProperties"]["required"] == ["low", "high", "n"]
