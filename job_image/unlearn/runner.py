@@ -40,7 +40,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from unlearn import audit, fit, gates, preflight, tuning
+from unlearn import audit, fit, gates, preflight, scratch, tuning
 from unlearn.data import load_data, load_forget_indices
 from unlearn.draft import RecordDraft, json_bytes, one_line
 from unlearn.engine import Context, TensorSet, predict
@@ -399,8 +399,9 @@ def run(
     """
     recipe = Recipe(manifest, options, plan, draft)
     try:
-        return recipe.run()
-    except InvalidInputError as error:
+        with scratch.guard():
+            return recipe.run()
+    except (InvalidInputError, scratch.StorageLimitError) as error:
         log.debug("invalid input", exc_info=True)
         return recipe.fail(EXIT_INVALID_INPUT, error)
     except Exception as error:  # the retryable class: crash, OOM, a bug; the record says which

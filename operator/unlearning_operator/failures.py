@@ -43,6 +43,9 @@ def explain_failure(job: dict[str, Any], pods: list[dict[str, Any]], container: 
                 "or lower audit.maxSamples / method batch sizes",
             )
     for pod in pods:
+        if (pod.get("status") or {}).get("reason") == "Evicted":
+            return _evicted(pod)
+    for pod in pods:
         waiting = (container_status(pod, container).get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in IMAGE_PULL_REASONS:
             return _image_pull(pod, waiting, container)
@@ -87,6 +90,24 @@ def _memory_limit(pod: dict[str, Any], container: str) -> str:
         if spec.get("name") == container:
             return str(((spec.get("resources") or {}).get("limits") or {}).get("memory", "unset"))
     return "unset"
+
+
+# What the kubelet's eviction manager writes when a pod outgrows its own local-storage
+# limits (pkg/kubelet/eviction/helpers.go). These evictions carry no DisruptionTarget
+# condition, so they count against the Job's backoffLimit like a crash.
+_STORAGE_EVICTION = ("ephemeral local storage", "local ephemeral storage limit", "Usage of EmptyDir volume")
+
+
+def _evicted(pod: dict[str, Any]) -> Explanation:
+    said = str((pod.get("status") or {}).get("message") or "").strip()
+    if any(words in said for words in _STORAGE_EVICTION):
+        advice = (
+            "the job wrote more to local disk than its pod may use: raise job.tmpSizeLimit and "
+            "job.ephemeralStorage in the chart's values"
+        )
+    else:
+        advice = "the node evicted the job's pod"
+    return Explanation(states.REASON_EVICTED, f"{advice} (kubelet: {said or 'Evicted'})")
 
 
 def _image_pull(pod: dict[str, Any], waiting: dict[str, Any], container: str) -> Explanation:

@@ -20,6 +20,13 @@ Choices worth knowing:
   not the job's fault and must not eat into backoffLimit).
 * The restricted Pod Security profile, read-only root filesystem included;
   PyTorch and matplotlib write caches, so HOME and /tmp are an emptyDir.
+* Local disk is bounded: /tmp has a sizeLimit and the container an
+  ephemeral-storage request and limit, so a job cannot fill a node's disk.
+  The job is told its /tmp limit (``UNLEARN_TMP_LIMIT``) and stops with a
+  clear error before the kubelet would evict it (unlearn.scratch).
+* With each Job comes a NetworkPolicy that selects its pod and allows no
+  traffic (the job has no token and talks to nobody), unless the admin
+  widened egress in the chart (``networkPolicy.job.egress``).
 """
 
 from __future__ import annotations
@@ -33,9 +40,19 @@ from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
 from unlearning_contracts.spec import Location, UnlearningRequestSpec
 
-from .labels import ANNOTATION_MODEL_VERSION, ANNOTATION_REQUEST_UID, COMPONENT_JOB, LABEL_KUEUE_QUEUE, request_labels
+from .labels import (
+    ANNOTATION_MODEL_VERSION,
+    ANNOTATION_REQUEST_UID,
+    COMPONENT_JOB,
+    LABEL_COMPONENT,
+    LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY,
+    LABEL_REQUEST,
+    MANAGED_BY,
+    request_labels,
+)
 from .lineage import Version
-from .names import job_name, spec_configmap_name
+from .names import job_name, network_policy_name, spec_configmap_name
 from .settings import OperatorSettings
 
 CONTAINER_NAME = "unlearn"
@@ -45,6 +62,8 @@ SPEC_PATH = f"{SPEC_MOUNT_DIR}/{SPEC_FILE}"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 NON_ROOT_UID = 65532
 GPU_RESOURCE = "nvidia.com/gpu"
+# The job's own guard against outgrowing /tmp (read by unlearn.scratch).
+ENV_TMP_LIMIT = "UNLEARN_TMP_LIMIT"
 
 
 @dataclass(frozen=True)
@@ -159,7 +178,7 @@ def build_job(
     root = settings.job_volume_root
     volumes: list[dict[str, Any]] = [
         {"name": "request-spec", "configMap": {"name": spec_configmap_name(ref.name, ref.uid)}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": settings.job_tmp_size}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "request-spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True},
@@ -174,7 +193,8 @@ def build_job(
     gpus = spec.job.gpus if spec.job.gpus is not None else settings.job_gpus
     cpu = spec.job.cpu or settings.job_cpu
     memory = spec.job.memory or settings.job_memory
-    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    storage = settings.job_ephemeral_storage
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}
     if gpus > 0:
         limits[GPU_RESOURCE] = str(gpus)
 
@@ -196,8 +216,9 @@ def build_job(
         "env": [
             {"name": "UNLEARN_JOB_IMAGE", "value": image},
             {"name": "HOME", "value": "/tmp"},
+            {"name": ENV_TMP_LIMIT, "value": settings.job_tmp_size},
         ],
-        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
+        "resources": {"requests": {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}, "limits": limits},
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -285,3 +306,34 @@ def gpus_of(job: dict[str, Any]) -> int:
     """GPUs a Job's pod holds: the sum of its containers' nvidia.com/gpu limits."""
     containers = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
     return sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, 0)) for c in containers)
+
+
+def job_pod_selector(ref: RequestRef) -> dict[str, str]:
+    """Labels every pod of the request's Job carries (from the pod template, so also before the Job exists)."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: COMPONENT_JOB, LABEL_REQUEST: ref.name}
+
+
+def build_network_policy(ref: RequestRef, spec: UnlearningRequestSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """The request's NetworkPolicy: its Job pod may receive nothing and send nothing but settings.job_egress.
+
+    Owned by the request (deleted with it) and created before the Job, so the
+    pod never runs unisolated on a CNI that enforces policies.
+    """
+    policy_spec: dict[str, Any] = {
+        "podSelector": {"matchLabels": job_pod_selector(ref)},
+        # Both types with no ingress rule and (by default) no egress rule: deny all.
+        "policyTypes": ["Ingress", "Egress"],
+    }
+    if settings.job_egress:
+        policy_spec["egress"] = [dict(rule) for rule in settings.job_egress]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(ref.name, ref.uid),
+            "namespace": ref.namespace,
+            "labels": request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name),
+            "ownerReferences": [ref.owner_reference()],
+        },
+        "spec": policy_spec,
+    }

@@ -57,6 +57,8 @@ def _collection(obj: dict[str, Any]) -> str:
         return f"/apis/batch/v1/namespaces/{namespace}/jobs"
     if kind == "ConfigMap":
         return f"/api/v1/namespaces/{namespace}/configmaps"
+    if kind == "NetworkPolicy":
+        return f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"
     raise ValueError(f"k8s: no path for kind {kind}")
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from unlearning_contracts.spec import UnlearningRequestSpec
 
 from . import lineage
 from . import status as states
-from .jobs import build_job, build_spec_configmap, model_version_of
+from .jobs import build_job, build_network_policy, build_spec_configmap, model_version_of
 from .runtime import Runtime
 from .views import RequestView, parse_time
 
@@ -52,11 +53,37 @@ async def current_lineage(
         raise BrokenLineageError(f"{error}: repair or delete it") from None
 
 
+async def isolated_job(
+    rt: Runtime,
+    *,
+    view: RequestView,
+    spec: UnlearningRequestSpec,
+    current: lineage.Version,
+    image: str,
+    pool: ThreadPoolExecutor,
+) -> tuple[dict[str, Any], bool]:
+    """The Job, after its NetworkPolicy: on an enforcing CNI its pod never runs unisolated."""
+    if rt.settings.job_network_policy:
+        policy, _ = await rt.call(pool, rt.kube.create_if_absent, build_network_policy(view.ref, spec, rt.settings))
+        _check_owner(policy, view)
+    job, created = await rt.call(pool, rt.kube.create_if_absent, build_job(view.ref, spec, rt.settings, current, image))
+    _check_owner(job, view)
+    return job, created
+
+
+def _check_owner(obj: dict[str, Any], view: RequestView) -> None:
+    """Refuse an object under our name that this request does not own (a tenant may pre-create names)."""
+    owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
+    if view.uid not in owners:
+        kind, name = obj.get("kind", "Object"), obj["metadata"]["name"]
+        raise RuntimeError(f"{kind} {name} exists but belongs to another object")
+
+
 async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str) -> None:
     """Create the spec ConfigMap and the Job (or find them) and mark the request Running.
 
     Raises BrokenLineageError when the model's lineage is corrupt, and
-    RuntimeError when a Job of that name belongs to another object.
+    RuntimeError when a Job or NetworkPolicy of that name belongs to another object.
     """
     pool = rt.launch_pool
     status = rt.current_status(view)
@@ -65,12 +92,9 @@ async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, im
     # the ConfigMap anyway, and one round trip less matters in a burst.
     results = await asyncio.gather(
         rt.call(pool, rt.kube.create_if_absent, build_spec_configmap(view.ref, spec, current)),
-        rt.call(pool, rt.kube.create_if_absent, build_job(view.ref, spec, rt.settings, current, image)),
+        isolated_job(rt, view=view, spec=spec, current=current, image=image, pool=pool),
     )
     job, created = results[1]
-    owners = {o.get("uid") for o in job["metadata"].get("ownerReferences") or []}
-    if view.uid not in owners:
-        raise RuntimeError(f"Job {job['metadata']['name']} exists but belongs to another object")
     version = model_version_of(job, default=current.version + 1)
     now = rt.clock()
     new = states.running(

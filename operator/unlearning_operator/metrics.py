@@ -54,6 +54,7 @@ FAILURE_REASONS = (
     states.REASON_GATES_FAILED,
     states.REASON_INVALID_INPUT,
     states.REASON_OOM,
+    states.REASON_EVICTED,
     states.REASON_DEADLINE,
     states.REASON_BACKOFF,
     states.REASON_IMAGE_PULL,

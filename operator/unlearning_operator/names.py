@@ -25,6 +25,10 @@ def spec_configmap_name(request: str, uid: str) -> str:
     return f"{job_name(request, uid)}-spec"
 
 
+def network_policy_name(request: str, uid: str) -> str:
+    return f"{job_name(request, uid)}-isolation"
+
+
 def audit_configmap_name(request: str, uid: str) -> str:
     """``unlearn-audit-<request>-<8 hex>``: one immutable record per request object."""
     return f"unlearn-audit-{request}-{short_hash(uid)}"

@@ -10,11 +10,11 @@ Nothing on Secrets. Checked against kopf 1.45 with ``standalone=True``
   unlearningrequests and jobs. Pods are never watched: the operator lists
   one Job's pods (by the job-name label) when that Job ends or waits.
 * kopf posts core/v1 ``events`` (create) for kopf.event() and handler errors.
-* The operator creates Jobs and ConfigMaps (spec, audit, lineage), reads
-  them back on 409 to adopt, updates lineage ConfigMaps, lists a Job's pods
-  and patches requests' status. It never deletes anything: garbage
-  collection removes a request's Job and spec ConfigMap through owner
-  references.
+* The operator creates Jobs, ConfigMaps (spec, audit, lineage) and each
+  Job's NetworkPolicy, reads them back on 409 to adopt, updates lineage
+  ConfigMaps, lists a Job's pods and patches requests' status. It never
+  deletes anything: garbage collection removes a request's Job, spec
+  ConfigMap and NetworkPolicy through owner references.
 
 The integration tests run the operator as a user bound to exactly these
 rules, so a missing verb fails them.
@@ -41,4 +41,6 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]},
     # Events on requests (the operator's and kopf's).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # The NetworkPolicy that isolates a request's Job pod: create if absent, read back on 409.
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]},
 ]

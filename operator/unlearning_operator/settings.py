@@ -132,6 +132,31 @@ def _tolerations(name: str, raw: str) -> tuple[dict[str, Any], ...]:
     return tuple(tolerations)
 
 
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    return value == "true"
+
+
+def _egress(name: str, raw: str) -> tuple[dict[str, Any], ...]:
+    rules = _json(name, raw, list)
+    if not all(isinstance(rule, dict) for rule in rules):
+        raise SettingsError(f"{name}: every item must be a JSON object (a NetworkPolicyEgressRule)")
+    return tuple(rules)
+
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A memory-style quantity ("4Gi", "500M", "1024") in bytes; ValueError for anything else."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?", quantity.strip())
+    if match is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return int(float(match.group(1)) * _SUFFIXES[match.group(2) or ""])
+
+
 def _folder(name: str, raw: str) -> str:
     root = raw.strip()
     if not root.startswith("/") or root == "/":
@@ -158,6 +183,16 @@ class OperatorSettings:
     """CPU request and limit: data loading and the audit's sklearn attack run on CPU."""
     job_memory: str = field(default="16Gi", metadata=env("UNLEARNING_JOB_MEMORY", _quantity(_MEMORY, '"16Gi"')))
     """Memory request and limit: the audit holds up to audit.maxSamples per set in memory."""
+    job_ephemeral_storage: str = field(
+        default="6Gi", metadata=env("UNLEARNING_JOB_EPHEMERAL_STORAGE", _quantity(_MEMORY, '"6Gi"'))
+    )
+    """Local-disk request and limit of a Job pod: its /tmp plus logs (models and data are on claims)."""
+    job_tmp_size: str = field(default="4Gi", metadata=env("UNLEARNING_JOB_TMP_SIZE", _quantity(_MEMORY, '"4Gi"')))
+    """sizeLimit of the Job pod's /tmp emptyDir; the job stops at 90% of it with a clear error."""
+    job_network_policy: bool = field(default=True, metadata=env("UNLEARNING_JOB_NETWORK_POLICY", _bool))
+    """Create, with each Job, a NetworkPolicy that denies its pod all traffic (but job_egress)."""
+    job_egress: tuple[Mapping[str, Any], ...] = field(default=(), metadata=env("UNLEARNING_JOB_EGRESS", _egress))
+    """Extra NetworkPolicyEgressRules for Job pods (the admin's choice; the job itself needs no network)."""
     job_node_selector: Mapping[str, str] = field(
         default_factory=dict, metadata=env("UNLEARNING_JOB_NODE_SELECTOR", _node_selector)
     )
@@ -217,6 +252,11 @@ def load_settings(environ: Mapping[str, str]) -> OperatorSettings:
         if raw is not None and raw.strip() != "":
             values[name] = declared.parse(declared.name, raw)
     settings = OperatorSettings(**values)
+    if quantity_bytes(settings.job_tmp_size) >= quantity_bytes(settings.job_ephemeral_storage):
+        raise SettingsError(
+            f"UNLEARNING_JOB_TMP_SIZE={settings.job_tmp_size}: must be below UNLEARNING_JOB_EPHEMERAL_STORAGE="
+            f"{settings.job_ephemeral_storage} (the pod's limit counts /tmp and its logs together)"
+        )
     if settings.metrics_port == settings.health_port:
         raise SettingsError(f"UNLEARNING_HEALTH_PORT={settings.health_port}: must differ from UNLEARNING_METRICS_PORT")
     return settings

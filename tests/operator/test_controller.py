@@ -20,6 +20,7 @@ from unlearning_operator import status as st
 from unlearning_operator.controller import Controller
 from unlearning_operator.k8s import ApiError, ObjectRef
 from unlearning_operator.metrics import build_registry
+from unlearning_operator.names import job_name
 from unlearning_operator.settings import OperatorSettings
 from unlearning_operator.views import job_view, request_view
 
@@ -179,7 +180,11 @@ def test_two_requests_for_one_model_run_in_sequence_from_the_lineage() -> None:
         waiting = st.get_condition(world.kube.requests["second"]["status"], st.JOB_CREATED)
         assert waiting is not None
         assert waiting["reason"] == st.REASON_WAITING_FOR_MODEL
-        assert [k for k, _ in world.kube.creates] == ["ConfigMap", "ConfigMap", "Job"]  # lineage, spec, Job
+        kinds = [k for k, _ in world.kube.creates]
+        # The lineage, then the spec ConfigMap in parallel with the NetworkPolicy, which precedes the Job.
+        assert kinds[0] == "ConfigMap"
+        assert sorted(kinds[1:3]) == ["ConfigMap", "NetworkPolicy"]
+        assert kinds[3:] == ["Job"]
 
         await world.complete("first", passed(1))
         assert world.phase("first") == "Succeeded"
@@ -313,3 +318,44 @@ def test_status_is_not_rewritten_when_nothing_changed() -> None:
 
     _, calls = asyncio.run(scenario())
     assert calls == 0
+
+
+def test_job_is_isolated_by_a_policy_of_its_own_unless_turned_off() -> None:
+    async def scenario(settings: OperatorSettings) -> World:
+        world = World(settings)
+        world.add("r", "2026-01-01T10:00:00Z")
+        await world.settle()
+        return world
+
+    world = asyncio.run(scenario(OperatorSettings()))
+    assert world.phase("r") == "Running"
+    (policy,) = [body for (kind, _), body in world.kube.objects.items() if kind == "NetworkPolicy"]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-r"
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    off = asyncio.run(scenario(OperatorSettings(job_network_policy=False)))
+    assert off.phase("r") == "Running"
+    assert [kind for kind, _ in off.kube.objects if kind == "NetworkPolicy"] == []
+
+
+def test_a_policy_someone_else_made_under_our_name_is_not_adopted() -> None:
+    # A tenant pre-creates a policy with the name the operator would use (it may allow
+    # everything): the launch is refused rather than running the pod under that policy.
+    async def scenario() -> World:
+        world = World()
+        world.add("r", "2026-01-01T10:00:00Z")
+        name = f"{job_name('r', 'uid-r')}-isolation"
+        world.kube.objects[("NetworkPolicy", name)] = {
+            "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": NS, "resourceVersion": "1"},
+            "spec": {"podSelector": {}, "egress": [{}]},
+        }
+        await world.settle()
+        return world
+
+    world = asyncio.run(scenario())
+    assert not [kind for kind, _ in world.kube.objects if kind == "Job"]
+    assert world.phase("r") in ("Pending", "Queued")
+    registry = world.controller.metrics.registry
+    errors = registry.get_sample_value("unlearning_handler_errors_total", {"handler": "launch"})
+    assert errors is not None
+    assert errors >= 1

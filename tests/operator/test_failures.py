@@ -17,6 +17,12 @@ pytestmark = pytest.mark.unit
 FAILED = {"type": "Failed", "status": "True"}
 
 
+def evicted(message: str) -> dict[str, Any]:
+    killed = pod(terminated={"exitCode": 137, "reason": "Error", "finishedAt": "2026-01-01T00:05:00Z"})
+    killed["status"].update({"reason": "Evicted", "message": message})
+    return killed
+
+
 @pytest.mark.parametrize(
     ("the_job", "pods", "reason", "words"),
     [
@@ -51,6 +57,31 @@ FAILED = {"type": "Failed", "status": "True"}
             ["cannot pull image job:1", "ImagePullBackOff"],
         ),
         (job([{**FAILED, "reason": "Weird", "message": "m"}]), [], st.REASON_ERROR, ["Weird"]),
+        # The kubelet's own words (pkg/kubelet/eviction/helpers.go) when a pod outgrows its local disk.
+        (
+            job([{**FAILED, "reason": "BackoffLimitExceeded"}]),
+            [evicted('Usage of EmptyDir volume "tmp" exceeds the limit "4Gi". ')],
+            st.REASON_EVICTED,
+            ["more to local disk", "job.tmpSizeLimit", 'EmptyDir volume "tmp" exceeds the limit "4Gi"'],
+        ),
+        (
+            job([{**FAILED, "reason": "BackoffLimitExceeded"}]),
+            [evicted('Container unlearn exceeded its local ephemeral storage limit "6Gi". ')],
+            st.REASON_EVICTED,
+            ["job.ephemeralStorage", 'limit "6Gi"'],
+        ),
+        (
+            job([{**FAILED, "reason": "BackoffLimitExceeded"}]),
+            [evicted("Pod ephemeral local storage usage exceeds the total limit of containers 6Gi. ")],
+            st.REASON_EVICTED,
+            ["job.ephemeralStorage", "total limit of containers 6Gi"],
+        ),
+        (
+            job([{**FAILED, "reason": "BackoffLimitExceeded"}]),
+            [evicted("The node was low on resource: memory. ")],
+            st.REASON_EVICTED,
+            ["the node evicted", "low on resource: memory"],
+        ),
     ],
 )
 def test_explain_failure(the_job: dict[str, Any], pods: list[dict[str, Any]], reason: str, words: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from unlearning_operator.jobs import (
     ImageNotAllowedError,
     RequestRef,
     build_job,
+    build_network_policy,
     build_spec_configmap,
     claims,
     effective_spec,
@@ -113,9 +115,9 @@ def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
 )
 def test_resources(overrides: dict[str, Any], env: dict[str, str], gpus: str | None, cpu: str, memory: str) -> None:
     c = container(job_for(REF, spec(**overrides), load_settings(env), V0))
-    assert c["resources"]["requests"] == {"cpu": cpu, "memory": memory}
+    assert c["resources"]["requests"] == {"cpu": cpu, "memory": memory, "ephemeral-storage": "6Gi"}
     limits = c["resources"]["limits"]
-    assert (limits["cpu"], limits["memory"]) == (cpu, memory)
+    assert (limits["cpu"], limits["memory"], limits["ephemeral-storage"]) == (cpu, memory, "6Gi")
     assert limits.get("nvidia.com/gpu") == gpus
     assert "nvidia.com/gpu" not in c["resources"]["requests"]
 
@@ -135,8 +137,44 @@ def test_restricted_pod_security() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["runAsNonRoot"] is True
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+
+
+def test_local_disk_is_bounded_and_the_job_knows_its_tmp_limit() -> None:
+    settings = load_settings({"UNLEARNING_JOB_EPHEMERAL_STORAGE": "3Gi", "UNLEARNING_JOB_TMP_SIZE": "2Gi"})
+    job = job_for(REF, spec(), settings, V0)
+    c = container(job)
+    # /tmp alone (the kubelet evicts past sizeLimit) and the container as a whole (logs included).
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}} in pod_spec(job)["volumes"]
+    assert c["resources"]["requests"]["ephemeral-storage"] == "3Gi"
+    assert c["resources"]["limits"]["ephemeral-storage"] == "3Gi"
+    assert {"name": "UNLEARN_TMP_LIMIT", "value": "2Gi"} in c["env"]
+
+
+def test_network_policy_denies_the_job_pod_everything() -> None:
+    job = job_for(REF, spec(), SETTINGS, V0)
+    policy = build_network_policy(REF, spec(), SETTINGS)
+    assert policy["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert policy["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    assert policy["metadata"]["name"] == f"{job['metadata']['name']}-isolation"
+    # It selects the pods of this Job by their template labels (what exists before the Job does)...
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    # ...and not those of another request in the namespace.
+    other = job_for(REF.__class__("other", REF.namespace, "uid-2"), spec(), SETTINGS, V0)
+    assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+    # Both directions isolated, no rule at all: no traffic in or out.
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in policy["spec"]
+    assert "egress" not in policy["spec"]
+
+
+def test_network_policy_egress_is_widened_only_by_the_admin() -> None:
+    rule = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 9000, "protocol": "TCP"}]}
+    settings = load_settings({"UNLEARNING_JOB_EGRESS": f"[{json.dumps(rule)}]"})
+    policy = build_network_policy(REF, spec(), settings)
+    assert policy["spec"]["egress"] == [rule]
+    assert "ingress" not in policy["spec"]
 
 
 def test_job_limits_and_failure_policy() -> None:

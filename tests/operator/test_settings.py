@@ -45,6 +45,10 @@ EACH_VARIABLE: list[tuple[dict[str, str], str, Any]] = [
     ({"UNLEARNING_METRICS_PORT": "9090"}, "metrics_port", 9090),
     ({"UNLEARNING_HEALTH_PORT": "9091"}, "health_port", 9091),
     ({"UNLEARNING_JOB_VOLUME_ROOT": "/mnt/vols/"}, "job_volume_root", "/mnt/vols"),
+    ({"UNLEARNING_JOB_EPHEMERAL_STORAGE": "20Gi"}, "job_ephemeral_storage", "20Gi"),
+    ({"UNLEARNING_JOB_TMP_SIZE": "1Gi"}, "job_tmp_size", "1Gi"),
+    ({"UNLEARNING_JOB_NETWORK_POLICY": "False"}, "job_network_policy", False),
+    ({"UNLEARNING_JOB_EGRESS": '[{"ports": [{"port": 53}]}]'}, "job_egress", ({"ports": [{"port": 53}]},)),
 ]
 
 
@@ -72,6 +76,12 @@ def test_each_variable(env: dict[str, str], field: str, expected: Any) -> None:
         ({"UNLEARNING_WATCH_NAMESPACES": "team-*"}, "UNLEARNING_WATCH_NAMESPACES"),
         ({"UNLEARNING_JOB_VOLUME_ROOT": "volumes"}, "UNLEARNING_JOB_VOLUME_ROOT"),
         ({"UNLEARNING_METRICS_PORT": "9000", "UNLEARNING_HEALTH_PORT": "9000"}, "UNLEARNING_HEALTH_PORT"),
+        ({"UNLEARNING_JOB_EPHEMERAL_STORAGE": "lots"}, "UNLEARNING_JOB_EPHEMERAL_STORAGE"),
+        # /tmp counts against the container's limit: it must leave room for the logs.
+        ({"UNLEARNING_JOB_TMP_SIZE": "6Gi"}, "UNLEARNING_JOB_TMP_SIZE"),
+        ({"UNLEARNING_JOB_NETWORK_POLICY": "yes"}, "UNLEARNING_JOB_NETWORK_POLICY"),
+        ({"UNLEARNING_JOB_EGRESS": "{}"}, "UNLEARNING_JOB_EGRESS"),
+        ({"UNLEARNING_JOB_EGRESS": '["all"]'}, "UNLEARNING_JOB_EGRESS"),
     ],
 )
 def test_invalid_values_name_the_variable_in_one_line(env: dict[str, str], names: str) -> None:
