@@ -237,7 +237,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2):
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2):
                     break
             except OSError:
                 if operator.poll() is not None or time.monotonic() > deadline:

@@ -152,6 +152,27 @@ class Kube:
             raise
         return True
 
+    # ---- leader election (coordination.k8s.io/v1 Lease) ---------------------------
+    def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get(f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{quote(name)}")
+
+    def create_lease(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Create the Lease; 409 (ApiError) when another replica created it first."""
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": COMPONENT}},
+            "spec": spec,
+        }
+        return self._request("POST", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases", body=body)
+
+    def replace_lease(self, lease: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+        """PUT with the resourceVersion read: of two replicas racing for the Lease, one gets 409."""
+        metadata = lease["metadata"]
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
+        path = f"/apis/coordination.k8s.io/v1/namespaces/{metadata['namespace']}/leases/{quote(metadata['name'])}"
+        return self._request("PUT", path, body=body)
+
     def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str, now: datetime) -> None:
         """A core/v1 Event on the request (what `kubectl describe` shows)."""
         stamp = timestamp(now)

@@ -2,9 +2,12 @@
 
 Run with ``unlearning-operator`` or ``python -m unlearning_operator``.
 
-* ``standalone=True``: one replica, no peering objects (the chart runs one
-  Deployment replica with the Recreate strategy; a second operator would race
-  on scheduling, which is in memory).
+* ``standalone=True``: no kopf peering objects. Several replicas are safe
+  through leader election instead (leader.py): kopf starts only in the
+  replica that holds the Lease, so exactly one reconciles; a standby serves
+  /healthz, /readyz and /metrics and waits.
+* Liveness and readiness are this process's own endpoints (health.py), not
+  kopf's, which would not exist in a standby.
 * Watches are server-side filtered to objects this operator labels, so a
   large cluster's Jobs never reach the operator.
 * With explicit namespaces, kopf's cluster-wide scanning (CRDs and namespace
@@ -14,9 +17,13 @@ Run with ``unlearning-operator`` or ``python -m unlearning_operator``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
+import socket
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,11 +33,17 @@ from kubernetes import client, config
 from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
 
 from .controller import Controller
+from .health import Health
 from .k8s import Kube
 from .labels import LABEL_MANAGED_BY, MANAGED_BY
-from .metrics import build_registry, serve
+from .leader import Elector, Timing
+from .metrics import Metrics, build_registry, serve
 from .settings import OperatorSettings, SettingsError, load_settings
 from .views import job_view, request_view
+
+log = logging.getLogger("unlearning_operator")
+# Exit status of a leader that lost its Lease: the kubelet restarts it as a standby.
+EXIT_LOST_LEADERSHIP = 3
 
 MANAGED = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
@@ -55,8 +68,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    metrics = build_registry()
-    serve(metrics, operator.metrics_port)
+    metrics: Metrics = memo["metrics"]
     controller = Controller(settings=operator, kube=Kube(_api_client()), metrics=metrics)
     controller.start()
     memo["controller"] = controller
@@ -103,19 +115,93 @@ async def job_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, 
         raise
 
 
+async def _stopped() -> None:
+    """Until SIGTERM or SIGINT (before kopf runs; kopf installs its own handlers)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_operator(operator: OperatorSettings) -> int:
+    """Metrics and probes first, then (as leader, or always without election) kopf; the exit status."""
+    metrics = build_registry()
+    serve(metrics, operator.metrics_port)
+    health = Health(elected=operator.leader_election)
+    runner = await health.start(operator.health_port)
+    elector: Elector | None = None
+    holding: asyncio.Task[None] | None = None
+    try:
+        if operator.leader_election:
+            # The pod's name (the kubelet sets HOSTNAME to it) plus a random part, so that
+            # a restarted container is a new candidate that waits like any standby.
+            pod = os.environ.get("HOSTNAME") or socket.gethostname()
+            identity = f"{pod}_{uuid.uuid4().hex[:8]}"
+
+            def changed(leading: bool) -> None:
+                health.leading = leading
+                metrics.leader.set(1 if leading else 0)
+
+            elector = Elector(
+                Kube(_api_client()),
+                operator.lease_namespace,
+                operator.lease_name,
+                identity,
+                Timing(
+                    float(operator.lease_duration_seconds),
+                    float(operator.lease_renew_deadline_seconds),
+                    float(operator.lease_retry_period_seconds),
+                ),
+                on_change=changed,
+            )
+            health.contacted = lambda: elector is not None and elector.contacted
+            log.info("leader election on Lease %s/%s as %s", operator.lease_namespace, operator.lease_name, identity)
+            acquiring = asyncio.create_task(elector.acquire())
+            stopping = asyncio.create_task(_stopped())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():
+                acquiring.cancel()
+                log.info("stopped while standby")
+                return 0
+            stopping.cancel()
+
+            def lost(task: asyncio.Task[None]) -> None:
+                if not task.cancelled():
+                    # At once, not through kopf's graceful stop: after the renew
+                    # deadline a standby may take over any moment, and two
+                    # reconciling operators are worse than a restart.
+                    log.error("exiting: this replica no longer holds the Lease")
+                    os._exit(EXIT_LOST_LEADERSHIP)
+
+            # Created before kopf starts: kopf leaves tasks it did not make alone.
+            holding = asyncio.create_task(elector.hold())
+            holding.add_done_callback(lost)
+        else:
+            metrics.leader.set(1)
+        await kopf.operator(
+            standalone=True,
+            clusterwide=operator.clusterwide,
+            namespaces=list(operator.watch_namespaces),
+            ready_flag=health.kopf_ready,
+            memo=kopf.Memo(operator_settings=operator, metrics=metrics),
+        )
+        return 0
+    finally:
+        if holding is not None:
+            holding.cancel()
+        if elector is not None:
+            await elector.release()
+        await runner.cleanup()
+
+
 def run() -> None:
-    """Console entry point: read settings (one-line error on bad ones), then run kopf."""
+    """Console entry point: read settings (one-line error on bad ones), then serve."""
     try:
         operator = load_settings(os.environ)
     except SettingsError as error:
         print(f"unlearning-operator: {error}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("unlearning_operator").info("settings: %s", operator)
-    kopf.run(
-        standalone=True,
-        clusterwide=operator.clusterwide,
-        namespaces=list(operator.watch_namespaces),
-        liveness_endpoint=f"http://0.0.0.0:{operator.health_port}/healthz",
-        memo=kopf.Memo(operator_settings=operator),
-    )
+    log.info("settings: %s", operator)
+    sys.exit(asyncio.run(serve_operator(operator)))

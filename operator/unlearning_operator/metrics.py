@@ -108,6 +108,7 @@ class Metrics:
     audit_writes: Counter
     audit_unwritten: Gauge
     oldest_waiting: Gauge
+    leader: Gauge
 
     def set_phase_counts(self, counts: dict[str, int]) -> None:
         """Every phase always present (0 when empty) so dashboards do not show gaps."""
@@ -240,6 +241,11 @@ def build_registry() -> Metrics:
             "unlearning_oldest_waiting_request_seconds",
             "Age of the oldest request still Pending or Queued, by phase (0 when none waits).",
             ["phase"],
+            registry=registry,
+        ),
+        leader=Gauge(
+            "unlearning_operator_leader",
+            "1 in the replica that reconciles (holds the leader-election Lease), 0 in a standby.",
             registry=registry,
         ),
     )

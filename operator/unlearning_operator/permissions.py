@@ -18,6 +18,10 @@ Nothing on Secrets. Checked against kopf 1.45 with ``standalone=True``
 
 The integration tests run the operator as a user bound to exactly these
 rules, so a missing verb fails them.
+
+``leader_election_rules`` are granted only in the operator's own namespace
+(a Role the chart makes there), and only on the one Lease for get and
+update; ``create`` cannot be limited by name in RBAC.
 """
 
 from __future__ import annotations
@@ -44,3 +48,16 @@ RULES: list[dict[str, Any]] = [
     # The NetworkPolicy that isolates a request's Job pod: create if absent, read back on 409.
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]},
 ]
+
+
+def leader_election_rules(lease_name: str) -> list[dict[str, Any]]:
+    """The Lease that decides which replica reconciles (leader.py): read, renew, take over; create once."""
+    return [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "update"],
+            "resourceNames": [lease_name],
+        },
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]

@@ -224,9 +224,27 @@ class OperatorSettings:
     metrics_port: int = field(default=8080, metadata=env("UNLEARNING_METRICS_PORT", _integer(1, 65535)))
     """Port of the Prometheus /metrics endpoint."""
     health_port: int = field(default=8081, metadata=env("UNLEARNING_HEALTH_PORT", _integer(1, 65535)))
-    """Port of kopf's liveness endpoint (/healthz)."""
+    """Port of the liveness (/healthz) and readiness (/readyz) endpoints (health.py)."""
     job_volume_root: str = field(default=DEFAULT_VOLUME_ROOT, metadata=env("UNLEARNING_JOB_VOLUME_ROOT", _folder))
     """Where the pod mounts each claim (as /<root>/<claimName>)."""
+    leader_election: bool = field(default=False, metadata=env("UNLEARNING_LEADER_ELECTION", _bool))
+    """Run as one of several replicas of which exactly one reconciles (leader.py); off for a lone process."""
+    lease_namespace: str = field(default="", metadata=env("UNLEARNING_LEASE_NAMESPACE", _text))
+    """Namespace of the leader-election Lease (the chart: the release's namespace)."""
+    lease_name: str = field(default="unlearning-operator", metadata=env("UNLEARNING_LEASE_NAME", _text))
+    """Name of the Lease; replicas that share it share the work."""
+    lease_duration_seconds: int = field(
+        default=15, metadata=env("UNLEARNING_LEASE_DURATION_SECONDS", _integer(1, 3600))
+    )
+    """A Lease nobody renews is free after this long: the handover time after a crash."""
+    lease_renew_deadline_seconds: int = field(
+        default=10, metadata=env("UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS", _integer(1, 3600))
+    )
+    """A leader that cannot renew for this long exits; below the lease duration."""
+    lease_retry_period_seconds: int = field(
+        default=2, metadata=env("UNLEARNING_LEASE_RETRY_PERIOD_SECONDS", _integer(1, 3600))
+    )
+    """Renewal interval of the leader and polling interval of a standby."""
 
     @property
     def clusterwide(self) -> bool:
@@ -257,6 +275,22 @@ def load_settings(environ: Mapping[str, str]) -> OperatorSettings:
             f"UNLEARNING_JOB_TMP_SIZE={settings.job_tmp_size}: must be below UNLEARNING_JOB_EPHEMERAL_STORAGE="
             f"{settings.job_ephemeral_storage} (the pod's limit counts /tmp and its logs together)"
         )
+    if settings.leader_election:
+        if not _NAMESPACE.match(settings.lease_namespace):
+            raise SettingsError(
+                f"UNLEARNING_LEASE_NAMESPACE={settings.lease_namespace!r}: leader election needs the namespace "
+                "of its Lease (the chart sets it to the release namespace)"
+            )
+        if not (
+            settings.lease_retry_period_seconds
+            < settings.lease_renew_deadline_seconds
+            < settings.lease_duration_seconds
+        ):
+            raise SettingsError(
+                f"UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS={settings.lease_renew_deadline_seconds}: must lie between "
+                f"the retry period ({settings.lease_retry_period_seconds}) and the lease duration "
+                f"({settings.lease_duration_seconds}), so that a leader steps down before a standby may take over"
+            )
     if settings.metrics_port == settings.health_port:
         raise SettingsError(f"UNLEARNING_HEALTH_PORT={settings.health_port}: must differ from UNLEARNING_METRICS_PORT")
     return settings

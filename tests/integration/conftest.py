@@ -71,15 +71,22 @@ class OperatorProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for("operator liveness endpoint", self.healthy, timeout=60)
+        wait_for("operator readiness endpoint", self.healthy, timeout=60)
+
+    def probe(self, path: str) -> int | None:
+        """The HTTP status of /healthz or /readyz; None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
 
     def healthy(self) -> bool:
+        """Ready: kopf has started (or, with leader election, the replica can take over)."""
         self.check_alive()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        return self.probe("/readyz") == 200
 
     def check_alive(self) -> None:
         if self.popen is not None and (code := self.popen.poll()) is not None:

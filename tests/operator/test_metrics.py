@@ -44,6 +44,7 @@ EXPECTED = {
     "unlearning_audit_writes_total",
     "unlearning_audit_records_unwritten",
     "unlearning_oldest_waiting_request_seconds",
+    "unlearning_operator_leader",
     "process_resident_memory_bytes",
 }
 

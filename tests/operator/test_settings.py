@@ -49,6 +49,12 @@ EACH_VARIABLE: list[tuple[dict[str, str], str, Any]] = [
     ({"UNLEARNING_JOB_TMP_SIZE": "1Gi"}, "job_tmp_size", "1Gi"),
     ({"UNLEARNING_JOB_NETWORK_POLICY": "False"}, "job_network_policy", False),
     ({"UNLEARNING_JOB_EGRESS": '[{"ports": [{"port": 53}]}]'}, "job_egress", ({"ports": [{"port": 53}]},)),
+    ({"UNLEARNING_LEADER_ELECTION": "true", "UNLEARNING_LEASE_NAMESPACE": "ops"}, "leader_election", True),
+    ({"UNLEARNING_LEASE_NAMESPACE": "ops"}, "lease_namespace", "ops"),
+    ({"UNLEARNING_LEASE_NAME": "op-1"}, "lease_name", "op-1"),
+    ({"UNLEARNING_LEASE_DURATION_SECONDS": "30"}, "lease_duration_seconds", 30),
+    ({"UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS": "8"}, "lease_renew_deadline_seconds", 8),
+    ({"UNLEARNING_LEASE_RETRY_PERIOD_SECONDS": "1"}, "lease_retry_period_seconds", 1),
 ]
 
 
@@ -82,6 +88,18 @@ def test_each_variable(env: dict[str, str], field: str, expected: Any) -> None:
         ({"UNLEARNING_JOB_NETWORK_POLICY": "yes"}, "UNLEARNING_JOB_NETWORK_POLICY"),
         ({"UNLEARNING_JOB_EGRESS": "{}"}, "UNLEARNING_JOB_EGRESS"),
         ({"UNLEARNING_JOB_EGRESS": '["all"]'}, "UNLEARNING_JOB_EGRESS"),
+        ({"UNLEARNING_LEADER_ELECTION": "on"}, "UNLEARNING_LEADER_ELECTION"),
+        # Leader election needs to know where its Lease is.
+        ({"UNLEARNING_LEADER_ELECTION": "true"}, "UNLEARNING_LEASE_NAMESPACE"),
+        # A leader must give up before a standby may take over.
+        (
+            {
+                "UNLEARNING_LEADER_ELECTION": "true",
+                "UNLEARNING_LEASE_NAMESPACE": "ops",
+                "UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS": "20",
+            },
+            "UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS",
+        ),
     ],
 )
 def test_invalid_values_name_the_variable_in_one_line(env: dict[str, str], names: str) -> None:
