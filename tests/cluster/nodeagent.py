@@ -20,9 +20,10 @@ pulled by digest and unpacked once per layer into the user's cache
 image's entrypoint, user and env unless the pod overrides them, the pod's
 ``securityContext`` (user, group, fsGroup, read-only root, capabilities,
 no-new-privileges), the volumes bound at their mount paths, a private
-``/tmp`` when the pod mounts none, and the host's network. Its container id
-is ``runc://<id>``; what /proc said about its credentials and root mount is
-written to ``<pod dir>/<container>.runtime.json``.
+``/tmp`` when the pod mounts none, and the pod's network (below: the host's,
+or the namespace of its sandbox, which runc joins). Its container id is
+``runc://<id>``; what /proc said about its credentials, root mount and
+network namespace is written to ``<pod dir>/<container>.runtime.json``.
 
 The venv fast path, for the harness's own tests and inner-loop runs: any
 other image name is not pulled; the container runs on this host with the
@@ -50,7 +51,12 @@ created on first use; tests pre-populate it).
 
 Networking is the host's (hostNetwork semantics): podIP is 127.0.0.1, the
 in-cluster API is ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and the real
-apiserver port. Probes are not run: a started container is Ready.
+apiserver port; except for pods a NetworkPolicy selects, which get a network
+namespace of their own and only the traffic the policies allow (podnet.py):
+a sandbox process holds the namespace, a container from an image joins it
+(a ``network`` entry with its path in the runc config), a venv container
+enters it in podinit, and both get the generated ``/etc/hosts``.
+Probes are not run: a started container is Ready.
 Resource limits are not enforced; GPU pods get ``CUDA_VISIBLE_DEVICES`` from a
 pool of ``--gpus`` indices, pods without GPUs get an empty one.
 """
@@ -84,8 +90,9 @@ from kubernetes.client import ApiException
 # Run as a script, this file's directory is on sys.path; imported (tests), the package is.
 try:
     import oci
+    import podnet
 except ImportError:  # pragma: no cover - imported as tests.cluster.nodeagent
-    from tests.cluster import oci
+    from tests.cluster import oci, podnet
 
 log = logging.getLogger("nodeagent")
 
@@ -236,7 +243,7 @@ def set_volume_ownership(path: Path, gid: int) -> None:
 
 
 def container_facts(pid: int) -> dict[str, Any]:
-    """Credentials and root mount of a container's process, as /proc shows them."""
+    """Credentials, root mount and network namespace of a container's process, as /proc shows them."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     root_mount = ""
     for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
@@ -252,6 +259,8 @@ def container_facts(pid: int) -> dict[str, Any]:
         "noNewPrivs": int(status.get("NoNewPrivs", "0").strip()),
         "rootMount": root_mount,
         "rootReadOnly": "ro" in root_mount.split()[5].split(","),
+        # Which network namespace it is in (``net:[inode]``): the host's, or its pod's sandbox (podnet.py).
+        "netns": os.readlink(f"/proc/{pid}/ns/net"),
     }
 
 
@@ -365,6 +374,13 @@ class PodWorker(threading.Thread):
         self.api_volumes: set[str] = set()
         # Set once a final phase with its own reason (DeadlineExceeded) is out.
         self.final_reported = False
+        # Its own network namespace when a NetworkPolicy selects the pod (podnet.py).
+        self.net: podnet.PodNetwork | None = None
+        self.ready = False
+
+    @property
+    def pod_ip(self) -> str:
+        return self.net.pod_ip if self.net is not None else "127.0.0.1"
 
     # ---- API helpers --------------------------------------------------------
     def _get(self, kind: str, name: str) -> dict[str, Any]:
@@ -399,8 +415,8 @@ class PodWorker(threading.Thread):
             "metadata.uid": meta.get("uid"),
             "spec.nodeName": spec.get("nodeName"),
             "spec.serviceAccountName": spec.get("serviceAccountName"),
-            "status.podIP": "127.0.0.1",
-            "status.podIPs": "127.0.0.1",
+            "status.podIP": self.pod_ip,
+            "status.podIPs": self.pod_ip,
             "status.hostIP": "127.0.0.1",
             "status.hostIPs": "127.0.0.1",
         }
@@ -617,9 +633,19 @@ class PodWorker(threading.Thread):
                 raise PodStoppedError
             delay = min(delay * 2, 30.0)
 
+    def _etc_hosts(self) -> Path:
+        """The pod's /etc/hosts, as the kubelet writes it; an isolated pod's also names the namespace's
+        Services (podnet.py: there is no cluster DNS here)."""
+        if self.net is not None:
+            return self.net.hosts
+        hosts = self.dir / "etc-hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.0.1\t{self.pod_name}\n")
+        return hosts
+
     def _spawn_image(self, run: ContainerRun, volumes: dict[str, Path]) -> None:
         """Run the container from its image with runc: the image's entrypoint, user and env unless the pod
-        overrides them, the volumes at their mount paths, the host's network."""
+        overrides them, the volumes at their mount paths, the host's network or, for a pod a NetworkPolicy
+        selects, the network namespace of its sandbox (podnet.py)."""
         if self.agent.runc is None:
             raise RuntimeError("runc not found: install it (apt-get install runc; images/tools.sh does)")
         spec = run.spec
@@ -631,11 +657,9 @@ class PodWorker(threading.Thread):
         shutil.rmtree(bundle, ignore_errors=True)
         for sub in ("rootfs", "upper", "work"):
             (bundle / sub).mkdir(parents=True)
-        hosts = self.dir / "etc-hosts"
-        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.0.1\t{self.pod_name}\n")
         mounts = [
             oci.BindMount(m.source, m.target, m.read_only)
-            for m in [*self._mounts(spec, volumes, run), Mount(hosts, "/etc/hosts", False)]
+            for m in [*self._mounts(spec, volumes, run), Mount(self._etc_hosts(), "/etc/hosts", False)]
         ]
         if Path("/etc/resolv.conf").is_file():
             mounts.append(oci.BindMount(Path("/etc/resolv.conf"), "/etc/resolv.conf", True))
@@ -644,7 +668,7 @@ class PodWorker(threading.Thread):
             config_json = oci.runtime_spec(
                 image_config=image_config, layers=pulled.layers, argv=argv, env=env, pod=self.pod, container=spec,
                 mounts=mounts, rootfs=bundle / "rootfs", hostname=self.pod_name,
-                cgroup=f"/unlearning-harness/{cid}",
+                cgroup=f"/unlearning-harness/{cid}", netns=self.net.netns_path if self.net is not None else None,
             )  # fmt: skip
         except oci.ConfigError as exc:
             # The kubelet keeps such a container waiting; a test sees the reason instead of a hang.
@@ -704,6 +728,9 @@ class PodWorker(threading.Thread):
         env = self._env(spec)
         argv = self._argv(spec, env)
         mounts = self._mounts(spec, volumes, run)
+        if self.net is not None:
+            # Only an isolated pod's: the host's /etc/hosts serves the others on the host network.
+            mounts.append(Mount(self._etc_hosts(), "/etc/hosts", True))
         # No image WORKDIR to honour: a per-container scratch dir keeps
         # relative writes out of the host's /.
         scratch = self.dir / "cwd" / run.name
@@ -720,6 +747,7 @@ class PodWorker(threading.Thread):
             env["HARNESS_PATH_MAP"] = json.dumps({m.target: str(m.source) for m in mounts})
         init_spec = {
             "namespace": self.agent.mount_namespaces,
+            **({"netns": self.net.netns_path} if self.net is not None else {}),
             "keep": KEEP_VISIBLE,
             **({"workingDir": spec["workingDir"]} if spec.get("workingDir") else {"scratch": str(scratch)}),
             "mounts": [
@@ -790,6 +818,7 @@ class PodWorker(threading.Thread):
             statuses = [r.status(images[n]) for n, r in self.runs.items()]
             init_statuses = [r.status(images[n]) for n, r in self.init_runs.items()]
         ready = phase == "Running" and all(s["ready"] for s in statuses)
+        self.ready = ready
         init_done = all(r.terminated is not None and r.terminated["exitCode"] == 0 for r in self.init_runs.values())
         t = now()
 
@@ -804,8 +833,8 @@ class PodWorker(threading.Thread):
             "phase": phase,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
             "qosClass": self.pod.get("status", {}).get("qosClass", "BestEffort"),
             "containerStatuses": statuses,
@@ -844,6 +873,8 @@ class PodWorker(threading.Thread):
         finally:
             for r in [*self.init_runs.values(), *self.runs.values()]:
                 self._kill(r, 0)
+            if self.net is not None:
+                self.net.close()
             self.agent.gpus.give(self.gpus)
             self.agent.worker_done(self)
 
@@ -867,6 +898,9 @@ class PodWorker(threading.Thread):
                     c["name"], c, self.dir / f"{c['name']}.log", self.dir / f"{c['name']}.termination-log"
                 )
         self.gpus = self.agent.gpus.take(self._requested_gpus())
+        # Before the first status: the API refuses to change a pod IP once reported.
+        if self.agent.network is not None:
+            self.net = self.agent.network.attach(self.pod, self.dir)
         self._report("Pending")
         volumes = self._prepare_volumes()
         if volumes is None:
@@ -1084,6 +1118,13 @@ class Agent:
         self.api, self.coord, _ = api_clients(args.kubeconfig)
         self.api_port = int(self.api.api_client.configuration.host.rsplit(":", 1)[1])
         self.mount_namespaces = can_unshare()
+        # NetworkPolicy as far as a node without a CNI can enforce it: needs root (namespaces) and
+        # credentials that may read policies (a node's may not; the provisioner's are an admin's).
+        self.network: podnet.Network | None = None
+        if args.provisioner_kubeconfig and self.mount_namespaces:
+            admin, _, _ = api_clients(args.provisioner_kubeconfig)
+            networking = client.NetworkingV1Api(admin.api_client)
+            self.network = podnet.Network(admin, networking, self.api_port, self.pod_views)
         self.mountpoints = MountPoints()
         # Containers from images: pulled into a per-user cache, run by runc with this agent's state dir.
         self.store = oci.ImageStore()
@@ -1104,6 +1145,11 @@ class Agent:
             [str(self.runc), "--root", str(self.runc_root), "kill", container_id, signal_name],
             capture_output=True, check=False,
         )  # fmt: skip
+
+    def pod_views(self) -> list[podnet.PodView]:
+        with self.lock:
+            workers = list(self.workers.values())
+        return [podnet.PodView(w.pod, w.net, w.ready) for w in workers]
 
     def image_command(self, image: str) -> list[str] | None:
         name = image.rsplit("@", 1)[0]

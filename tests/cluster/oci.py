@@ -18,7 +18,9 @@ Standard library only: it runs in the node agent's process (``nodeagent.py``).
   overrides them, ``securityContext`` (user, group, fsGroup,
   readOnlyRootFilesystem, capabilities, allowPrivilegeEscalation), the
   pod's volumes at their mount paths, ``/etc/hosts``, and the host's
-  network (no network namespace).
+  network (no network namespace of its own) or, for a pod a NetworkPolicy
+  selects, its sandbox's network namespace (``podnet.py``), which every
+  container of the pod joins as under a kubelet.
 """
 
 from __future__ import annotations
@@ -318,8 +320,10 @@ def runtime_spec(
     rootfs: Path,
     hostname: str,
     cgroup: str,
+    netns: str | None = None,
 ) -> dict[str, Any]:
-    """The OCI runtime ``config.json`` for one container of ``pod``."""
+    """The OCI runtime ``config.json`` for one container of ``pod``; ``netns`` is the path of the pod's
+    network namespace (``/proc/<sandbox pid>/ns/net``), None for the host's."""
     pod_sc = pod["spec"].get("securityContext") or {}
     sc = container.get("securityContext") or {}
     uid, gid = resolve_user(str(image_config.get("User") or ""), layers, pod_sc, sc)
@@ -380,8 +384,12 @@ def runtime_spec(
         "mounts": spec_mounts,
         "linux": {
             "cgroupsPath": cgroup,
-            # No network namespace: pods share the host's network, as documented for this node.
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            # Without a network entry runc leaves the container on the host's network (this node's default);
+            # with a path it joins that namespace, as containerd joins a container to its pod's sandbox.
+            "namespaces": [
+                *({"type": t} for t in ("pid", "ipc", "uts", "mount")),
+                *([{"type": "network", "path": netns}] if netns is not None else []),
+            ],
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },

@@ -2,7 +2,12 @@
 
 ``python podinit.py SPEC_JSON -- COMMAND...`` where SPEC_JSON is
 ``{"mounts": [{"source", "target", "readOnly", "isFile"}], "namespace",
-"workingDir" (the container's, seen after mounting) or "scratch" (a host dir)}``.
+"workingDir" (the container's, seen after mounting) or "scratch" (a host dir),
+"netns" (optional: the pod's network namespace to join, see podnet.py)}``.
+
+``python podinit.py --sandbox`` is the pod's network sandbox instead: it makes
+a network namespace with ``lo`` up, prints ``ready`` and sleeps until killed
+(the pause container's job).
 
 With ``namespace`` true it enters a private mount namespace (root only) and
 bind-mounts each source at its target, so the command sees the pod's volumes
@@ -28,14 +33,19 @@ every container starts.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
@@ -87,7 +97,22 @@ def run_container(spec: dict[str, object]) -> int:
     return code
 
 
+def sandbox() -> int:
+    """Hold a fresh network namespace for a pod: lo up, nothing else."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    _check(_libc.unshare(CLONE_NEWNET), "unshare")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14s", b"lo", flags | IFF_UP, b""))
+    print("ready", flush=True)
+    while True:
+        signal.pause()
+
+
 def main(argv: list[str]) -> int:
+    if argv[1] == "--sandbox":
+        return sandbox()
     spec = json.loads(argv[1])
     if "runc" in spec:
         return run_container(spec["runc"])
@@ -95,6 +120,11 @@ def main(argv: list[str]) -> int:
     # The agent's worker thread forked us: die with it, so a SIGKILLed agent
     # leaves no containers behind.
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    if spec.get("netns"):
+        # The pod's sandbox: every container of a pod shares one network namespace.
+        netns = os.open(spec["netns"], os.O_RDONLY)
+        _check(_libc.setns(netns, CLONE_NEWNET), "setns")
+        os.close(netns)
     if spec["namespace"]:
         _check(_libc.unshare(CLONE_NEWNS), "unshare")
         mount(None, "/", MS_REC | MS_PRIVATE)

@@ -59,7 +59,9 @@ def test_user_from_image_then_pod_then_container(tmp_path: Path) -> None:
         oci.resolve_user("nobody", [layer], {}, {})
 
 
-def spec_for(container: dict[str, Any], mounts: list[oci.BindMount], pod_sc: dict[str, Any]) -> dict[str, Any]:
+def spec_for(
+    container: dict[str, Any], mounts: list[oci.BindMount], pod_sc: dict[str, Any], netns: str | None = None
+) -> dict[str, Any]:
     return oci.runtime_spec(
         image_config=IMAGE_CONFIG,
         layers=[],
@@ -71,6 +73,7 @@ def spec_for(container: dict[str, Any], mounts: list[oci.BindMount], pod_sc: dic
         rootfs=Path("/bundle/rootfs"),
         hostname="pod-0",
         cgroup="/harness/c1",
+        netns=netns,
     )
 
 
@@ -94,7 +97,15 @@ def test_restricted_container_gets_read_only_root_no_capabilities_and_fs_group()
     tmp_mounts = [m for m in spec_["mounts"] if m["destination"] == "/tmp"]
     assert tmp_mounts == [{"destination": "/tmp", "type": "bind", "source": str(tmp.source),
                            "options": ["rbind", "rprivate", "rw"]}]  # fmt: skip
-    assert {"type": "network"} not in spec_["linux"]["namespaces"]
+    assert [n for n in spec_["linux"]["namespaces"] if n["type"] == "network"] == []
+    assert {"type": "pid"} in spec_["linux"]["namespaces"]
+
+
+def test_isolated_pod_joins_its_sandbox_network_namespace() -> None:
+    # A pod a NetworkPolicy selects: runc joins the sandbox's namespace instead of making one or keeping the host's.
+    spec_ = spec_for({}, [], {}, netns="/proc/4242/ns/net")
+    network = [n for n in spec_["linux"]["namespaces"] if n["type"] == "network"]
+    assert network == [{"type": "network", "path": "/proc/4242/ns/net"}]
     assert {"type": "pid"} in spec_["linux"]["namespaces"]
 
 
