@@ -56,7 +56,11 @@ namespace of their own and only the traffic the policies allow (podnet.py):
 a sandbox process holds the namespace, a container from an image joins it
 (a ``network`` entry with its path in the runc config), a venv container
 enters it in podinit, and both get the generated ``/etc/hosts``.
-Probes are not run: a started container is Ready.
+Readiness probes (``httpGet``, ``tcpSocket``) are run as the kubelet runs them, to
+the pod IP (inside an isolated pod's namespace): a container with one is Ready
+once it passes, so a rolling update waits for pods that answer. Liveness,
+startup, ``exec`` and ``grpc`` probes are not run: such a container is Ready
+once started.
 Resource limits are not enforced; GPU pods get ``CUDA_VISIBLE_DEVICES`` from a
 pool of ``--gpus`` indices, pods without GPUs get an empty one.
 """
@@ -75,6 +79,8 @@ import re
 import shlex
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -288,6 +294,22 @@ class ContainerRun:
     # Set when the container runs from its image (runc), not from the venv.
     container_id: str | None = None
     image_id: str | None = None
+    # The readiness prober's state (PodWorker._probe_readiness): which start it probes, the verdict,
+    # consecutive successes (> 0) or failures (< 0), and when to probe next (monotonic).
+    probed_restart: int | None = None
+    probe_ready: bool = False
+    probe_streak: int = 0
+    next_probe: float = 0.0
+
+    @property
+    def readiness_probe(self) -> dict[str, Any] | None:
+        """The readinessProbe the agent runs (httpGet, tcpSocket); exec and grpc probes are not run."""
+        probe = self.spec.get("readinessProbe") or {}
+        return dict(probe) if {"httpGet", "tcpSocket"} & probe.keys() else None
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.terminated is None
 
     @property
     def runtime_id(self) -> str:
@@ -307,8 +329,9 @@ class ContainerRun:
             "name": self.name,
             "image": image,
             "imageID": self.image_id or f"harness://{image}",
-            "ready": self.popen is not None and self.terminated is None,
-            "started": self.popen is not None and self.terminated is None,
+            # Ready once started, or with a readiness probe once it has passed (as the kubelet decides).
+            "ready": self.running and (self.probe_ready or self.readiness_probe is None),
+            "started": self.running,
             "restartCount": self.restart_count,
             "state": state,
         }
@@ -369,6 +392,8 @@ class PodWorker(threading.Thread):
         self.runs: dict[str, ContainerRun] = {}
         self.init_runs: dict[str, ContainerRun] = {}
         self._lock = threading.Lock()
+        # Status patches come from this thread and the readiness prober: one at a time, the final one last.
+        self._report_lock = threading.RLock()
         self.start_time = now()
         self.deadline: float | None = None
         self.api_volumes: set[str] = set()
@@ -812,6 +837,10 @@ class PodWorker(threading.Thread):
 
     # ---- status ---------------------------------------------------------------
     def _report(self, phase: str, reason: str | None = None, message: str | None = None) -> None:
+        with self._report_lock:
+            self._patch_status(phase, reason, message)
+
+    def _patch_status(self, phase: str, reason: str | None, message: str | None) -> None:
         spec = self.pod["spec"]
         images = {c["name"]: c.get("image", "") for c in spec.get("initContainers", []) + spec["containers"]}
         with self._lock:
@@ -920,6 +949,8 @@ class PodWorker(threading.Thread):
         for run in self.runs.values():
             self._spawn(run, volumes)
         self._report("Running")
+        if any(r.readiness_probe is not None for r in self.runs.values()):
+            threading.Thread(target=self._probe_readiness, name=f"probe-{self.pod_name}", daemon=True).start()
         self._supervise(policy, volumes)
 
     def _prepare_volumes(self) -> dict[str, Path] | None:
@@ -992,6 +1023,89 @@ class PodWorker(threading.Thread):
                     return
                 self._spawn(exited, volumes)
             self._report("Running")
+
+    # ---- readiness --------------------------------------------------------------
+    def _probe_readiness(self) -> None:
+        """The kubelet's readiness prober: each (re)started container is not ready until its probe has
+        passed ``successThreshold`` times, probed every ``periodSeconds`` after ``initialDelaySeconds``,
+        and not ready again after ``failureThreshold`` failures. So a Deployment's rolling update waits
+        for a new pod that answers, as on a real node, instead of one whose process merely started."""
+        while self.is_alive() and not self.stop_event.wait(0.2):
+            changed = False
+            for run in list(self.runs.values()):
+                probe = run.readiness_probe
+                if probe is None:
+                    continue
+                if not run.running or run.probed_restart != run.restart_count:
+                    changed |= run.probe_ready
+                    run.probe_ready, run.probe_streak = False, 0
+                    run.probed_restart = run.restart_count if run.running else None
+                    run.next_probe = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
+                    if not run.running:
+                        continue
+                if time.monotonic() < run.next_probe:
+                    continue
+                passed = self._probe(run, probe)
+                run.next_probe = time.monotonic() + float(probe.get("periodSeconds", 10))
+                if passed:
+                    run.probe_streak = max(run.probe_streak, 0) + 1
+                    ready = run.probe_ready or run.probe_streak >= int(probe.get("successThreshold", 1))
+                else:
+                    run.probe_streak = min(run.probe_streak, 0) - 1
+                    ready = run.probe_ready and -run.probe_streak < int(probe.get("failureThreshold", 3))
+                changed |= ready != run.probe_ready
+                run.probe_ready = ready
+            if changed:
+                with self._report_lock:
+                    # Never after the final status: that one is reported once every container has ended.
+                    if any(r.running for r in self.runs.values()) and not self.final_reported:
+                        self._patch_status("Running", None, None)
+
+    def _probe(self, run: ContainerRun, probe: dict[str, Any]) -> bool:
+        """One httpGet (2xx or 3xx passes) or tcpSocket probe, to the pod IP: inside the pod's network
+        namespace when it has one (podnet.py), else on the host's."""
+        action = probe.get("httpGet") or probe.get("tcpSocket") or {}
+        port: Any = action.get("port")
+        if isinstance(port, str) and not port.isdigit():
+            named = {p.get("name"): p["containerPort"] for p in run.spec.get("ports") or []}
+            port = named.get(port)
+        if port is None:
+            return False
+        timeout = float(probe.get("timeoutSeconds", 1))
+        try:
+            if self.net is not None:
+                sock = self.net.connect_inside(int(port))
+            else:
+                sock = socket.create_connection(("127.0.0.1", int(port)), timeout=timeout)
+        except OSError:
+            return False
+        if "httpGet" not in probe:
+            sock.close()
+            return True
+        try:
+            sock.settimeout(timeout)
+            if action.get("scheme") == "HTTPS":
+                # The kubelet does not verify a probe's certificate either.
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                sock = context.wrap_socket(sock)
+            request = (
+                f"GET {action.get('path') or '/'} HTTP/1.1\r\nHost: {self.pod_ip}:{port}\r\n"
+                "User-Agent: kube-probe/harness\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            )
+            sock.sendall(request.encode())
+            head = b""
+            while b"\r\n" not in head and len(head) < 4096:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:
+            return False
+        finally:
+            sock.close()
+        fields = head.split(b" ", 2)
+        return len(fields) > 1 and fields[1].isdigit() and 200 <= int(fields[1]) < 400
 
     def stop(self, grace: float) -> None:
         self.grace = min(grace, 30.0)

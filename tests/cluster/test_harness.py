@@ -402,6 +402,70 @@ def test_helm_install_waits_for_a_ready_deployment(
     control_plane.helm("uninstall", "tiny", "-n", namespace, "--wait", "--timeout", "60s")
 
 
+# Serves /ready: 503 until someone has asked for /go, 200 after.
+GATED_SERVER = """
+import http.server, sys
+go = []
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/go":
+            go.append(1)
+        self.send_response(200 if go else 503)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_readiness_probe_holds_ready_until_it_passes(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    api = core(control_plane)
+    port = controlplane.free_port()
+    probe = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1}
+    container = {
+        "command": ["python", "-c", GATED_SERVER, str(port)],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": probe,
+    }
+    api.create_namespaced_pod(namespace, python_pod("gated", "", container=container))
+    # The control: started, no probe, so Ready at once (what every container was before probes ran).
+    api.create_namespaced_pod(namespace, python_pod("control", "import time; time.sleep(600)"))
+
+    def ready(name: str) -> bool:
+        pod = api.read_namespaced_pod(name, namespace)
+        statuses = pod.status.container_statuses or []
+        return bool(statuses) and bool(statuses[0].ready)
+
+    wait_for("the control Ready", lambda: ready("control"), timeout=60, interval=0.5)
+    wait_pod(api, namespace, "gated", ("Running",))
+
+    def answers() -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except OSError:
+            return None
+
+    # Its server runs and answers the probe's path with 503: probed every second, it stays not Ready.
+    assert wait_for("the gated server to answer", answers, timeout=60, interval=0.5) == 503
+    time.sleep(3)
+    gated = api.read_namespaced_pod("gated", namespace)
+    assert gated.status.phase == "Running"
+    assert gated.status.container_statuses[0].started is True
+    assert gated.status.container_statuses[0].ready is False
+    assert {c.type: c.status for c in gated.status.conditions}["Ready"] == "False"
+    # Once the path answers 200, the next probe makes it Ready.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/go", timeout=2) as response:
+        assert response.status == 200
+    wait_for("the gated pod Ready", lambda: ready("gated"), timeout=30, interval=0.5)
+    conditions = {c.type: c.status for c in api.read_namespaced_pod("gated", namespace).status.conditions}
+    assert conditions["Ready"] == "True"
+
+
 def test_on_failure_restarts_then_succeeds(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
     api = core(control_plane)
     # Fails on the first run, succeeds on the second: the marker survives in an emptyDir.
