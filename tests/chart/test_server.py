@@ -220,28 +220,40 @@ def test_helm_install_then_helm_test(
     control_plane: ControlPlane, gpu_node: GpuNode, crd: str, namespace: str, mode: str
 ) -> None:
     health, metrics = free_port(), free_port()
-    # The fake node runs pods on the host network without cluster DNS, so the
-    # test pod reaches the operator on 127.0.0.1 instead of the Service name.
+    api_port = control_plane.server.rsplit(":", 1)[1]
+    # The chart's defaults but for where the API server is: the fake node's own address and
+    # port instead of 443/6443 (docs/network.md: set these to your cluster's endpoints). The
+    # helm test pod uses the default URL, the Service's name, which the node resolves and
+    # routes for pods a NetworkPolicy isolates (tests/cluster/podnet.py).
     settings = [
         f"ports.health={health}",
         f"ports.metrics={metrics}",
-        f"tests.healthUrl=http://127.0.0.1:{health}/healthz",
+        "networkPolicy.apiServer.cidrs={127.0.0.1/32}",
+        f"networkPolicy.apiServer.ports={{{api_port}}}",
     ]
     if mode == "namespaced":
         settings.append(f"watchNamespaces={{{namespace}}}")
     args = [arg for setting in settings for arg in ("--set", setting)]
     control_plane.helm("install", RELEASE, str(CHART), "-n", namespace, *args, "--wait", "--timeout=120s")
     try:
+        core = client.CoreV1Api(control_plane.api_client())
 
-        def healthy() -> bool:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as response,
-            ):
-                return bool(response.status == 200)
-            return False
+        def ready_replicas() -> list[str]:
+            pods = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=operator").items
+            ips = [p.status.pod_ip for p in pods if p.status.pod_ip and not p.metadata.deletion_timestamp]
+            ready = []
+            for ip in ips:
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(f"http://{ip}:{health}/readyz", timeout=2) as response,
+                ):
+                    if response.status == 200:
+                        ready.append(ip)
+            return ready if len(ready) == 2 else []
 
-        wait_for("the operator's /healthz", healthy, timeout=90, interval=1)
+        # Two replicas, each on a pod IP of its own (the NetworkPolicy isolates them), both ready.
+        ips = wait_for("both operator replicas ready", ready_replicas, timeout=90, interval=1)
+        assert len(set(ips)) == 2
         tested = control_plane.helm("test", RELEASE, "-n", namespace, "--timeout=120s", check=False)
         assert tested.returncode == 0, tested.stdout + tested.stderr + gpu_node.diagnostics(namespace)
         assert "Phase:          Succeeded" in tested.stdout

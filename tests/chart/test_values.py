@@ -104,6 +104,8 @@ def test_defaults_match_the_operator_settings() -> None:
     assert job["gpus"] == defaults.job_gpus
     assert job["cpu"] == defaults.job_cpu
     assert job["memory"] == defaults.job_memory
+    assert job["ephemeralStorage"] == defaults.job_ephemeral_storage
+    assert job["tmpSizeLimit"] == defaults.job_tmp_size
     assert job["activeDeadlineSeconds"] == defaults.job_deadline_seconds
     assert job["backoffLimit"] == defaults.job_backoff_limit
     assert job["ttlSecondsAfterFinished"] == defaults.job_ttl_seconds
@@ -111,3 +113,7 @@ def test_defaults_match_the_operator_settings() -> None:
     assert job["pendingAlertSeconds"] == defaults.pending_alert_seconds
     assert job["volumeRoot"] == defaults.job_volume_root
     assert values["ports"] == {"metrics": defaults.metrics_port, "health": defaults.health_port}
+    election = values["leaderElection"]
+    assert election["leaseDurationSeconds"] == defaults.lease_duration_seconds
+    assert election["renewDeadlineSeconds"] == defaults.lease_renew_deadline_seconds
+    assert election["retryPeriodSeconds"] == defaults.lease_retry_period_seconds

@@ -9,8 +9,13 @@ operator talks to the API server with the token of the chart's
 ServiceAccount, i.e. exactly the chart's RBAC. With
 ``UNLEARNING_TEST_VENV_FAST_PATH=1`` the chart gets image names no registry
 serves and the agent runs their commands from this checkout's venv instead:
-a fast path for inner-loop runs, not what CI checks. Pods share the host network, which is why the operator's
-metrics and health ports are picked free per release and read on 127.0.0.1.
+a fast path for inner-loop runs, not what CI checks. The chart's
+NetworkPolicies select the operator pods (and the operator's select its Job
+pods), so the agent gives each of them a network namespace and pod IP of its
+own (tests/cluster/podnet.py), which its runc container joins: two replicas
+bind the same ports, and the tests read metrics and health on the pod IPs.
+The release's values point the policies' API server rule at the test API
+server's address and port.
 
 Reads go through the Python client with ``_preload_content=False``: plain
 camelCase dicts as the API serves them (the same shape the operator and
@@ -100,6 +105,12 @@ class Api:
 
     def configmaps(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         found = self.core.list_namespaced_config_map(namespace, label_selector=selector, _preload_content=False)
+        return list(self._json(found)["items"])
+
+    def network_policies(self, namespace: str) -> list[dict[str, Any]]:
+        found = client.NetworkingV1Api(self.core.api_client).list_namespaced_network_policy(
+            namespace, _preload_content=False
+        )
         return list(self._json(found)["items"])
 
     def events(self, namespace: str, involved: str) -> list[dict[str, Any]]:
@@ -219,41 +230,68 @@ class Release:
 
     # ---- the operator pod -------------------------------------------------------
     def operator_pods(self) -> list[dict[str, Any]]:
-        return [p for p in self.api.pods(self.namespace, self.selector) if not p["metadata"].get("deletionTimestamp")]
+        selector = f"{self.selector},app.kubernetes.io/component=operator"
+        return [p for p in self.api.pods(self.namespace, selector) if not p["metadata"].get("deletionTimestamp")]
+
+    def probe(self, pod: dict[str, Any], path: str = "/readyz") -> int | None:
+        """The HTTP status of a replica's /healthz or /readyz on its pod IP; None while nothing answers."""
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{self.health_port}{path}", timeout=2) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except (urllib.error.URLError, OSError):
+            return None
 
     def healthy(self) -> bool:
+        """Some replica answers its liveness endpoint."""
+        return any(self.probe(p, "/healthz") == 200 for p in self.operator_pods())
+
+    def lease(self) -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+            found = client.CoordinationV1Api(self.api.core.api_client).read_namespaced_lease(
+                self.fullname, self.namespace, _preload_content=False
+            )
+        except client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return dict(json.loads(found.data))
 
-    def wait_ready(self, other_than: str | None = None, restarts: int = 0) -> dict[str, Any]:
-        """The one operator pod, Running and Ready with kopf's /healthz answering.
+    def leader(self) -> dict[str, Any] | None:
+        """The replica the Lease names (identities are <pod name>_<random>), if it runs."""
+        lease = self.lease()
+        holder = str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+        pod_name = holder.rsplit("_", 1)[0]
+        return next((p for p in self.operator_pods() if p["metadata"]["name"] == pod_name), None)
 
-        ``other_than``: a pod uid that must have been replaced (after an upgrade);
-        ``restarts``: the container restart count to wait for (after a kill).
+    def wait_ready(self, other_than: set[str] | None = None, replicas: int = 2) -> dict[str, Any]:
+        """``replicas`` operator pods Running and Ready, one of them the leader; returns the leader.
+
+        ``other_than``: pod uids that must all have been replaced (after an upgrade).
         """
 
         def ready() -> dict[str, Any] | None:
             self.node.check_alive()
             pods = self.operator_pods()
-            if len(pods) != 1 or not pod_ready(pods[0]) or pods[0]["metadata"]["uid"] == other_than:
+            if len(pods) != replicas or any(p["metadata"]["uid"] in (other_than or set()) for p in pods):
                 return None
-            statuses = pods[0]["status"].get("containerStatuses") or [{}]
-            if statuses[0].get("restartCount", 0) < restarts:
+            if not all(pod_ready(p) and self.probe(p) == 200 for p in pods):
                 return None
-            return pods[0] if self.healthy() else None
+            leader = self.leader()
+            return leader if leader is not None and self.metrics_of(leader) else None
 
         pod: dict[str, Any] = wait_for(f"operator of release {self.name} Ready", ready, OPERATOR_TIMEOUT, 0.5)
         return pod
 
-    def kill_operator(self) -> str:
-        """SIGKILL the operator's container, as an OOM kill or a crash would: no clean shutdown.
+    def kill(self, pod: dict[str, Any]) -> str:
+        """SIGKILL a replica's container, as an OOM kill or a crash would: no clean shutdown.
 
         Returns the killed container's id (``runc://...``, or ``harness://<pid>`` on the venv fast path).
         """
-        (pod,) = self.operator_pods()
         container_id = str(pod["status"]["containerStatuses"][0]["containerID"])
         self.node.kill_container(container_id)
         return container_id
@@ -269,9 +307,21 @@ class Release:
         return "\n".join(parts) or f"(no operator log under {self.node.root / 'pods'})"
 
     # ---- metrics ------------------------------------------------------------------
+    def metrics_of(self, pod: dict[str, Any]) -> str:
+        """A replica's /metrics ("" while it does not answer)."""
+        ip = (pod.get("status") or {}).get("podIP")
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{self.metrics_port}/metrics", timeout=5) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, OSError):
+            return ""
+
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return str(response.read().decode())
+        """The leader's metrics (a standby's counters stay at zero)."""
+        leader = self.leader()
+        if leader is None:
+            raise AssertionError(f"release {self.name}: no replica holds the Lease")
+        return self.metrics_of(leader)
 
     def sample(self, name: str, **labels: str) -> float:
         """The sum of the samples ``name`` whose labels include ``labels`` (0 when there is none yet)."""
@@ -303,17 +353,26 @@ class ChartImages:
 
 
 def release_values(
-    path: Path, watched: tuple[str, ...], metrics_port: int, health_port: int, images: ChartImages | None, **job: Any
+    path: Path,
+    watched: tuple[str, ...],
+    metrics_port: int,
+    health_port: int,
+    *,
+    api_port: int,
+    images: ChartImages | None,
+    **job: Any,
 ) -> tuple[Path, int, int]:
     """Values for the test cluster: the images by digest, free host ports, a small Job, one GPU, the
     given namespaces. ``images`` None: names no registry serves, which the node agent runs from the
-    project venv (the fast path)."""
+    project venv (the fast path). The NetworkPolicies' API server rule names the test API server's
+    address and port, as a cluster's values name its endpoints (docs/network.md)."""
     operator_image = ChartImages.values(images.operator) if images else {"repository": "unlearning-operator"}
     job_image = ChartImages.values(images.job) if images else {"repository": "unlearn-job"}
     values = {
         "image": {**operator_image, "tag": "e2e"},
         "watchNamespaces": list(watched),
         "ports": {"metrics": metrics_port, "health": health_port},
+        "networkPolicy": {"apiServer": {"cidrs": ["127.0.0.1/32"], "ports": [api_port]}},
         "job": {
             "image": {**job_image, "tag": "e2e"},
             "gpus": 1,
@@ -331,8 +390,9 @@ def new_release(
     cp: ControlPlane, node: GpuNode, api: Api, *, name: str, namespace: str, watched: tuple[str, ...], workdir: Path,
     images: ChartImages | None, **job: Any,
 ) -> Release:  # fmt: skip
+    api_port = int(cp.server.rsplit(":", 1)[1])
     values, metrics_port, health_port = release_values(
-        workdir / f"{name}-values.yaml", watched, free_port(), free_port(), images, **job
+        workdir / f"{name}-values.yaml", watched, free_port(), free_port(), api_port=api_port, images=images, **job
     )
     return Release(cp, node, api, name, namespace, watched, values, metrics_port, health_port)
 

@@ -75,13 +75,14 @@ def test_helm_upgrade_then_uninstall_keeps_audit_records(
     rel.install()
     first = rel.wait_ready()
     assert env_of(first)["UNLEARNING_MAX_CONCURRENT_JOBS"] == "4"
+    old = {p["metadata"]["uid"] for p in rel.operator_pods()}
 
-    # Upgrade to one Job at a time; the Deployment's Recreate strategy replaces the pod.
+    # Upgrade to one Job at a time; the rolling update replaces both pods, one at a time.
     rel.helm(
         "upgrade", rel.name, str(CHART), "-n", ns, "--reuse-values", "--set", "job.maxConcurrentJobs=1",
         "--wait", "--timeout=120s",
     )  # fmt: skip
-    second = rel.wait_ready(other_than=first["metadata"]["uid"])
+    second = rel.wait_ready(other_than=old)
     assert env_of(second)["UNLEARNING_MAX_CONCURRENT_JOBS"] == "1"
     assert "max_concurrent_jobs=1" in rel.operator_log(), rel.operator_log()
     assert json.loads(rel.helm("status", rel.name, "-n", ns, "-o", "json").stdout)["version"] == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,22 +65,38 @@ def assert_ran_from_image(node: GpuNode, pod: dict[str, Any], container: str, im
     assert facts["rootReadOnly"] is True, facts["rootMount"]
 
 
-def test_operator_pod_runs_with_the_charts_identity(
+def test_operator_pods_run_with_the_charts_identity_one_leading(
     release: Release, e2e_api: Api, chart_images: ChartImages | None
 ) -> None:
-    (pod,) = release.operator_pods()
-    assert pod_ready(pod)
-    assert pod["spec"]["serviceAccountName"] == release.fullname
-    assert pod["spec"]["nodeName"] == release.node.name
-    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-    assert env["UNLEARNING_WATCH_NAMESPACES"] == ",".join(release.watched)
-    assert env["UNLEARNING_JOB_IMAGE"] == (chart_images.job if chart_images else "unlearn-job:e2e")
+    pods = release.operator_pods()
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod_ready(pod)
+        assert pod["spec"]["serviceAccountName"] == release.fullname
+        assert pod["spec"]["nodeName"] == release.node.name
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["UNLEARNING_WATCH_NAMESPACES"] == ",".join(release.watched)
+        assert env["UNLEARNING_JOB_IMAGE"] == (chart_images.job if chart_images else "unlearn-job:e2e")
+        if chart_images is not None:
+            # The operator image, with the chart's restricted securityContext.
+            assert pod["spec"]["containers"][0]["image"] == chart_images.operator
+            assert_ran_from_image(release.node, pod, "operator", chart_images.operator)
+        # Both alive and ready (a standby is ready to take over), each on its own pod IP.
+        assert release.probe(pod, "/healthz") == release.probe(pod, "/readyz") == 200
+    assert len({p["status"]["podIP"] for p in pods}) == 2
     if chart_images is not None:
-        # The operator image, with the chart's restricted securityContext.
-        assert pod["spec"]["containers"][0]["image"] == chart_images.operator
-        assert_ran_from_image(release.node, pod, "operator", chart_images.operator)
-    # kopf is up and serving its liveness endpoint and the metrics on the chart's ports.
-    assert release.healthy()
+        # The chart's policies select both: each runc container ran in its own sandbox's network
+        # namespace, not the node's (so the two bind the same ports and answer on their pod IPs).
+        facts = [release.node.runtime_facts(release.namespace, p["metadata"]["name"], "operator") for p in pods]
+        netns = {f["netns"] for f in facts}
+        assert len(netns) == 2, facts
+        assert os.readlink("/proc/self/ns/net") not in netns, facts
+    # Exactly one leads: the one the Lease names, whose metrics say so.
+    leader = release.leader()
+    assert leader is not None
+    (standby,) = [p for p in pods if p["metadata"]["uid"] != leader["metadata"]["uid"]]
+    assert "unlearning_operator_leader 1.0" in release.metrics_of(leader)
+    assert "unlearning_operator_leader 0.0" in release.metrics_of(standby)
     assert "unlearning_requests{" in release.metrics()
 
 
@@ -267,8 +284,10 @@ def test_operator_killed_while_job_runs_adopts_its_job(
     control_plane: ControlPlane, gpu_node: GpuNode, release: Release, e2e_api: Api, workspace: Workspace
 ) -> None:
     ns = workspace.namespace
-    before = release.wait_ready()
-    restarts = before["status"]["containerStatuses"][0]["restartCount"]
+    leader = release.wait_ready()
+    lease = release.lease()
+    assert lease is not None
+    holder = lease["spec"]["holderIdentity"]
     applied = kubectl_apply(control_plane, ns, example("digits-restart"))
     assert applied.returncode == 0, applied.stderr
 
@@ -281,12 +300,16 @@ def test_operator_killed_while_job_runs_adopts_its_job(
 
     job = wait_for("the job pod to run", job_pod_running, timeout=120, interval=0.5)
     killed_at = datetime.now(UTC).replace(microsecond=0)
-    killed = release.kill_operator()
-    # The node agent restarts the container (restartPolicy Always): a new process, no memory of the old.
-    after = release.wait_ready(restarts=restarts + 1)
-    assert after["metadata"]["uid"] == before["metadata"]["uid"]
-    assert after["status"]["containerStatuses"][0]["containerID"] != killed
-    assert after["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 128 + 9
+    release.kill(leader)
+
+    # Another process takes the Lease once it expires: the standby, or the killed container
+    # restarted by the node (a new identity, so it waits like any standby). No memory of the old.
+    def taken_over() -> str | None:
+        now = release.lease()
+        current = str(((now or {}).get("spec") or {}).get("holderIdentity") or "")
+        return current if current not in ("", holder) else None
+
+    wait_for("another replica to take the Lease", taken_over, timeout=90, interval=0.5)
 
     obj = wait_request(e2e_api, gpu_node, ns, "digits-restart")
     assert phase(obj) == "Succeeded", json.dumps(obj["status"], indent=1)

@@ -25,6 +25,35 @@ app.kubernetes.io/name: {{ include "unlearning-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+The operator pods: what Services, the PodDisruptionBudget, topology spread and
+NetworkPolicies select. The Deployment's own selector stays the two labels
+above (a Deployment's selector is immutable); the component label keeps the
+`helm test` pod, which carries the release's labels too, out of all of them.
+*/}}
+{{- define "unlearning-operator.podSelectorLabels" -}}
+{{ include "unlearning-operator.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+The `helm test` pod: another app.kubernetes.io/name, so that neither the
+Deployment's ReplicaSet (which adopts orphan pods matching its selector) nor
+the Service ever counts it as an operator pod.
+*/}}
+{{- define "unlearning-operator.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "unlearning-operator.name" . | trunc 58 | trimSuffix "-" }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{- define "unlearning-operator.testLabels" -}}
+helm.sh/chart: {{ include "unlearning-operator.chart" . }}
+{{ include "unlearning-operator.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "unlearning-operator.labels" -}}
 helm.sh/chart: {{ include "unlearning-operator.chart" . }}
 {{ include "unlearning-operator.selectorLabels" . }}
@@ -87,4 +116,20 @@ runAsGroup: 65532
 fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
+{{- end }}
+
+{{/* The egress rule to the API server's endpoints (the operator and the helm test pod). */}}
+{{- define "unlearning-operator.apiServerEgress" -}}
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.apiServer.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
 {{- end }}

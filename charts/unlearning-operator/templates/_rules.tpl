@@ -31,6 +31,10 @@ delete anywhere (owner references let the garbage collector clean up).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# One NetworkPolicy per Job that denies its pod all traffic (read back on 409 to check it is ours).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 {{- end }}
 
 {{/* Rules on cluster-scoped resources: always a small ClusterRole. */}}
@@ -39,4 +43,17 @@ delete anywhere (owner references let the garbage collector clean up).
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end }}
+
+{{/* Leader election (permissions.leader_election_rules): a Role in the release namespace. */}}
+{{- define "unlearning-operator.leaderElectionRules" -}}
+# Read, renew and take over the one Lease.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "update"]
+  resourceNames: [{{ include "unlearning-operator.fullname" . | quote }}]
+# Create it the first time (create cannot be limited by name).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create"]
 {{- end }}
