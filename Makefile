@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo images test test-unit test-job test-cluster test-e2e lint crds chart-lint bench clean
+.PHONY: venv demo images test test-unit test-job test-cluster test-e2e lint crds chart-lint kube-score bench clean
 
 # Create or reuse .venv; reinstall when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -31,6 +31,7 @@ test: $(STAMP)
 	bash images/tools.sh
 	bash tests/cluster/build.sh
 	bash tests/monitoring/promtool.sh
+	bash tests/cluster/build-kube-score.sh
 	$(BIN)/python images/build.py operator job
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -48,6 +49,7 @@ test-job: $(STAMP)
 # The harness, the operator and the chart against a real control plane.
 test-cluster: $(STAMP)
 	bash tests/cluster/build.sh >/dev/null
+	bash tests/cluster/build-kube-score.sh >/dev/null
 	$(BIN)/python -m pytest -m "cluster"
 
 # helm install + kubectl apply through the whole path, pods run from the images.
@@ -60,6 +62,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# kube-score on the chart (every values file) and on a Job the operator builds: no CRITICAL but the ignored ones.
+kube-score: $(STAMP)
+	bash tests/cluster/build.sh >/dev/null
+	bash tests/cluster/build-kube-score.sh >/dev/null
+	$(BIN)/python -m pytest -q tests/chart/test_kube_score.py
 
 # Regenerate the CRDs from the models (and the chart's copies), and the table of audit numbers in docs/audit-record.md.
 crds: $(STAMP)
