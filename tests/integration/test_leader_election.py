@@ -128,7 +128,7 @@ def test_one_leader_a_killed_leader_hands_over_with_one_job_per_request(
     assert leader.probe("/readyz") == standby.probe("/readyz") == 200
     assert leader.probe("/healthz") == standby.probe("/healthz") == 200
     assert "unlearning_operator_leader 0.0" in standby.metrics()
-    names = [f"burst-{i}" for i in range(6)]
+    names = [f"burst-{i}" for i in range(4)]
     for name in names:
         create(cp, namespace, failing_request(name))
     wait_for("the first Jobs", lambda: sum(len(jobs_of(cp, namespace, n)) for n in names) >= 2, timeout=60)
