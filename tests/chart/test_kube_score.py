@@ -2,7 +2,8 @@
 
 Scored together, as kube-score needs them to match policies to pods: the
 chart rendered with each values file under tests/chart/values/ (the
-``helm test`` pod included), and the Job plus its NetworkPolicy that the
+``helm test`` pod included; ``pinned-digests.yaml`` pins both images by
+digest, as a release does), and the Job plus its NetworkPolicy that the
 operator builds with the settings that rendering gives it. kube-score is
 built by tests/cluster/build-kube-score.sh (pinned, cached).
 
@@ -79,9 +80,12 @@ IGNORED = (
         "ImagePullPolicy is not set to Always",
         ("Deployment", "Pod", "Job"),
         why="Every image here is the cluster admin's choice (chart values, the job image allow-list), never a "
-        "tenant's, so a copy cached on the node gives a pod nothing it could not pull itself; Always would make "
-        "every Job start depend on the registry being reachable. Clusters that want pull secrets checked per pod "
-        "enable the AlwaysPullImages admission plugin, which overrides this field.",
+        "tenant's, and a release pins both by digest (image.digest, job.image.digest; values/pinned-digests.yaml, "
+        "as the end-to-end tier installs them): a digest names one image for good, so a copy cached on the node is "
+        "what a pull would fetch, and Always would only make every Job start depend on the registry being "
+        "reachable. kube-score reports digests too (it reads whatever follows the last ':' as a tag). What Always "
+        "adds besides, a per-pod check of pull secrets, is what the AlwaysPullImages admission plugin does, "
+        "overriding this field, on clusters that want it.",
     ),
     Ignored(
         "container-resources",
