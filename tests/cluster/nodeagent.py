@@ -1074,7 +1074,7 @@ class PodWorker(threading.Thread):
         timeout = float(probe.get("timeoutSeconds", 1))
         try:
             if self.net is not None:
-                sock = self.net.connect_inside(int(port))
+                sock = self.net.connect_inside(int(port), timeout)
             else:
                 sock = socket.create_connection(("127.0.0.1", int(port)), timeout=timeout)
         except OSError:

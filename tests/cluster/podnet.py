@@ -341,9 +341,9 @@ class PodNetwork:
     def netns_path(self) -> str:
         return f"/proc/{self.sandbox.pid}/ns/net"
 
-    def connect_inside(self, port: int) -> socket.socket:
+    def connect_inside(self, port: int, timeout: float = 10.0) -> socket.socket:
         def dial() -> socket.socket:
-            return socket.create_connection(("127.0.0.1", port), timeout=10)
+            return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
         sock: socket.socket = run_in_netns(self.ns_fd, dial)
         sock.settimeout(None)

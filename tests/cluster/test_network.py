@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,3 +271,45 @@ def _sandboxes() -> set[int]:
             except OSError:
                 continue
     return found
+
+
+def test_a_readiness_probe_reaches_into_an_isolated_pod_that_nothing_else_reaches(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    # Kubelet probes come from the node and are always allowed, whatever the policies say: the agent runs
+    # them inside the pod's network namespace. Two isolated servers on one port, one answering the probe's
+    # path with 200 and one with 503 (the control: a probe that reached it and failed).
+    cp = control_plane
+    api = core(cp)
+    apply(cp, namespace, deny_all("isolate", {"role": "job"}))
+    port = 18082
+    for name, path in (("answers", "/x"), ("refuses", "/fail")):
+        pod = server_pod(name, {"role": "job"}, port)
+        code = pod["spec"]["containers"][0]["command"][2]
+        pod["spec"]["containers"][0]["command"][2] = code.replace(
+            "self.send_response(200)", "self.send_response(503 if self.path == '/fail' else 200)"
+        )
+        pod["spec"]["containers"][0]["readinessProbe"] = {
+            "httpGet": {"path": path, "port": "web"},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        }
+        api.create_namespaced_pod(namespace, pod)
+
+    def ready(name: str) -> bool:
+        statuses = api.read_namespaced_pod(name, namespace).status.container_statuses or []
+        return bool(statuses) and bool(statuses[0].ready)
+
+    wait_for("the isolated server that answers to be Ready", lambda: ready("answers"), timeout=60, interval=0.5)
+    refuses = wait_pod(api, namespace, "refuses", ("Running",))
+    # Probed every second for three more: the one answering 503 stays Running but not Ready.
+    time.sleep(3)
+    refuses = api.read_namespaced_pod("refuses", namespace)
+    assert refuses.status.container_statuses[0].started is True
+    assert refuses.status.container_statuses[0].ready is False
+    assert ready("answers")
+    # What the probe reached, nothing else does: the deny-all policy keeps the node out of the pod.
+    ip = api.read_namespaced_pod("answers", namespace).status.pod_ip
+    assert ip != "127.0.0.1"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((ip, port), timeout=3).close()
