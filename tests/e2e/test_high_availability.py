@@ -82,6 +82,11 @@ class Phases:
         except Exception:
             return  # the watch ends with the test (stop) or with the cluster
 
+    def until(self, name: str, final: str, timeout: float = 30) -> list[str]:
+        """The phases ``name`` went through, once the watch has delivered ``final`` (a poll may be ahead)."""
+        wait_for(f"the watch to deliver {name} {final}", lambda: (self.seen.get(name) or [""])[-1] == final, timeout)
+        return list(self.seen[name])
+
     def stop(self) -> None:
         self._watch.stop()
 
@@ -161,7 +166,7 @@ def check_burst(e2e_api: Api, gpu_node: GpuNode, ns: str, names: list[str], phas
         assert [j["metadata"]["name"] for j in jobs] == [obj["status"]["jobName"]], name
         assert obj["status"]["auditConfigMap"]
         assert e2e_api.configmap(ns, obj["status"]["auditConfigMap"])["immutable"] is True
-        seen = phases.seen.get(name, [])
+        seen = phases.until(name, "Failed")
         ranks = [ORDER.index(p) for p in seen]
         assert ranks == sorted(ranks), (name, seen)
         assert seen[-2:] == ["Running", "Failed"], (name, seen)

@@ -222,6 +222,12 @@ class PhaseRecorder:
                 if phase and (not seen or seen[-1] != phase):
                     seen.append(phase)
 
+    def until(self, name: str, final: str, timeout: float = 30) -> list[str]:
+        """The phases ``name`` went through, once the watch has delivered ``final``: a poll that read
+        it first may be ahead of the watch on a loaded machine."""
+        wait_for(f"the watch to deliver {name} {final}", lambda: (self.phases.get(name) or [""])[-1] == final, timeout)
+        return list(self.phases[name])
+
     def stop(self) -> None:
         self.watch.stop()
 

@@ -95,7 +95,7 @@ def test_request_runs_to_succeeded_and_deletion_keeps_the_audit_record(
     done = wait_phase(cp, namespace, "digits-a", ("Succeeded", "Failed"))
     status = done["status"]
     assert status["phase"] == "Succeeded", status
-    assert phases.phases["digits-a"] == ["Pending", "Running", "Succeeded"]
+    assert phases.until("digits-a", "Succeeded") == ["Pending", "Running", "Succeeded"]
 
     # The numbers are the job's own, from its termination message.
     record = termination_record(cp, namespace, status["jobName"])
@@ -283,8 +283,9 @@ def test_two_requests_for_one_model_run_in_sequence(
     first = wait_phase(cp, namespace, "first", ("Succeeded", "Failed"))
     second = wait_phase(cp, namespace, "second", ("Succeeded", "Failed"))
     assert first["status"]["phase"] == second["status"]["phase"] == "Succeeded", (first["status"], second["status"])
-    assert phases.phases["second"][:2] in (["Pending", "Queued"], ["Queued"])
-    assert phases.phases["second"][-2:] == ["Running", "Succeeded"]
+    seen = phases.until("second", "Succeeded")
+    assert seen[:2] in (["Pending", "Queued"], ["Queued"]), seen
+    assert seen[-2:] == ["Running", "Succeeded"], seen
     # The second started from the first's output, never from the original.
     assert second["status"]["inputModel"]["uri"] == first["status"]["outputModel"]["uri"]
     assert second["status"]["inputModel"]["sha256"] == first["status"]["outputModel"]["sha256"]
