@@ -397,6 +397,11 @@ class _Common(_Record):
     started_at: str
     finished_at: str
     device: str = ""
+    world_size: int = Field(
+        default=1,
+        ge=1,
+        description="Processes that ran the job: one per GPU of the pod, data-parallel when more than one.",
+    )
     job_image: str = ""
     code_version: str = ""
 

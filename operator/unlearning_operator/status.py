@@ -155,6 +155,9 @@ class RequestStatus(_Shape):
         description="The post-unlearning numbers the printer columns show, as text at a fixed precision "
         "per number (a number column would print 95 beside 96.882).",
     )
+    world_size: int | None = Field(
+        default=None, description="Processes the job ran (one per GPU; data-parallel when more than one)."
+    )
     verdict: Literal["Passed", "Failed"] | None = Field(default=None, description="The acceptance gates' verdict.")
     reasons: list[str] | None = Field(default=None, description="Why gates failed (empty when Passed).")
     audit_config_map: str | None = Field(default=None, description="Name of the immutable audit ConfigMap.")
@@ -341,6 +344,7 @@ def finished(status: dict[str, Any], record: CompactRecord, now: datetime) -> di
         new["inputModel"] = record.input_model.dump()
     if record.output_model is not None:
         new["outputModel"] = record.output_model.dump()
+    new["worldSize"] = record.world_size
     new["completionTime"] = timestamp(now)
     if passed:
         reason, message = REASON_PASSED, "the model forgot and passed every acceptance gate"

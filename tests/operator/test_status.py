@@ -166,6 +166,12 @@ def test_finished_copies_the_numbers_and_versions() -> None:
     assert status["jobName"] == "r-1234abcd"
 
 
+@pytest.mark.parametrize(("reported", "shown"), [({}, 1), ({"worldSize": 1}, 1), ({"worldSize": 4}, 4)])
+def test_finished_says_how_many_processes_ran(reported: dict[str, Any], shown: int) -> None:
+    # A record from a job that predates the field counts as one process.
+    assert st.finished(running(), record(**reported), T1)["worldSize"] == shown
+
+
 def test_gate_failure_message_lists_the_reasons() -> None:
     status = st.finished(
         running(), record(verdict="Failed", exitCode=3, reasons=["maxMiaAuc: 0.71 > 0.6", "x"], outputModel=None), T1
