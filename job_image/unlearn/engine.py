@@ -27,6 +27,12 @@ Methods (``method.name``):
   keeps its own.
 * ``retrain``: fresh weights of the same architecture trained on the retain
   set: the gold standard that the others are judged against, and the slowest.
+
+Data parallel: with several ranks (``ctx.ranks``, see distributed.py) every
+batch is made once, in ``_batches``, and each rank takes its share of it;
+losses are sums over the share divided by the whole batch's size (``Batch``),
+and ``_update`` sums the gradients over the ranks before the step. A method
+written with these helpers runs on one rank or N unchanged.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from tqdm import tqdm
 
+from unlearn.distributed import Ranks
 from unlearn.errors import DivergedError
 from unlearn.model_io import set_mode
 from unlearn.tuning import Hyper
@@ -87,6 +94,7 @@ class Context:
     progress: bool = False
     reinitialise: Callable[[], None] | None = None  # for retrain: fresh weights in place
     gen: torch.Generator = field(default_factory=torch.Generator)  # shuffles, subsets, labels, noise (CPU)
+    ranks: Ranks = field(default_factory=Ranks)  # this process's place in a data-parallel run (1 of 1 alone)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -112,8 +120,9 @@ class _Stage:
     def __init__(self, name: str, epochs: int, steps_per_epoch: int, ctx: Context) -> None:
         self.name = name
         self.epochs = epochs
+        self.ranks = ctx.ranks
         self.bar = None
-        if ctx.progress and epochs * steps_per_epoch > 0:
+        if ctx.progress and ctx.ranks.main and epochs * steps_per_epoch > 0:
             self.bar = tqdm(total=epochs * steps_per_epoch, desc=name, leave=False, file=sys.stderr)
 
     def step(self) -> None:
@@ -121,7 +130,8 @@ class _Stage:
             self.bar.update(1)
 
     def end_epoch(self, epoch: int, loss_sum: torch.Tensor, steps: int) -> None:
-        mean = float(loss_sum.item()) / max(1, steps)  # one sync per epoch
+        """``loss_sum``: this rank's; summed over the ranks here, so every rank reaches the same verdict."""
+        mean = float(self.ranks.sum_(loss_sum).item()) / max(1, steps)  # one sync per epoch
         if not np.isfinite(mean):
             raise DivergedError(f"the {self.name} loss became non-finite in epoch {epoch + 1}: lower method.forget.lr")
         if abs(mean) > EXPLODED_LOSS:
@@ -138,29 +148,62 @@ class _Stage:
             self.bar.close()
 
 
-def _batches(n: int, batch: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor]:
-    return list(torch.split(torch.randperm(n, generator=gen).to(device), batch))
+@dataclass(frozen=True)
+class Batch:
+    """This rank's rows of one batch, and the size of the whole batch (all ranks together)."""
+
+    index: torch.Tensor
+    size: int
+    start: int = 0
+    """Where this rank's rows begin in the whole batch (to slice per-row draws made for all of it)."""
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
 
 
-def _cycle(n: int, batch: int, gen: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+def _split(order: torch.Tensor, batch: int, ctx: Context) -> list[Batch]:
+    """``order`` (on the device) cut into batches, each cut again into the ranks' shares: the one place
+    batches are made. A share is a view: no copy, no kernel launch."""
+    batches = []
+    for whole in torch.split(order, batch):
+        mine = ctx.ranks.share(len(whole))
+        batches.append(Batch(whole[mine], len(whole), mine.start))
+    return batches
+
+
+def _batches(n: int, batch: int, ctx: Context) -> list[Batch]:
+    """One epoch: a fresh permutation of ``n`` rows (the same on every rank: one generator, one seed)."""
+    return _split(torch.randperm(n, generator=ctx.gen).to(ctx.device), batch, ctx)
+
+
+def _cycle(n: int, batch: int, ctx: Context) -> Iterator[Batch]:
     """Endless batches over a (small) set, reshuffled on every pass."""
     while True:
-        yield from _batches(n, batch, gen, device)
+        yield from _batches(n, batch, ctx)
 
 
-def _ce(module: nn.Module, data: TensorSet, idx: torch.Tensor) -> torch.Tensor:
-    x, y = data.batch(idx)
-    return F.cross_entropy(module(x), y)
+def _mean(total: torch.Tensor, b: Batch) -> torch.Tensor:
+    """A sum over this rank's rows as its part of the whole batch's mean (the ranks' parts add up to it)."""
+    return total / b.size
+
+
+def _ce(module: nn.Module, data: TensorSet, b: Batch) -> torch.Tensor:
+    x, y = data.batch(b.index)
+    return _mean(F.cross_entropy(module(x), y, reduction="sum"), b)
 
 
 def _backward(loss: torch.Tensor) -> None:
     loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch's stubs
 
 
-def _update(opt: torch.optim.Optimizer, loss: torch.Tensor, adjust: Callable[[], None] | None = None) -> None:
-    """One optimiser step on ``loss``: clear the gradients, backpropagate, ``adjust`` them if asked, step."""
+def _update(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, ctx: Context, adjust: Callable[[], None] | None = None
+) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backpropagate, sum them over the ranks,
+    ``adjust`` them if asked, step."""
     opt.zero_grad(set_to_none=True)
     _backward(loss)
+    ctx.ranks.sum_gradients(p for group in opt.param_groups for p in group["params"])
     if adjust is not None:
         adjust()
     opt.step()
@@ -174,17 +217,17 @@ def _adam(module: nn.Module, lr: float) -> torch.optim.Adam:
 
 
 def _run_epochs(
-    name: str, epochs: int, n: int, batch: int, *, ctx: Context, step: Callable[[torch.Tensor], torch.Tensor]
+    name: str, epochs: int, n: int, batch: int, *, ctx: Context, step: Callable[[Batch], torch.Tensor]
 ) -> None:
     """The loop every single-pass stage shares: a fresh permutation of ``n`` rows per epoch,
-    ``step(batch indices) -> loss`` per batch, one host sync per epoch (in ``end_epoch``)."""
+    ``step(batch) -> loss`` per batch, one host sync per epoch (in ``end_epoch``)."""
     stage = _Stage(name, epochs, -(-n // batch), ctx)
     try:
         for epoch in range(epochs):
             total = torch.zeros((), device=ctx.device)
-            batches = _batches(n, batch, ctx.gen, ctx.device)
-            for idx in batches:
-                total += step(idx).detach().float()
+            batches = _batches(n, batch, ctx)
+            for b in batches:
+                total += step(b).detach().float()
                 stage.step()
             stage.end_epoch(epoch, total, len(batches))
     finally:
@@ -207,10 +250,10 @@ def descend(
     opt = _adam(module, lr)
     set_mode(module, True)
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
+    def step(b: Batch) -> torch.Tensor:
         with ctx.autocast():
-            loss = _ce(module, data, idx)
-        _update(opt, loss)
+            loss = _ce(module, data, b)
+        _update(opt, loss, ctx)
         return loss
 
     _run_epochs(name, epochs, len(data), batch, ctx=ctx, step=step)
@@ -227,10 +270,10 @@ def gradient_ascent(module: nn.Module, forget: TensorSet, retain: TensorSet, h: 
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
+    def step(b: Batch) -> torch.Tensor:
         with ctx.autocast():
-            loss = _ce(module, forget, idx)
-        _update(opt, -loss)  # ascent: the negated loss, so Adam's moments see the true direction
+            loss = _ce(module, forget, b)
+        _update(opt, -loss, ctx)  # ascent: the negated loss, so Adam's moments see the true direction
         return loss
 
     _run_epochs("forget (ascent)", h.forget_epochs, len(forget), h.forget_batch, ctx=ctx, step=step)
@@ -240,15 +283,15 @@ def gradient_ascent(module: nn.Module, forget: TensorSet, retain: TensorSet, h: 
 def neggrad_plus(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
-    forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx.gen, ctx.device)
+    forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx)
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
-        f_idx = next(forget_batches)
+    def step(b: Batch) -> torch.Tensor:
+        fb = next(forget_batches)
         with ctx.autocast():
-            retain_loss = _ce(module, retain, idx)
-            forget_loss = _ce(module, forget, f_idx)
+            retain_loss = _ce(module, retain, b)
+            forget_loss = _ce(module, forget, fb)
             loss = h.alpha * retain_loss - (1 - h.alpha) * forget_loss
-        _update(opt, loss)
+        _update(opt, loss, ctx)
         return loss
 
     _run_epochs("neggrad+", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
@@ -259,20 +302,25 @@ SCRUB_TEMPERATURE = 4.0
 
 
 def _kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = SCRUB_TEMPERATURE
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    b: Batch | None = None,
+    temperature: float = SCRUB_TEMPERATURE,
 ) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened outputs, times T^2, as SCRUB's distillation term.
+    """KL(teacher || student) on temperature-softened outputs, times T^2, as SCRUB's distillation term:
+    the batch mean, or this rank's part of batch ``b``'s mean.
 
     The T^2 factor (Hinton et al.; SCRUB's ``DistillKL``) keeps the term's
     gradients at the scale of the cross-entropy's whatever the temperature.
     """
-    kl = F.kl_div(
+    total = F.kl_div(
         F.log_softmax(student_logits.float() / temperature, dim=1),
         F.log_softmax(teacher_logits.float() / temperature, dim=1),
-        reduction="batchmean",
+        reduction="sum",
         log_target=True,
     )
-    return kl * temperature**2
+    mean = _mean(total, b) if b is not None else total / student_logits.shape[0]
+    return mean * temperature**2
 
 
 def scrub_plan(forget_rows: int, retain_rows: int, h: Hyper) -> list[tuple[int, int]]:
@@ -308,32 +356,34 @@ def scrub(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
     min_opt = _adam(module, h.retain_lr)
     set_mode(module, True)
     plan = scrub_plan(len(forget), len(retain), h)
-    forget_batches = _cycle(len(forget), min(h.forget_batch, max(1, len(forget))), ctx.gen, ctx.device)
+    forget_batches = _cycle(len(forget), min(h.forget_batch, max(1, len(forget))), ctx)
     stage = _Stage("scrub", len(plan), max((a + b for a, b in plan), default=0), ctx)
     try:
         for epoch, (max_steps, min_steps) in enumerate(plan):
             total = torch.zeros((), device=ctx.device)
             count = 0
             for _ in range(max_steps):
-                xb, _ = forget.batch(next(forget_batches))
+                fb = next(forget_batches)
+                xb, _ = forget.batch(fb.index)
                 with ctx.autocast():
                     student = module(xb)
                     with torch.no_grad():
                         target = teacher(xb)
-                loss = -_kl(student, target)
-                _update(max_opt, loss)
+                loss = -_kl(student, target, fb)
+                _update(max_opt, loss, ctx)
                 total += loss.detach()
                 count += 1
                 stage.step()
             if min_steps:
-                for idx in _batches(len(retain), h.retain_batch, ctx.gen, ctx.device):
-                    xb, yb = retain.batch(idx)
+                for b in _batches(len(retain), h.retain_batch, ctx):
+                    xb, yb = retain.batch(b.index)
                     with ctx.autocast():
                         student = module(xb)
                         with torch.no_grad():
                             target = teacher(xb)
-                    loss = h.alpha * _kl(student, target) + F.cross_entropy(student.float(), yb)
-                    _update(min_opt, loss)
+                    ce = _mean(F.cross_entropy(student.float(), yb, reduction="sum"), b)
+                    loss = h.alpha * _kl(student, target, b) + ce
+                    _update(min_opt, loss, ctx)
                     total += loss.detach()
                     count += 1
                     stage.step()
@@ -345,14 +395,18 @@ def scrub(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
 def saliency_mask(
     module: nn.Module, forget: TensorSet, batch: int, sparsity: float, ctx: Context
 ) -> dict[str, torch.Tensor]:
-    """1 for the ``sparsity`` share of weights with the largest |d CE(forget) / d w|, 0 elsewhere (global threshold)."""
+    """1 for the ``sparsity`` share of weights with the largest |d CE(forget) / d w|, 0 elsewhere (global threshold).
+
+    Each rank sums the gradient over its share of the forget set; the sum over the ranks is the
+    whole set's, so every rank computes the same mask."""
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     module.zero_grad(set_to_none=True)
-    for idx in torch.split(torch.arange(len(forget), device=ctx.device), batch):
-        xb, yb = forget.batch(idx)
+    for b in _split(torch.arange(len(forget), device=ctx.device), batch, ctx):
+        xb, yb = forget.batch(b.index)
         with ctx.autocast():
             loss = F.cross_entropy(module(xb), yb, reduction="sum")
         _backward(loss)
+    ctx.ranks.sum_gradients(params.values())
     grads = {n: (p.grad.abs() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
     module.zero_grad(set_to_none=True)
     flat = torch.cat([g.flatten().float() for g in grads.values()])
@@ -366,22 +420,23 @@ def salun(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     opt = _adam(module, h.forget_lr)
     set_mode(module, True)
-    forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx.gen, ctx.device)
+    forget_batches = _cycle(len(forget), min(h.forget_batch, len(forget)), ctx)
 
     def masked() -> None:
         for name, p in params.items():
             if p.grad is not None:
                 p.grad.mul_(mask[name])
 
-    def step(idx: torch.Tensor) -> torch.Tensor:
-        f_idx = next(forget_batches)
-        # A random *wrong* label for each forget sample: shift the label by 1..C-1.
-        shift = torch.randint(1, ctx.num_classes, (len(f_idx),), generator=ctx.gen).to(ctx.device)
-        xf, yf = forget.batch(f_idx)
-        wrong = (yf + shift) % ctx.num_classes
+    def step(b: Batch) -> torch.Tensor:
+        fb = next(forget_batches)
+        # A random *wrong* label for each forget sample: shift the label by 1..C-1. Drawn for the
+        # whole batch on every rank (the generator stays in step), then cut to this rank's rows.
+        shift = torch.randint(1, ctx.num_classes, (fb.size,), generator=ctx.gen)[fb.start : fb.start + len(fb)]
+        xf, yf = forget.batch(fb.index)
+        wrong = (yf + shift.to(ctx.device)) % ctx.num_classes
         with ctx.autocast():
-            loss = F.cross_entropy(module(xf), wrong) + _ce(module, retain, idx)
-        _update(opt, loss, adjust=masked)  # only the salient weights move
+            loss = _mean(F.cross_entropy(module(xf), wrong, reduction="sum"), fb) + _ce(module, retain, b)
+        _update(opt, loss, ctx, adjust=masked)  # only the salient weights move
         return loss
 
     _run_epochs("salun", h.forget_epochs, len(retain), h.retain_batch, ctx=ctx, step=step)
@@ -392,6 +447,7 @@ def retrain(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, c
     if ctx.reinitialise is None:
         raise RuntimeError("retrain needs a way to re-initialise the model")
     ctx.reinitialise()
+    ctx.ranks.broadcast_module(module)  # one set of fresh weights, whatever each rank drew
     descend(module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retrain")
 
 
@@ -416,9 +472,21 @@ def unlearn(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, c
         with torch.no_grad():
             for p in module.parameters():
                 p.add_(torch.randn(p.shape, generator=ctx.gen).to(p.device, p.dtype) * h.weight_noise)
+    # The ranks' weights are equal already (the same summed gradients); their buffers (batch-norm
+    # statistics) are not. Rank 0's are the model that is audited and saved.
+    ctx.ranks.broadcast_module(module)
     for p in module.parameters():
         if not torch.isfinite(p).all():
             raise DivergedError("the weights became non-finite: lower method.forget.lr")
+
+
+def predict_all(module: nn.Module, x: torch.Tensor, ctx: Context, batch: int = 2048) -> npt.NDArray[np.float32]:
+    """Logits for ``x``: each rank evaluates its share of the rows; every rank receives them all."""
+    if not ctx.ranks.parallel:
+        return predict(module, x, ctx, batch)
+    mine = ctx.ranks.share(x.shape[0])
+    part = torch.from_numpy(predict(module, x[mine], ctx, batch)).to(ctx.device)
+    return ctx.ranks.gather_rows(part, x.shape[0]).cpu().numpy()
 
 
 @torch.no_grad()
