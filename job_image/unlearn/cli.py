@@ -11,6 +11,13 @@ input (both never retried), anything else an unexpected, retryable error.
 before it imports torch: a wrong apiVersion, a missing file or a factory the
 admin did not allow is answered in a fraction of a second, not after seconds
 of importing torch and a gigabyte of memory.
+
+With ``--nproc-per-node N`` (the operator adds it when the pod has N > 1
+GPUs) the command becomes a launcher of N ranks (launch.py) that run the same
+command data-parallel. The launcher validates the manifest and runs the
+preflight once, before any rank starts (a refusal costs no torch and starts
+no process); only rank 0 writes the outputs, the record, the termination
+message and the table.
 """
 
 # Torch, matplotlib and the job load lazily, so `unlearn --help` and refusals stay instant.
@@ -29,6 +36,16 @@ from pathlib import Path
 from unlearn import preflight
 from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
 from unlearn.errors import InvalidInputError
+from unlearn.launch import (
+    DECIDED_EXIT_CODES,
+    ENV_RANK_RECORD,
+    EXIT_UNEXPECTED,
+    WorkerPlace,
+    failure_record,
+    in_worker,
+    launch,
+    worker_place,
+)
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, parse_allowed_modules
 from unlearning_contracts.record import (
     EXIT_CODE_MEANINGS,
@@ -65,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse a location without claimName (the operator's Job passes it: a plain path in a pod "
         "would be the container's own file system)",
+    )
+    run.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run as N data-parallel processes, one per GPU (default 1: this process alone)",
     )
 
     demo = sub.add_parser("demo", help="train (or reuse) the digits model and run the example request locally")
@@ -149,11 +173,15 @@ def format_table(record: ResultRecord) -> str:
     return "\n".join(lines)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, rank: int = 0, world: int = 1) -> None:
+    """One log for every rank: the other ranks tag their lines and say only what goes wrong (or all, with -v)."""
+    where = f" [rank {rank}]" if world > 1 else ""
+    level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+        level=logging.DEBUG if verbose else level,
+        format=f"%(asctime)s %(levelname)s{where} %(message)s",
         stream=sys.stderr,
+        force=True,
     )
 
 
@@ -198,12 +226,24 @@ def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _run_manifest(
-    args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None, workdir: Path | None = None
+    args: argparse.Namespace,
+    manifest_path: Path,
+    volume_root: Path,
+    version: int | None,
+    *,
+    workdir: Path | None = None,
+    place: WorkerPlace | None = None,
 ) -> int:
+    """Run one request in this process: alone, or as one rank (``place``) of a data-parallel run.
+
+    Rank 0 reports (the termination message, --result, the table) as a single process does; the
+    other ranks only tell the launcher, by their exit code and rank record, whether they failed."""
+    place = place or WorkerPlace()
+    reports = place.rank == 0
     try:
         manifest = load_manifest(manifest_path)
     except SpecError as error:
-        return _refuse(args, str(error))
+        return _refuse(args, str(error)) if reports else EXIT_INVALID_INPUT
     if workdir is not None:
         from unlearn.demo import clear_previous_output
 
@@ -212,19 +252,31 @@ def _run_manifest(
         volume_root=volume_root,
         device=args.device,
         model_version=version,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty() and reports,
         require_claims=getattr(args, "require_claims", False),
     )
-    draft = RecordDraft(manifest, options)
+    draft = RecordDraft(manifest, options, place.world_size)
+    plan: preflight.Plan | None = None
     try:
         options = dataclasses.replace(options, allowed_factories=_allowed_factories(args))
-        plan = preflight.check(manifest, options)
+        if not place.parallel:  # several ranks: rank 0 runs it in the run, once, and hands its plan to the others
+            plan = preflight.check(manifest, options)
     except InvalidInputError as error:
-        return _finish(draft.failed(EXIT_INVALID_INPUT, error), args)
+        return _finish(draft.failed(EXIT_INVALID_INPUT, error), args) if reports else EXIT_INVALID_INPUT
 
+    from unlearn.distributed import Ranks
     from unlearn.runner import run  # torch from here on
 
-    outcome = run(manifest, options, plan=plan, draft=draft)
+    ranks = Ranks(place.rank, place.world_size, place.local_rank, place.local_world_size)
+    outcome = run(manifest, options, plan=plan, draft=draft, ranks=ranks)
+    if place.parallel:
+        if os.environ.get(ENV_RANK_RECORD):  # the launcher reads it if this rank fails
+            from unlearning_contracts.record import compact
+
+            Path(os.environ[ENV_RANK_RECORD]).write_text(compact(outcome.record))
+        if not reports:
+            decided = outcome.record.exit_code in DECIDED_EXIT_CODES or outcome.reported_elsewhere
+            return 0 if decided else EXIT_UNEXPECTED
     if args.plot is not None and outcome.logits:
         from unlearn.plot import plot_confidence
 
@@ -232,11 +284,60 @@ def _run_manifest(
     return _finish(outcome.record, args)
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``run --nproc-per-node N`` outside torchrun: check the request once, then start the N ranks.
+
+    The manifest and the preflight are checked here, before any rank starts: a refusal costs no
+    torch import and starts no process, and its record is written once. The version the check
+    settled is passed to the ranks, so that all of them (and a failure record) name the same one."""
+    world = args.nproc_per_node
+    try:
+        manifest = load_manifest(args.manifest)
+    except SpecError as error:
+        return _refuse(args, str(error))
+    options = preflight.RunOptions(
+        volume_root=args.volume_root,
+        device=args.device,
+        model_version=args.model_version,
+        require_claims=args.require_claims,
+    )
+    draft = RecordDraft(manifest, options, world)
+    try:
+        options = dataclasses.replace(options, allowed_factories=_allowed_factories(args))
+        plan = preflight.check(manifest, options)
+    except InvalidInputError as error:
+        return _finish(draft.failed(EXIT_INVALID_INPUT, error), args)
+    if args.model_version is None:
+        argv = [*argv, "--model-version", str(plan.version)]
+    draft.fields["model_version"] = plan.version
+    log.info("starting %d data-parallel processes", world)
+    return launch(
+        argv, world, _termination_log(args), lambda line, rank_record: failure_record(draft, line, rank_record)
+    )
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.nproc_per_node < 1:
+        print("error: --nproc-per-node must be at least 1", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    if args.nproc_per_node > 1 and not in_worker(os.environ):
+        _setup_logging(args.verbose)
+        return _launch(args, argv)  # the launcher imports no torch
+    try:
+        place = worker_place(os.environ)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    _setup_logging(args.verbose, place.rank, place.world_size)
+    return _run_manifest(args, args.manifest, args.volume_root, args.model_version, place=place)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
     if args.command == "run":
-        return _run_manifest(args, args.manifest, args.volume_root, args.model_version)
+        return _run(args, argv)
+    _setup_logging(args.verbose)
     if args.command == "prepare-demo":
         import torch
 

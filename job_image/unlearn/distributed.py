@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unlearn.errors import DivergedError, InvalidInputError
+from unlearn.launch import env_int, worker_place
 
 log = logging.getLogger("unlearn")
 
@@ -242,28 +243,10 @@ def _rebuilt(report: _Portable) -> Exception:
 # -- start-up ----------------------------------------------------------------------------------------
 
 
-def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected an integer (it is set by torchrun or unlearn's launcher)") from None
-
-
 def ranks_from_env(environ: Mapping[str, str]) -> Ranks:
-    """The ranks torchrun's variables describe; rank 0 of 1 without them."""
-    world = _env_int(environ, "WORLD_SIZE", 1)
-    rank = _env_int(environ, "RANK", 0)
-    local_rank = _env_int(environ, "LOCAL_RANK", rank)
-    local_world = _env_int(environ, "LOCAL_WORLD_SIZE", world)
-    if world < 1 or not 0 <= rank < world or not 0 <= local_rank < local_world <= world:
-        raise ValueError(
-            f"RANK={rank}, LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_world}, WORLD_SIZE={world}: "
-            "inconsistent (start the job with torchrun or unlearn run --nproc-per-node)"
-        )
-    return Ranks(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
+    """The ranks torchrun's variables describe; rank 0 of 1 without them (parsed in launch.py, torch-free)."""
+    place = worker_place(environ)
+    return Ranks(place.rank, place.world_size, place.local_rank, place.local_world_size)
 
 
 def device_for(requested: str, ranks: Ranks, cuda_devices: int) -> torch.device:
@@ -294,7 +277,7 @@ def backend_for(device: torch.device, ranks: Ranks, cuda_devices: int, requested
 
 
 def collective_timeout(environ: Mapping[str, str]) -> timedelta:
-    seconds = _env_int(environ, ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
+    seconds = env_int(environ, ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
     if seconds < 1:
         raise ValueError(f"{ENV_TIMEOUT}={seconds}: must be at least 1 second")
     return timedelta(seconds=seconds)

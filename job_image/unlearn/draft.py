@@ -50,7 +50,7 @@ def one_line(error: BaseException | str) -> str:
 class RecordDraft:
     """The record's fields so far, the phase timings, and how to finish it."""
 
-    def __init__(self, manifest: Manifest, options: RunOptions) -> None:
+    def __init__(self, manifest: Manifest, options: RunOptions, world_size: int = 1) -> None:
         spec = manifest.spec
         self.started = time.perf_counter()
         self.durations: dict[str, float] = {}
@@ -63,6 +63,7 @@ class RecordDraft:
             "started_at": now(),
             "job_image": bounded(options.job_image, MAX_IMAGE_BYTES),
             "code_version": unlearn.__version__,
+            "world_size": world_size,
         }
 
     def set_device(self, name: str) -> None:

@@ -22,6 +22,15 @@ A recipe in three phases, read top to bottom in ``Recipe.run``:
 
 Deciding is done by pure modules (fit, audit, gates, tuning); this one only
 wires them to files, devices and clocks.
+
+Several ranks (``Ranks``, see distributed.py) run this same recipe. Rank 0
+runs the preflight and hands its plan to the others; every rank prepares
+(each holds the model and the data), and their errors are agreed on, so an
+invalid input found on any rank ends every rank with the same message. Each
+attempt's unlearning is split across the ranks by the engine; the audit's
+logits are computed in shares and gathered, its numbers computed on rank 0
+and handed to every rank, so the gates and the tuner take the same decision
+everywhere. Only rank 0 writes: it alone publishes the model and the record.
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ from torch import nn
 
 from unlearn import audit, fit, gates, preflight, scratch, tuning
 from unlearn.data import load_data, load_forget_indices
+from unlearn.distributed import RankError, Ranks, device_for, joined
 from unlearn.draft import RecordDraft, json_bytes, one_line
-from unlearn.engine import Context, TensorSet, predict
+from unlearn.engine import Context, TensorSet, predict, predict_all
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError, InvalidInputError
 from unlearn.files import OutputSpaceError
@@ -80,6 +90,8 @@ class Outcome:
     record_path: Path | None = None
     # Logits of the audited forget and held-out samples, before and after (for --plot).
     logits: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    reported_elsewhere: bool = False
+    """The run ended on another rank's unexpected error: that rank reports it, not this one."""
 
     @property
     def exit_code(self) -> int:
@@ -91,16 +103,15 @@ def forget_digest(indices: npt.NDArray[np.int64]) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in np.sort(indices)).encode()).hexdigest()
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: no CUDA device is visible: use --device cpu or request a GPU")
-    return torch.device(requested)
+def pick_device(requested: str, ranks: Ranks | None = None) -> torch.device:
+    """The device of this rank (``device_for``), from what this process can see."""
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return device_for(requested, ranks or Ranks(), cuda_devices)
 
 
-def cpu_threads(parameters: int) -> int:
-    """Threads for CPU training: OMP_NUM_THREADS when set; one for small models; else the CPUs we may use.
+def cpu_threads(parameters: int, processes: int = 1) -> int:
+    """Threads for CPU training: OMP_NUM_THREADS when set; one for small models; else the CPUs we may use,
+    shared between the ``processes`` ranks of this pod.
 
     A step of a model under a few million parameters is too small to split: a
     second OpenMP thread made the digits MLP ~25x *slower* on a loaded two-core
@@ -110,7 +121,7 @@ def cpu_threads(parameters: int) -> int:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     if parameters < SMALL_MODEL_PARAMETERS:
         return 1
-    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))) // max(1, processes))
 
 
 def _bounded(n: int, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
@@ -157,27 +168,37 @@ class Recipe:
     """The state of one run; ``run`` fills the record phase by phase."""
 
     def __init__(
-        self, manifest: Manifest, options: RunOptions, plan: Plan | None = None, draft: RecordDraft | None = None
+        self,
+        manifest: Manifest,
+        options: RunOptions,
+        plan: Plan | None = None,
+        draft: RecordDraft | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         self.manifest = manifest
         self.options = options
         self.spec = manifest.spec
         self.plan = plan
+        self.ranks = ranks or Ranks()
         self.draft = draft if draft is not None else RecordDraft(manifest, options)
         self.fields = self.draft.fields
+        self.fields["world_size"] = self.ranks.world_size
         self.outcome = Outcome(record=self.draft.record("Failed", EXIT_UNEXPECTED))
 
     def run(self) -> Outcome:
-        inputs = self.prepare()
+        inputs = self.ranks.agree(self.prepare)
         done = self.attempts(inputs)
         return self.publish(inputs, done)
 
     # -- prepare ------------------------------------------------------------------------------------
     def prepare(self) -> Inputs:
-        spec, options = self.spec, self.options
-        plan = self.plan = self.plan if self.plan is not None else preflight.check(self.manifest, options)
+        spec, options, ranks = self.spec, self.options, self.ranks
+        # Checked once: rank 0 runs the preflight and every rank takes its plan (or its refusal).
+        plan = self.plan = (
+            self.plan if self.plan is not None else ranks.decide(lambda: preflight.check(self.manifest, options))
+        )
         hyper = plan.hyper
-        device = pick_device(options.device)
+        device = pick_device(options.device, ranks)
         self.draft.set_device(str(device) if device.type != "cuda" else torch.cuda.get_device_name(device))
         self.fields["model_version"] = plan.version
         self.fields["config"] = config = {
@@ -193,7 +214,10 @@ class Recipe:
             "volumeRoot": str(options.volume_root),
             "device": str(device),
             "modelVersion": plan.version,
+            "worldSize": ranks.world_size,
         }
+        if ranks.parallel:
+            log.info("%s on %s", ranks, device)
         log.info("config %s", json.dumps(config, sort_keys=True))
 
         t = time.perf_counter()
@@ -205,10 +229,13 @@ class Recipe:
         self.fields["input_model"] = InputModel(uri=spec.model.source.uri, sha256=loaded.sha256)
         module = loaded.module.to(device)
         if device.type == "cpu":
-            torch.set_num_threads(cpu_threads(sum(p.numel() for p in module.parameters())))
+            parameters = sum(p.numel() for p in module.parameters())
+            torch.set_num_threads(cpu_threads(parameters, ranks.local_world_size))
         samples = tuple(data.train.x.shape[1:])
         fit.check_sample_shape(loaded.sample_shape, samples)
-        ctx = Context(device=device, num_classes=2, mixed_precision=hyper.mixed_precision, progress=options.progress)
+        ctx = Context(
+            device=device, num_classes=2, mixed_precision=hyper.mixed_precision, progress=options.progress, ranks=ranks
+        )
         try:
             probe = predict(module, torch.from_numpy(data.train.x[:2]).to(device), ctx)
         except Exception as error:  # any forward failure here is a mismatch between data and model
@@ -251,23 +278,29 @@ class Recipe:
 
         In float32 whatever ``mixedPrecision`` says: bfloat16 logits round the
         losses of memorised rows (1e-6 and 1e-4 alike) and the audit ranks them.
+        The logits are computed in shares across the ranks; the numbers on rank 0, for all of them.
         """
         full_precision = replace(inputs.ctx, mixed_precision=False)
-        logits = {k: predict(inputs.module, v.x, full_precision) for k, v in inputs.audited.items()}
-        if not all(np.isfinite(v).all() for v in logits.values()):
-            if tag == "pre":
-                raise InvalidInputError(f"{inputs.model_where}: the model gives non-finite outputs")
-            raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
+        logits = {k: predict_all(inputs.module, v.x, full_precision) for k, v in inputs.audited.items()}
+
+        def numbers() -> AuditMetrics:
+            if not all(np.isfinite(v).all() for v in logits.values()):
+                if tag == "pre":
+                    raise InvalidInputError(f"{inputs.model_where}: the model gives non-finite outputs")
+                raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
+            labels = inputs.labels
+            return audit.audit_outputs(
+                (logits["forget"], labels["forget"]),
+                (logits["retain"], labels["retain"]),
+                (logits["heldout"], labels["heldout"]),
+                seed=self.spec.audit.seed,
+                heldout_before=self.outcome.logits.get("pre_heldout") if tag == "post" else None,
+            )
+
+        result = self.ranks.decide(numbers)
         for k in ("forget", "heldout"):
             self.outcome.logits[f"{tag}_{k}"] = logits[k]
-        labels = inputs.labels
-        return audit.audit_outputs(
-            (logits["forget"], labels["forget"]),
-            (logits["retain"], labels["retain"]),
-            (logits["heldout"], labels["heldout"]),
-            seed=self.spec.audit.seed,
-            heldout_before=self.outcome.logits.get("pre_heldout") if tag == "post" else None,
-        )
+        return result
 
     def attempts(self, inputs: Inputs) -> Attempts:
         """Audit the original once, then attempt until the gates pass or the tuner stops (each from the original)."""
@@ -344,9 +377,17 @@ class Recipe:
 
     # -- publish ------------------------------------------------------------------------------------
     def publish(self, inputs: Inputs, done: Attempts) -> Outcome:
-        """Passed: the new model version and its record, together. Failed: only the record."""
+        """Passed: the new model version and its record, together. Failed: only the record.
+
+        Rank 0 writes; the other ranks return the record unwritten."""
         plan = self.plan
         assert plan is not None  # prepare settled it
+        if not self.ranks.main:
+            passed = done.passed
+            self.outcome.record = self.draft.record(
+                "Passed" if passed else "Failed", EXIT_PASSED if passed else EXIT_GATES_FAILED
+            )
+            return self.outcome
         if not done.passed:
             record = self.draft.record("Failed", EXIT_GATES_FAILED)
             compact(record)  # reportable, or fail here
@@ -391,19 +432,32 @@ def _summary(result: AuditMetrics) -> str:
 
 
 def run(
-    manifest: Manifest, options: RunOptions, *, plan: Plan | None = None, draft: RecordDraft | None = None
+    manifest: Manifest,
+    options: RunOptions,
+    *,
+    plan: Plan | None = None,
+    draft: RecordDraft | None = None,
+    ranks: Ranks | None = None,
 ) -> Outcome:
     """Run one request; never raises for bad input or divergence (see the record's exitCode).
 
     ``plan`` and ``draft``: what the CLI's checks before torch settled (made here when not given).
+    ``ranks``: this process's place among the ranks of a data-parallel run (alone when not given).
     """
-    recipe = Recipe(manifest, options, plan, draft)
+    recipe = Recipe(manifest, options, plan, draft, ranks)
+    ranks = recipe.ranks
     try:
-        with scratch.guard():
+        with joined(ranks, pick_device(options.device, ranks)), scratch.guard():
             return recipe.run()
     except (InvalidInputError, scratch.StorageLimitError) as error:
-        log.debug("invalid input", exc_info=True)
+        log.debug("invalid input", exc_info=True)  # the ranks agreed on it; the CLI of rank 0 says it
         return recipe.fail(EXIT_INVALID_INPUT, error)
+    except RankError as error:
+        if ranks.main:
+            log.error("stopped: %s failed", str(error).split(":")[0])
+        outcome = recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {one_line(error)}")
+        outcome.reported_elsewhere = True
+        return outcome
     except Exception as error:  # the retryable class: crash, OOM, a bug; the record says which
         log.error("unexpected error:\n%s", traceback.format_exc())
         return recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {one_line(error)}")
