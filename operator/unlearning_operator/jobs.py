@@ -27,6 +27,12 @@ Choices worth knowing:
 * With each Job comes a NetworkPolicy that selects its pod and allows no
   traffic (the job has no token and talks to nobody), unless the admin
   widened egress in the chart (``networkPolicy.job.egress``).
+* A pod with several GPUs runs the job data-parallel, one process per GPU
+  (``--nproc-per-node``: the job's own launcher, which keeps the exit code the
+  failure policy reads, unlike torchrun). NCCL passes data between processes
+  on one node through shared memory, and a container's /dev/shm is 64 MiB by
+  default, so such a pod mounts an in-memory emptyDir there
+  (``UNLEARNING_JOB_SHM_SIZE``; it counts against the memory limit).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ CONTAINER_NAME = "unlearn"
 SPEC_MOUNT_DIR = "/etc/unlearning"
 SPEC_FILE = "request.yaml"
 SPEC_PATH = f"{SPEC_MOUNT_DIR}/{SPEC_FILE}"
+SHM_MOUNT_PATH = "/dev/shm"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 NON_ROOT_UID = 65532
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -159,6 +166,11 @@ def claims(spec: UnlearningRequestSpec) -> tuple[list[str], list[str]]:
     return read_only, read_write
 
 
+def processes(gpus: int) -> int:
+    """Processes the job runs: one per GPU, and one on the CPU."""
+    return max(1, gpus)
+
+
 def build_job(
     ref: RequestRef,
     spec: UnlearningRequestSpec,
@@ -191,6 +203,21 @@ def build_job(
         mounts.append({"name": volume, "mountPath": f"{root}/{claim}", "readOnly": ro})
 
     gpus = spec.job.gpus if spec.job.gpus is not None else settings.job_gpus
+    command = [
+        "unlearn",
+        "run",
+        SPEC_PATH,
+        "--volume-root",
+        root,
+        # Defence in depth beside the operator's own check: in a pod a plain path is the container's disk.
+        "--require-claims",
+        "--model-version",
+        str(output_version),
+    ]
+    if processes(gpus) > 1:
+        command += ["--nproc-per-node", str(processes(gpus))]
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.job_shm_size}})
+        mounts.append({"name": "dshm", "mountPath": SHM_MOUNT_PATH})
     cpu = spec.job.cpu or settings.job_cpu
     memory = spec.job.memory or settings.job_memory
     storage = settings.job_ephemeral_storage
@@ -202,17 +229,7 @@ def build_job(
         "name": CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": [
-            "unlearn",
-            "run",
-            SPEC_PATH,
-            "--volume-root",
-            root,
-            # Defence in depth beside the operator's own check: in a pod a plain path is the container's disk.
-            "--require-claims",
-            "--model-version",
-            str(output_version),
-        ],
+        "command": command,
         "env": [
             {"name": "UNLEARN_JOB_IMAGE", "value": image},
             {"name": "HOME", "value": "/tmp"},

@@ -193,6 +193,8 @@ class OperatorSettings:
     """Create, with each Job, a NetworkPolicy that denies its pod all traffic (but job_egress)."""
     job_egress: tuple[Mapping[str, Any], ...] = field(default=(), metadata=env("UNLEARNING_JOB_EGRESS", _egress))
     """Extra NetworkPolicyEgressRules for Job pods (the admin's choice; the job itself needs no network)."""
+    job_shm_size: str = field(default="1Gi", metadata=env("UNLEARNING_JOB_SHM_SIZE", _quantity(_MEMORY, '"1Gi"')))
+    """/dev/shm of a pod with several GPUs (in-memory, counted in its memory): NCCL's transport between them."""
     job_node_selector: Mapping[str, str] = field(
         default_factory=dict, metadata=env("UNLEARNING_JOB_NODE_SELECTOR", _node_selector)
     )

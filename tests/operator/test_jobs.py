@@ -122,6 +122,37 @@ def test_resources(overrides: dict[str, Any], env: dict[str, str], gpus: str | N
     assert "nvidia.com/gpu" not in c["resources"]["requests"]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "env", "processes", "shm"),
+    [
+        # One process: no launcher flag, no /dev/shm volume (the job passes no data between processes).
+        ({}, {}, None, None),
+        ({"job.gpus": 0}, {}, None, None),
+        ({"job.gpus": 1}, {"UNLEARNING_JOB_GPUS": "4"}, None, None),
+        # One process per GPU, with an in-memory /dev/shm for NCCL.
+        ({"job.gpus": 2}, {}, "2", "1Gi"),
+        ({}, {"UNLEARNING_JOB_GPUS": "4"}, "4", "1Gi"),
+        ({"job.gpus": 8}, {"UNLEARNING_JOB_SHM_SIZE": "8Gi"}, "8", "8Gi"),
+    ],
+)
+def test_several_gpus_run_one_process_each_with_shared_memory(
+    overrides: dict[str, Any], env: dict[str, str], processes: str | None, shm: str | None
+) -> None:
+    job = job_for(REF, spec(**overrides), load_settings(env), V0)
+    command = container(job)["command"]
+    assert command[:5] == ["unlearn", "run", "/etc/unlearning/request.yaml", "--volume-root", "/volumes"]
+    assert command[5:8] == ["--require-claims", "--model-version", "1"]
+    assert command[8:] == ([] if processes is None else ["--nproc-per-node", processes])
+    if processes is not None:
+        assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == processes  # one process per GPU held
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+    if shm is None:
+        assert "/dev/shm" not in mounts
+    else:
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": shm}
+
+
 def test_restricted_pod_security() -> None:
     job = job_for(REF, spec(), SETTINGS, V0)
     pod = pod_spec(job)

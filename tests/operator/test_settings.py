@@ -29,6 +29,7 @@ EACH_VARIABLE: list[tuple[dict[str, str], str, Any]] = [
     ({"UNLEARNING_JOB_GPUS": "0"}, "job_gpus", 0),
     ({"UNLEARNING_JOB_CPU": "500m"}, "job_cpu", "500m"),
     ({"UNLEARNING_JOB_MEMORY": "8Gi"}, "job_memory", "8Gi"),
+    ({"UNLEARNING_JOB_SHM_SIZE": "4Gi"}, "job_shm_size", "4Gi"),
     ({"UNLEARNING_JOB_NODE_SELECTOR": '{"gpu": "a100"}'}, "job_node_selector", {"gpu": "a100"}),
     (
         {"UNLEARNING_JOB_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists"}]'},
@@ -70,6 +71,7 @@ def test_each_variable(env: dict[str, str], field: str, expected: Any) -> None:
         ({"UNLEARNING_JOB_GPUS": "-1"}, "UNLEARNING_JOB_GPUS"),
         ({"UNLEARNING_JOB_CPU": "4 cores"}, "UNLEARNING_JOB_CPU"),
         ({"UNLEARNING_JOB_MEMORY": "16GB"}, "UNLEARNING_JOB_MEMORY"),
+        ({"UNLEARNING_JOB_SHM_SIZE": "lots"}, "UNLEARNING_JOB_SHM_SIZE"),
         ({"UNLEARNING_JOB_NODE_SELECTOR": "gpu=a100"}, "UNLEARNING_JOB_NODE_SELECTOR"),
         ({"UNLEARNING_JOB_NODE_SELECTOR": "[]"}, "UNLEARNING_JOB_NODE_SELECTOR"),
         ({"UNLEARNING_JOB_NODE_SELECTOR": '{"gpu": 1}'}, "UNLEARNING_JOB_NODE_SELECTOR"),
