@@ -1,0 +1,323 @@
+"""Data-parallel runs on the CPU (gloo): N ranks compute what one process computes, and report once.
+
+The tolerance and where it comes from. Every rank walks the same global
+batches and the summed gradient is the global batch's mean gradient
+(unlearn/distributed.py), so one process and two ranks differ only in the
+order float sums are taken. In float64 that is visible at the last bits only:
+every method ends within ``FLOAT64_TOLERANCE`` of the one-process weights
+(measured: at most 1.4e-16). In float32, Adam divides each step by the root of
+the gradient's second moment, so a weight whose gradient is nearly zero (and
+thus mostly rounding) can take a different step: the weights agree within
+``FLOAT32_TOLERANCE`` on the shortened methods (measured: 1.8e-5 for scrub,
+3e-8 for the others) and within ``REQUEST_WEIGHT_TOLERANCE`` after the whole
+default request (measured: 4.2e-4, scrub 8+8 epochs at up to lr 5e-3), where
+the audit's numbers came out identical to four decimals. The ranks themselves
+stay bit-identical: they apply the same summed gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tests.job.conftest import RunCli, request
+from tests.job.ranks import DTYPES, METHODS, on_ranks, problem, run_methods
+from unlearn.distributed import Ranks, backend_for, device_for, ranks_from_env
+from unlearn.errors import InvalidInputError
+from unlearn.launch import Conclusion, RankExit, conclude, worker_env
+
+FLOAT64_TOLERANCE = 1e-12
+FLOAT32_TOLERANCE = 1e-4
+REQUEST_WEIGHT_TOLERANCE = 2e-3
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# -- pure parts ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 65])
+def test_shares_cover_every_row_once_and_differ_by_at_most_one(world: int, n: int) -> None:
+    shares = [Ranks(rank, world).share(n) for rank in range(world)]
+    rows = [row for s in shares for row in range(s.start, s.stop)]
+    assert rows == list(range(n))  # contiguous, in rank order, nothing twice
+    sizes = [s.stop - s.start for s in shares]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, Ranks()),
+        ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, Ranks(1, 4, 1, 4)),
+        # Two nodes of two: the global rank and the rank on this node differ.
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, Ranks(3, 4, 1, 2)),
+    ],
+)
+def test_ranks_from_torchrun_environment(environ: dict[str, str], expected: Ranks) -> None:
+    assert ranks_from_env(environ) == expected
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "environ",
+    [{"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "0"}],
+)
+def test_inconsistent_rank_environment_is_refused_with_what_sets_it(environ: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="torchrun"):
+        ranks_from_env(environ)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("requested", "local_rank", "gpus", "device", "backend"),
+    [
+        ("auto", 0, 0, "cpu", "gloo"),
+        ("cuda", 0, 1, "cuda", None),  # one process: the current device, no process group
+        ("cpu", 1, 4, "cpu", "gloo"),
+        ("auto", 3, 4, "cuda:3", "nccl"),
+        ("cuda", 1, 4, "cuda:1", "nccl"),
+        # Two ranks on one GPU (trying the path on a one-GPU machine): NCCL refuses a shared device.
+        ("auto", 1, 1, "cuda:0", "gloo"),
+    ],
+)
+def test_device_and_backend_per_rank(
+    requested: str, local_rank: int, gpus: int, device: str, backend: str | None
+) -> None:
+    world = 1 if backend is None else 4 if gpus >= 4 else 2
+    ranks = Ranks(local_rank, world, local_rank, world)
+    chosen = device_for(requested, ranks, gpus)
+    assert str(chosen) == device
+    if backend is not None:
+        assert backend_for(chosen, ranks, gpus) == backend
+
+
+@pytest.mark.unit
+def test_asking_for_cuda_without_one_or_nccl_on_the_cpu_says_what_to_do() -> None:
+    with pytest.raises(InvalidInputError, match="--device cpu"):
+        device_for("cuda", Ranks(), 0)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        backend_for(torch.device("cpu"), Ranks(0, 2, 0, 2), 0, "nccl")
+
+
+@pytest.mark.unit
+def test_workers_get_torchruns_variables() -> None:
+    env = worker_env({"PATH": "/bin"}, 1, 4, 29500, Path("/tmp/r/rank-1.json"))
+    assert env["PATH"] == "/bin"
+    assert ranks_from_env(env) == Ranks(1, 4, 1, 4)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "29500")
+    assert env["UNLEARN_RANK_RECORD"] == "/tmp/r/rank-1.json"
+
+
+def _record(code: int, error: str | None = None) -> dict[str, Any]:
+    return {"exitCode": code, "verdict": "Passed" if code == 0 else "Failed", **({"error": error} if error else {})}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("exits", "expected"),
+    [
+        # Every rank ended well: rank 0's record and code stand (gates failed is a decided outcome, not a crash).
+        ([RankExit(1, 0), RankExit(0, 0, _record(0))], Conclusion(0)),
+        ([RankExit(0, 3, _record(3)), RankExit(1, 0)], Conclusion(3)),
+        ([RankExit(0, 4, _record(4, "output.location: x")), RankExit(1, 0)], Conclusion(4)),
+        # Rank 0 decided, then another rank failed while leaving: the outcome stands.
+        ([RankExit(0, 0, _record(0)), RankExit(1, -9)], Conclusion(0)),
+        # Rank 1 died first; rank 0 then failed on the broken collective: rank 1 is the cause.
+        (
+            [RankExit(1, -9), RankExit(0, 1, _record(1, "unexpected error: RuntimeError: Connection closed"))],
+            Conclusion(1, "rank 1 of 2 was killed by SIGKILL (out of memory?)", RankExit(1, -9)),
+        ),
+        (
+            [RankExit(1, 1, _record(1, "unexpected error: OutOfMemoryError: CUDA")), RankExit(0, -15)],
+            Conclusion(
+                1,
+                "rank 1 of 2: unexpected error: OutOfMemoryError: CUDA",
+                RankExit(1, 1, _record(1, "unexpected error: OutOfMemoryError: CUDA")),
+            ),
+        ),
+        # Rank 0 failed first with its own error and said so: its record stands.
+        (
+            [RankExit(0, 1, _record(1, "unexpected error: OSError: disk full")), RankExit(1, 0)],
+            Conclusion(1),
+        ),
+        # Rank 0 died without a record.
+        ([RankExit(0, -11), RankExit(1, -15)], Conclusion(1, "rank 0 of 2 was killed by SIGSEGV", RankExit(0, -11))),
+        (
+            [RankExit(1, 0), RankExit(0, 2)],
+            Conclusion(1, "rank 0 of 2 exited with code 2 without a result record", RankExit(0, 2)),
+        ),
+    ],
+)
+def test_what_the_pod_reports_from_its_ranks_exits(exits: list[RankExit], expected: Conclusion) -> None:
+    assert conclude(exits, 2) == expected
+
+
+# -- the engine on two ranks --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return on_ranks(2, tmp_path_factory.mktemp("ranks"))
+
+
+@pytest.mark.job
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_method_on_two_ranks_matches_one_process(two_ranks: list[dict[str, Any]], dtype: torch.dtype) -> None:
+    one = run_methods(Ranks(), dtype)
+    original = problem(dtype)[0]
+    tolerance = FLOAT64_TOLERANCE if dtype == torch.float64 else FLOAT32_TOLERANCE
+    for method in METHODS:
+        rank0, rank1 = (r["weights"][str(dtype)][method] for r in two_ranks)
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{method}: the ranks drifted apart"
+        difference = max_difference(one[method], rank0)
+        assert difference <= tolerance, method
+        # And the method did something: the weights moved, and far more than the two runs differ.
+        assert max_difference(one[method], original) > max(1e-4, 10 * difference), method
+
+
+@pytest.mark.job
+def test_ranks_share_errors_and_decisions(two_ranks: list[dict[str, Any]]) -> None:
+    rank0, rank1 = (r["errors"] for r in two_ranks)
+    # An invalid input found on rank 1 alone ends both ranks with its message.
+    assert rank0["agree, invalid input on rank 1"] == ("InvalidInputError", "data.train: x")
+    assert rank1["agree, invalid input on rank 1"] == ("InvalidInputError", "data.train: x")
+    # Without an error each rank keeps its own value.
+    assert (rank0["agree, nothing raised"], rank1["agree, nothing raised"]) == (("returned", "0"), ("returned", "10"))
+    # Rank 0 decides for all; its error reaches the others as an error of rank 0.
+    assert rank1["decide, rank 0 returns"] == ("returned", "'rank 0 decided'")
+    assert rank0["decide, rank 0 raises"] == ("ValueError", "bad numbers")
+    assert rank1["decide, rank 0 raises"] == ("RankError", "rank 0: ValueError: bad numbers")
+
+
+# -- the job on two ranks -----------------------------------------------------------------------------
+
+
+def run_launcher(
+    tmp: Path, manifest: dict[str, Any], *args: str, stderr: Any = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """``unlearn run --nproc-per-node 2`` as the Job runs it: a process of its own."""
+    path = tmp / "request.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    command = [sys.executable, "-m", "unlearn.cli", "run", str(path), "--device", "cpu", "--nproc-per-node", "2"]
+    command += ["--termination-log", str(tmp / "termination-log"), *args]
+    env = {**os.environ, "UNLEARN_COLLECTIVE_TIMEOUT_S": "300"}
+    return subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=stderr)
+
+
+@pytest.mark.job
+def test_the_request_on_two_processes_gives_the_one_process_result_once(
+    demo_root: Path, tmp_path: Path, run_cli: RunCli
+) -> None:
+    model = str(demo_root / "models" / "digits" / "digits-mlp.pt2")
+    one = run_cli(request(model, str(tmp_path / "one")))
+    assert one.code == 0, one.stderr
+    proc = run_launcher(tmp_path, request(model, str(tmp_path / "two")), "--result", str(tmp_path / "result.json"))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+
+    # Written once: one model, one record beside it, no temporary files; one table printed.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["digits-mlp-v1.json", "digits-mlp-v1.pt2"]
+    assert stdout.count("verdict Passed") == 1
+    termination = json.loads((tmp_path / "termination-log").read_text())
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert termination["worldSize"] == record["worldSize"] == record["config"]["worldSize"] == 2
+    assert one.record is not None
+    assert one.record["worldSize"] == 1
+    assert "[rank 1]" not in stderr  # the other rank says nothing unless something goes wrong
+
+    # The same numbers: accuracies within one sample of the set they count, the rest within 1e-3.
+    accuracies = {"forgetAccuracy": "forget", "retainAccuracy": "retain", "testAccuracy": "heldout"}
+    for phase in ("pre", "post"):
+        for key, value in one.record[phase].items():
+            if key in accuracies:
+                samples = one.record[phase]["samples"][accuracies[key]]
+                assert abs(record[phase][key] - value) <= 100 / samples, (phase, key)
+            elif key != "samples":
+                assert record[phase][key] == pytest.approx(value, abs=1e-3), (phase, key)
+    saved = [torch.export.load(tmp_path / d / "digits-mlp-v1.pt2").module().state_dict() for d in ("one", "two")]
+    assert max_difference(*saved) <= REQUEST_WEIGHT_TOLERANCE
+
+
+@pytest.mark.job
+def test_invalid_input_found_on_rank_0_stops_every_rank_with_one_line(demo_root: Path, tmp_path: Path) -> None:
+    # Only rank 0 creates the output folder, so only rank 0 finds that it cannot.
+    (tmp_path / "taken").write_text("a file where the output folder should be")
+    model = str(demo_root / "models" / "digits" / "digits-mlp.pt2")
+    proc = run_launcher(tmp_path, request(model, str(tmp_path / "taken")))
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 4, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: output.location: cannot create {tmp_path / 'taken'} (File exists)"]
+    assert "[rank 1]" not in stderr
+    termination = json.loads((tmp_path / "termination-log").read_text())
+    assert (termination["exitCode"], termination["worldSize"]) == (4, 2)
+    assert termination["error"].startswith("output.location: cannot create")
+
+
+def _worker(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's worker of this rank, once it runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.job
+def test_a_rank_killed_mid_run_ends_the_pod_with_one_line_and_a_record(demo_root: Path, tmp_path: Path) -> None:
+    model = str(demo_root / "models" / "digits" / "digits-mlp.pt2")
+    # A long retraining, so that the ranks are still in their loop when one dies.
+    spec = {"method": {"name": "retrain", "retain": {"epochs": 1000}}}
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr_file:
+        proc = run_launcher(tmp_path, request(model, str(tmp_path / "out"), spec=spec), stderr=stderr_file)
+    try:
+        deadline = time.monotonic() + 500
+        while "retrain epoch 1/" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the ranks never started training"
+            time.sleep(0.5)
+        rank0, rank1 = _worker(proc.pid, 0), _worker(proc.pid, 1)
+        assert rank0 is not None
+        assert rank1 is not None
+        # Rank 0 frozen, as a rank waiting on a dead peer under NCCL would be: it cannot notice on its own,
+        # so the launcher must end it. Then rank 1 dies as the out-of-memory killer would kill it.
+        os.kill(rank0, signal.SIGSTOP)
+        os.kill(rank1, signal.SIGKILL)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1 of 2 was killed by SIGKILL (out of memory?)"]
+    termination = json.loads((tmp_path / "termination-log").read_text())
+    assert (termination["exitCode"], termination["verdict"]) == (1, "Failed")
+    assert termination["error"] == "rank 1 of 2 was killed by SIGKILL (out of memory?)"
+    assert (termination["worldSize"], termination["requestId"]) == (2, "TEST-1")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.pt2"))
+    assert _worker(proc.pid, 0) is None  # no rank left behind
