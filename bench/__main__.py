@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "quality": ("bench.quality", "forgetting quality against retraining (UA, RA, TA, MIA, Avg. Gap, speed-up)"),
     "gpu-throughput": ("bench.gpu_throughput", "ResNet-18 on CIFAR-shaped tensors on a GPU (samples/s, AMP)"),
     "throughput": ("bench.throughput", "the tutorial's loop against the engine on the same work (CPU)"),
+    "data-parallel": ("bench.data_parallel", "the engine's training loop on 1 and N ranks (CPU gloo, or GPUs)"),
     "operator-scale": ("bench.operator_scale", "100 and 500 requests at once against the operator"),
     "refusal": ("bench.refusal", "what `unlearn run` costs to refuse a bad request (wall, CPU, peak memory)"),
 }
