@@ -125,6 +125,14 @@ def test_workers_get_torchruns_variables() -> None:
     assert env["UNLEARN_RANK_RECORD"] == "/tmp/r/rank-1.json"
 
 
+@pytest.mark.unit
+def test_the_launcher_does_not_import_torch() -> None:
+    # It runs as the pod's first process beside N ranks: no seconds of import, no GPU memory of its own.
+    probe = "import sys, unlearn.cli, unlearn.launch; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def _record(code: int, error: str | None = None) -> dict[str, Any]:
     return {"exitCode": code, "verdict": "Passed" if code == 0 else "Failed", **({"error": error} if error else {})}
 
