@@ -45,6 +45,7 @@ from unlearn.launch import (
     in_worker,
     launch,
     worker_place,
+    write_rank_record,
 )
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, parse_allowed_modules
 from unlearning_contracts.record import (
@@ -271,10 +272,9 @@ def _run_manifest(
     outcome = run(manifest, options, plan=plan, draft=draft, ranks=ranks)
     if place.parallel:
         if os.environ.get(ENV_RANK_RECORD):  # the launcher reads it if this rank fails
-            from unlearning_contracts.record import compact
-
-            Path(os.environ[ENV_RANK_RECORD]).write_text(compact(outcome.record))
+            write_rank_record(Path(os.environ[ENV_RANK_RECORD]), outcome.record, outcome.failed_at)
         if not reports:
+            # Rank 0 reports the run. This rank's code tells the launcher only whether it failed on its own.
             decided = outcome.record.exit_code in DECIDED_EXIT_CODES or outcome.reported_elsewhere
             return 0 if decided else EXIT_UNEXPECTED
     if args.plot is not None and outcome.logits:

@@ -305,9 +305,15 @@ def start(ranks: Ranks, device: torch.device, environ: Mapping[str, str] = os.en
 
 
 def stop() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one.
+
+    Never raises: the run's outcome is decided (and a model perhaps written) by then, and a peer
+    that already left can make the teardown fail."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as error:
+            log.warning("leaving the process group: %s", error)
 
 
 @contextlib.contextmanager

@@ -19,8 +19,9 @@ run ...``. This launcher exists for two things torchrun does not keep:
   termination message, and exits with 1 (retryable).
 
 Each worker leaves its compact record in a private file
-(``UNLEARN_RANK_RECORD``), which is how the launcher learns a failed rank's
-error. The launcher imports no torch (it starts at once and holds no GPU
+(``UNLEARN_RANK_RECORD``), with the moment its run failed, which is how the
+launcher learns a failed rank's error and tells the cause from its
+consequences (``conclude``). The launcher imports no torch (it starts at once and holds no GPU
 memory) and waits only on its own workers (their process group), so it can
 run as PID 1 of a container or inside another program.
 """
@@ -125,6 +126,27 @@ class RankExit:
     """Its exit status; negative: killed by that signal (as ``subprocess`` reports it)."""
     record: dict[str, Any] | None = None
     """The compact record it left, if it got that far."""
+    failed_at: float = 0.0
+    """``time.monotonic()`` when its run failed: its own word, or when the launcher saw it die."""
+    killed: bool = False
+    """Killed by a signal that the launcher did not send (the out-of-memory killer, a person)."""
+
+
+def write_rank_record(path: Path, record: ResultRecord, failed_at: float | None) -> None:
+    """A worker's report to the launcher: its compact record and when its run failed (None: it did not)."""
+    path.write_text(json.dumps({"failedAt": failed_at, "record": json.loads(compact(record))}))
+
+
+def read_rank_record(path: Path) -> tuple[dict[str, Any] | None, float | None]:
+    """(the compact record, when the run failed) a worker left; (None, None) if it left none."""
+    try:
+        report = json.loads(path.read_text())
+        record, failed_at = report["record"], report["failedAt"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if not isinstance(record, dict) or not isinstance(failed_at, int | float | None):
+        return None, None
+    return record, failed_at
 
 
 @dataclass(frozen=True)
@@ -149,20 +171,26 @@ def _decided(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("exitCode") in DECIDED_EXIT_CODES
 
 
+def failed(e: RankExit) -> bool:
+    """Rank 0 without a decided record, or another rank that exited non-zero (it failed on its own)."""
+    return not _decided(e.record) if e.rank == 0 else e.code != 0
+
+
 def conclude(exits: Sequence[RankExit], world: int) -> Conclusion:
-    """What the pod reports, from the workers' exits in the order they happened.
+    """What the pod reports, from how each worker ended.
 
     1. Rank 0 left a record of a decided outcome (Passed, gates failed, invalid input):
        it stands, with its exit code, whatever happened to the others afterwards.
-    2. Otherwise the first rank to fail is the cause (the ranks after it fail because it did:
-       a collective with a dead peer raises): a rank other than 0 that exited non-zero, or
-       rank 0 without a decided record. When that is rank 0 with a record of its own
-       error, its record stands; else the launcher writes one naming the rank.
+    2. Otherwise the rank that failed first is the cause: once one rank fails and leaves, the
+       others' next collective fails too, later. A rank killed by a signal the launcher did
+       not send comes first (no other rank's failure kills a process); then the failures by
+       when each happened. When the cause is rank 0 and it left a record of its own error,
+       that record stands; else the launcher writes one naming the rank.
     """
     main = next((e for e in exits if e.rank == 0), None)
     if main is not None and _decided(main.record):
         return Conclusion(int(main.record["exitCode"]))  # type: ignore[index]
-    first = next((e for e in exits if e.rank == 0 or e.code != 0), None)
+    first = min((e for e in exits if failed(e)), key=lambda e: (not e.killed, e.failed_at), default=None)
     if first is None:  # rank 0 never ended (cannot happen once every rank is reaped)
         return Conclusion(EXIT_UNEXPECTED, f"rank 0 of {world} {_describe(EXIT_UNEXPECTED)}")
     if first.rank == 0 and first.record is not None:
@@ -203,14 +231,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 class _Workers:
     """The worker processes, in a process group of their own so that waiting sees only them."""
 
@@ -228,8 +248,10 @@ class _Workers:
         self.group = group
         self.rank_of = {proc.pid: rank for rank, proc in enumerate(self.procs)}
         self.alive = set(self.rank_of)
+        self.signalled = False
 
     def signal_all(self, signum: int) -> None:
+        self.signalled = True
         for pid in self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -243,11 +265,14 @@ class _Workers:
             return None
         if info is None:
             return None
+        seen = time.monotonic()
         rank = self.rank_of[info.si_pid]
         self.alive.discard(info.si_pid)
         code = -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
         self.procs[rank].returncode = code  # reaped here: keep Popen from waiting on it again
-        return RankExit(rank, code, _read_record(self.records[rank]))
+        record, failed_at = read_rank_record(self.records[rank])
+        killed = code < 0 and not self.signalled
+        return RankExit(rank, code, record, seen if failed_at is None else failed_at, killed)
 
     def wait(self) -> list[RankExit]:
         """Every worker's exit, in order; after a failure the others get a grace period, then are stopped."""
@@ -258,8 +283,7 @@ class _Workers:
             ended = self.reap(block=deadline is None)
             if ended is not None:
                 exits.append(ended)
-                failed = ended.code != 0 and not (ended.rank == 0 and _decided(ended.record))
-                if failed and deadline is None and self.alive:
+                if failed(ended) and deadline is None and self.alive:
                     deadline = time.monotonic() + GRACE_SECONDS
                 continue
             if deadline is not None and time.monotonic() > deadline:

@@ -92,6 +92,8 @@ class Outcome:
     logits: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
     reported_elsewhere: bool = False
     """The run ended on another rank's unexpected error: that rank reports it, not this one."""
+    failed_at: float | None = None
+    """``time.monotonic()`` when the run failed (one clock for every process on the host)."""
 
     @property
     def exit_code(self) -> int:
@@ -443,21 +445,32 @@ def run(
 
     ``plan`` and ``draft``: what the CLI's checks before torch settled (made here when not given).
     ``ranks``: this process's place among the ranks of a data-parallel run (alone when not given).
+
+    An error is recorded before this rank leaves the process group: leaving is what makes the
+    other ranks fail, and the launcher tells the cause from the consequences by when each failed.
     """
     recipe = Recipe(manifest, options, plan, draft, ranks)
-    ranks = recipe.ranks
     try:
-        with joined(ranks, pick_device(options.device, ranks)), scratch.guard():
-            return recipe.run()
-    except (InvalidInputError, scratch.StorageLimitError) as error:
+        with joined(recipe.ranks, pick_device(options.device, recipe.ranks)), scratch.guard():
+            try:
+                return recipe.run()
+            except (Exception, scratch.StorageLimitError) as error:
+                return _failed(recipe, error)
+    except (Exception, scratch.StorageLimitError) as error:  # before the group was joined: no device, no peers
+        return _failed(recipe, error)
+
+
+def _failed(recipe: Recipe, error: Exception | scratch.StorageLimitError) -> Outcome:
+    if isinstance(error, InvalidInputError | scratch.StorageLimitError):
         log.debug("invalid input", exc_info=True)  # the ranks agreed on it; the CLI of rank 0 says it
-        return recipe.fail(EXIT_INVALID_INPUT, error)
-    except RankError as error:
-        if ranks.main:
+        outcome = recipe.fail(EXIT_INVALID_INPUT, error)
+    elif isinstance(error, RankError):
+        if recipe.ranks.main:
             log.error("stopped: %s failed", str(error).split(":")[0])
         outcome = recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {one_line(error)}")
         outcome.reported_elsewhere = True
-        return outcome
-    except Exception as error:  # the retryable class: crash, OOM, a bug; the record says which
+    else:  # the retryable class: crash, OOM, a bug; the record says which
         log.error("unexpected error:\n%s", traceback.format_exc())
-        return recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {one_line(error)}")
+        outcome = recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {one_line(error)}")
+    outcome.failed_at = time.monotonic()
+    return outcome

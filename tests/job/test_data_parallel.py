@@ -34,7 +34,8 @@ from tests.job.conftest import RunCli, request
 from tests.job.ranks import DTYPES, METHODS, on_ranks, problem, run_methods
 from unlearn.distributed import Ranks, backend_for, device_for, ranks_from_env
 from unlearn.errors import InvalidInputError
-from unlearn.launch import Conclusion, RankExit, conclude, worker_env
+from unlearn.launch import Conclusion, RankExit, conclude, read_rank_record, worker_env, write_rank_record
+from unlearning_contracts.record import ResultRecord
 
 FLOAT64_TOLERANCE = 1e-12
 FLOAT32_TOLERANCE = 1e-4
@@ -126,6 +127,23 @@ def test_workers_get_torchruns_variables() -> None:
 
 
 @pytest.mark.unit
+def test_a_rank_record_round_trips_and_a_missing_or_torn_one_reads_as_none(tmp_path: Path) -> None:
+    record = ResultRecord(
+        request_id="R", request_name="r", namespace="n", model="m", method="scrub", verdict="Failed", exit_code=1,
+        error="unexpected error: X", started_at="t0", finished_at="t1", world_size=2,
+    )  # fmt: skip
+    path = tmp_path / "rank-1.json"
+    write_rank_record(path, record, 12.5)
+    found, failed_at = read_rank_record(path)
+    assert failed_at == 12.5
+    assert found is not None
+    assert (found["error"], found["worldSize"]) == ("unexpected error: X", 2)
+    assert read_rank_record(tmp_path / "none.json") == (None, None)
+    path.write_text('{"failedAt": 1.0, "rec')
+    assert read_rank_record(path) == (None, None)
+
+
+@pytest.mark.unit
 def test_the_launcher_does_not_import_torch() -> None:
     # It runs as the pod's first process beside N ranks: no seconds of import, no GPU memory of its own.
     probe = "import sys, unlearn.cli, unlearn.launch; print('torch' in sys.modules)"
@@ -137,6 +155,14 @@ def _record(code: int, error: str | None = None) -> dict[str, Any]:
     return {"exitCode": code, "verdict": "Passed" if code == 0 else "Failed", **({"error": error} if error else {})}
 
 
+CLOSED = _record(1, "unexpected error: RuntimeError: Connection closed by peer")  # what a survivor of a dead peer says
+OOM = _record(1, "unexpected error: OutOfMemoryError: CUDA out of memory")
+KILLED_1 = RankExit(1, -9, None, 10.0, killed=True)
+SAYS_KILLED_1 = Conclusion(1, "rank 1 of 2 was killed by SIGKILL (out of memory?)", KILLED_1)
+OOM_1 = RankExit(1, 1, OOM, 10.0)
+SAYS_OOM_1 = Conclusion(1, "rank 1 of 2: unexpected error: OutOfMemoryError: CUDA out of memory", OOM_1)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(
     ("exits", "expected"),
@@ -146,30 +172,37 @@ def _record(code: int, error: str | None = None) -> dict[str, Any]:
         ([RankExit(0, 3, _record(3)), RankExit(1, 0)], Conclusion(3)),
         ([RankExit(0, 4, _record(4, "output.location: x")), RankExit(1, 0)], Conclusion(4)),
         # Rank 0 decided, then another rank failed while leaving: the outcome stands.
-        ([RankExit(0, 0, _record(0)), RankExit(1, -9)], Conclusion(0)),
-        # Rank 1 died first; rank 0 then failed on the broken collective: rank 1 is the cause.
+        ([RankExit(0, 0, _record(0)), RankExit(1, -9, None, 12.0, killed=True)], Conclusion(0)),
+        # Rank 1 was killed; rank 0 then failed on the broken collective, even if its word came first.
         (
-            [RankExit(1, -9), RankExit(0, 1, _record(1, "unexpected error: RuntimeError: Connection closed"))],
-            Conclusion(1, "rank 1 of 2 was killed by SIGKILL (out of memory?)", RankExit(1, -9)),
+            [KILLED_1, RankExit(0, 1, CLOSED, 10.5)],
+            SAYS_KILLED_1,
         ),
         (
-            [RankExit(1, 1, _record(1, "unexpected error: OutOfMemoryError: CUDA")), RankExit(0, -15)],
-            Conclusion(
-                1,
-                "rank 1 of 2: unexpected error: OutOfMemoryError: CUDA",
-                RankExit(1, 1, _record(1, "unexpected error: OutOfMemoryError: CUDA")),
-            ),
+            [RankExit(0, 1, CLOSED, 9.9), KILLED_1],
+            SAYS_KILLED_1,
         ),
-        # Rank 0 failed first with its own error and said so: its record stands.
+        # Rank 1 failed on its own and left; rank 0, frozen in a collective, was stopped by the launcher.
         (
-            [RankExit(0, 1, _record(1, "unexpected error: OSError: disk full")), RankExit(1, 0)],
-            Conclusion(1),
+            [OOM_1, RankExit(0, -15, None, 25.0)],
+            SAYS_OOM_1,
         ),
+        # The order of exits does not matter, the order of failures does: rank 1 failed first.
+        (
+            [RankExit(0, 1, CLOSED, 10.2), OOM_1],
+            SAYS_OOM_1,
+        ),
+        # Rank 0 failed first, on its own, and said so: its record stands, though rank 1 exited before it.
+        ([RankExit(1, 1, CLOSED, 10.2), RankExit(0, 1, OOM, 10.0)], Conclusion(1)),
+        ([RankExit(0, 1, _record(1, "unexpected error: OSError: disk full"), 3.0), RankExit(1, 0)], Conclusion(1)),
         # Rank 0 died without a record.
-        ([RankExit(0, -11), RankExit(1, -15)], Conclusion(1, "rank 0 of 2 was killed by SIGSEGV", RankExit(0, -11))),
         (
-            [RankExit(1, 0), RankExit(0, 2)],
-            Conclusion(1, "rank 0 of 2 exited with code 2 without a result record", RankExit(0, 2)),
+            [RankExit(0, -11, None, 4.0, killed=True), RankExit(1, -15, None, 20.0)],
+            Conclusion(1, "rank 0 of 2 was killed by SIGSEGV", RankExit(0, -11, None, 4.0, killed=True)),
+        ),
+        (
+            [RankExit(1, 0), RankExit(0, 2, None, 4.0)],
+            Conclusion(1, "rank 0 of 2 exited with code 2 without a result record", RankExit(0, 2, None, 4.0)),
         ),
     ],
 )
