@@ -297,19 +297,50 @@ def test_the_request_on_two_processes_gives_the_one_process_result_once(
 
 
 @pytest.mark.job
-def test_invalid_input_found_on_rank_0_stops_every_rank_with_one_line(demo_root: Path, tmp_path: Path) -> None:
-    # Only rank 0 creates the output folder, so only rank 0 finds that it cannot.
+def test_a_request_the_preflight_refuses_starts_no_rank(demo_root: Path, tmp_path: Path) -> None:
+    # The launcher checks the request once, without torch, before it starts a rank: one line, one record.
     (tmp_path / "taken").write_text("a file where the output folder should be")
     model = str(demo_root / "models" / "digits" / "digits-mlp.pt2")
     proc = run_launcher(tmp_path, request(model, str(tmp_path / "taken")))
-    _, stderr = proc.communicate(timeout=600)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 4, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: output.location: cannot create {tmp_path / 'taken'} (File exists)"]
+    taken = tmp_path / "taken"
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: output.location {taken}: {taken} is a regular file, not a folder")
+    assert "starting 2 data-parallel processes" not in stderr
+    assert "[rank" not in stderr
+    termination = json.loads((tmp_path / "termination-log").read_text())
+    assert (termination["exitCode"], termination["worldSize"]) == (4, 2)
+    assert termination["error"] == errors[0].removeprefix("error: ")
+
+
+def _infinite_model(path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))
+    program = torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(program, str(path))
+
+
+@pytest.mark.job
+def test_invalid_input_found_on_rank_0_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    # Past the preflight: the pre-audit's numbers are computed on rank 0 alone, which finds the model's
+    # outputs infinite; rank 1, waiting for those numbers, gets the refusal and ends without a word.
+    model = tmp_path / "inf.pt2"
+    _infinite_model(model)
+    started = time.monotonic()
+    proc = run_launcher(tmp_path, request(str(model), str(tmp_path / "out")))
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 4, stderr
+    assert time.monotonic() - started < 120  # no collective waited for its timeout (300 s here)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: model.source {model}: the model gives non-finite outputs"]
     assert "[rank 1]" not in stderr
     termination = json.loads((tmp_path / "termination-log").read_text())
     assert (termination["exitCode"], termination["worldSize"]) == (4, 2)
-    assert termination["error"].startswith("output.location: cannot create")
+    assert termination["error"] == errors[0].removeprefix("error: ")
+    assert not (tmp_path / "out").exists()  # nothing published, not even an empty folder
 
 
 def _worker(launcher: int, rank: int) -> int | None:
