@@ -234,7 +234,7 @@ def _free_port() -> int:
 class _Workers:
     """The worker processes, in a process group of their own so that waiting sees only them."""
 
-    def __init__(self, argv: Sequence[str], world: int, folder: Path) -> None:
+    def __init__(self, command: Sequence[str], world: int, folder: Path) -> None:
         self.world = world
         self.records = [folder / f"rank-{rank}.json" for rank in range(world)]
         port = _free_port()
@@ -242,7 +242,7 @@ class _Workers:
         group = 0
         for rank in range(world):
             env = worker_env(os.environ, rank, world, port, self.records[rank])
-            proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", *argv], env=env, process_group=group)
+            proc = subprocess.Popen(list(command), env=env, process_group=group)
             group = group or proc.pid
             self.procs.append(proc)
         self.group = group
@@ -251,10 +251,11 @@ class _Workers:
         self.signalled = False
 
     def signal_all(self, signum: int) -> None:
+        """``signum`` to the workers' whole process group: what a rank started (compile workers) goes too."""
         self.signalled = True
-        for pid in self.alive:
+        if self.alive:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.killpg(self.group, signum)
 
     def reap(self, block: bool) -> RankExit | None:
         """The next worker to have ended (in the order they ended), or None when none has (``block=False``)."""
@@ -275,7 +276,11 @@ class _Workers:
         return RankExit(rank, code, record, seen if failed_at is None else failed_at, killed)
 
     def wait(self) -> list[RankExit]:
-        """Every worker's exit, in order; after a failure the others get a grace period, then are stopped."""
+        """Every worker's exit, in order.
+
+        After a failure, or once rank 0 has ended (nothing the others could still do matters then),
+        the others get a grace period to end on their own, then are stopped: no rank is left behind,
+        and the launcher never waits on one that hangs."""
         exits: list[RankExit] = []
         deadline: float | None = None
         stopping = False
@@ -283,7 +288,7 @@ class _Workers:
             ended = self.reap(block=deadline is None)
             if ended is not None:
                 exits.append(ended)
-                if failed(ended) and deadline is None and self.alive:
+                if deadline is None and self.alive and (failed(ended) or ended.rank == 0):
                     deadline = time.monotonic() + GRACE_SECONDS
                 continue
             if deadline is not None and time.monotonic() > deadline:
@@ -305,7 +310,7 @@ def launch(
     launcher reports a failure itself (from the failed rank's record, if it left one).
     """
     with tempfile.TemporaryDirectory(prefix="unlearn-ranks-") as folder:
-        workers = _Workers(argv, world, Path(folder))
+        workers = _Workers([sys.executable, "-m", "unlearn.cli", *argv], world, Path(folder))
 
         def forward(signum: int, frame: FrameType | None) -> None:
             workers.signal_all(signum)  # the pod is stopping: the workers stop with it

@@ -32,6 +32,7 @@ import yaml
 
 from tests.job.conftest import RunCli, request
 from tests.job.ranks import DTYPES, METHODS, on_ranks, problem, run_methods
+from unlearn import launch
 from unlearn.distributed import Ranks, backend_for, device_for, ranks_from_env
 from unlearn.errors import InvalidInputError
 from unlearn.launch import Conclusion, RankExit, conclude, read_rank_record, worker_env, write_rank_record
@@ -149,6 +150,47 @@ def test_the_launcher_does_not_import_torch() -> None:
     probe = "import sys, unlearn.cli, unlearn.launch; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# A worker that stands for a rank: rank 0 reports Passed and leaves; rank 1 starts a child of its own, then
+# hangs (as a rank stuck in a collective or in the teardown would).
+_HANGING_RANK = """
+import json, os, subprocess, sys, time
+rank = int(os.environ["RANK"])
+if rank == 0:
+    record = {"exitCode": 0, "verdict": "Passed"}
+    open(os.environ["UNLEARN_RANK_RECORD"], "w").write(json.dumps({"failedAt": None, "record": record}))
+    sys.exit(0)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.unit
+def test_the_launcher_leaves_no_rank_behind_once_rank_0_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "GRACE_SECONDS", 1.0)
+    child_pid = tmp_path / "child.pid"
+    started = time.monotonic()
+    workers = launch._Workers([sys.executable, "-c", _HANGING_RANK, str(child_pid)], 2, tmp_path)
+    exits = workers.wait()
+    assert time.monotonic() - started < 30  # not the 600 s the hanging rank would take
+    assert sorted((e.rank, e.code) for e in exits) == [(0, 0), (1, -signal.SIGTERM)]
+    assert conclude(exits, 2) == Conclusion(0)  # rank 0's outcome stands
+    deadline = time.monotonic() + 10
+    while _running(int(child_pid.read_text())):  # the hanging rank's own child went with it
+        assert time.monotonic() < deadline, "a process of a rank was left behind"
+        time.sleep(0.1)
 
 
 def _record(code: int, error: str | None = None) -> dict[str, Any]:
