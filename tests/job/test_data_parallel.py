@@ -8,9 +8,10 @@ every method ends within ``FLOAT64_TOLERANCE`` of the one-process weights
 (measured: at most 1.4e-16). In float32, Adam divides each step by the root of
 the gradient's second moment, so a weight whose gradient is nearly zero (and
 thus mostly rounding) can take a different step: the weights agree within
-``FLOAT32_TOLERANCE`` on the shortened methods (measured: 1.8e-5 for scrub,
-3e-8 for the others) and within ``REQUEST_WEIGHT_TOLERANCE`` after the whole
-default request (measured: 4.2e-4, scrub 8+8 epochs at up to lr 5e-3), where
+``FLOAT32_TOLERANCE`` on the shortened methods (measured: 9.2e-7 for scrub,
+3e-8 for the others; 1.8e-5 for scrub under its earlier schedule) and within
+``REQUEST_WEIGHT_TOLERANCE`` after the whole default request (measured: 6.4e-6;
+4.2e-4 under scrub's earlier schedule), where
 the audit's numbers came out identical to four decimals. The ranks themselves
 stay bit-identical: they apply the same summed gradients.
 """
