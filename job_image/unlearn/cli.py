@@ -37,7 +37,6 @@ from unlearn import preflight
 from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
 from unlearn.errors import InvalidInputError
 from unlearn.launch import (
-    DECIDED_EXIT_CODES,
     ENV_RANK_RECORD,
     EXIT_UNEXPECTED,
     WorkerPlace,
@@ -274,9 +273,9 @@ def _run_manifest(
         if os.environ.get(ENV_RANK_RECORD):  # the launcher reads it if this rank fails
             write_rank_record(Path(os.environ[ENV_RANK_RECORD]), outcome.record, outcome.failed_at)
         if not reports:
-            # Rank 0 reports the run. This rank's code tells the launcher only whether it failed on its own.
-            decided = outcome.record.exit_code in DECIDED_EXIT_CODES or outcome.reported_elsewhere
-            return 0 if decided else EXIT_UNEXPECTED
+            # Rank 0 reports the run. This rank's code tells the launcher only whether it failed on its own,
+            # and how (a full /tmp is exit code 4 on whichever rank finds it).
+            return outcome.exit_code if outcome.own_failure else 0
     if args.plot is not None and outcome.logits:
         from unlearn.plot import plot_confidence
 
@@ -311,9 +310,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         argv = [*argv, "--model-version", str(plan.version)]
     draft.fields["model_version"] = plan.version
     log.info("starting %d data-parallel processes", world)
-    return launch(
-        argv, world, _termination_log(args), lambda line, rank_record: failure_record(draft, line, rank_record)
-    )
+    return launch(argv, world, _termination_log(args), lambda *failure: failure_record(draft, *failure))
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -198,7 +198,8 @@ def conclude(exits: Sequence[RankExit], world: int) -> Conclusion:
     error = (first.record or {}).get("error")
     who = f"rank {first.rank} of {world}"
     line = f"{who}: {error}" if error else f"{who} {_describe(first.code)}"
-    return Conclusion(EXIT_UNEXPECTED, line, first)
+    # A rank that found invalid input of its own (its scratch space full) ends the pod as one process would.
+    return Conclusion(EXIT_INVALID_INPUT if first.code == EXIT_INVALID_INPUT else EXIT_UNEXPECTED, line, first)
 
 
 _KEPT_FIELDS = (
@@ -212,12 +213,14 @@ _KEPT_FIELDS = (
 """What a failed rank's own record says that stays true in the launcher's record of the failure."""
 
 
-def failure_record(draft: RecordDraft, line: str, rank_record: dict[str, Any] | None) -> str:
+def failure_record(
+    draft: RecordDraft, line: str, rank_record: dict[str, Any] | None, exit_code: int = EXIT_UNEXPECTED
+) -> str:
     """The compact record of a run that a rank's failure ended (what the operator puts in status).
 
     ``draft`` is the launcher's own (started when the pod did, with the world size); what the failed
     rank had learnt (the version, the input model, the forget set, the device, its phase timings) is kept."""
-    fields = draft.failed(EXIT_UNEXPECTED, line).dump()
+    fields = draft.failed(exit_code, line).dump()
     kept = {key: rank_record[key] for key in _KEPT_FIELDS if rank_record and key in rank_record}
     if isinstance(kept.get("durationSeconds"), dict):
         kept["durationSeconds"] = {**kept["durationSeconds"], "total": fields["durationSeconds"]["total"]}
@@ -302,11 +305,11 @@ def launch(
     argv: Sequence[str],
     world: int,
     termination: Path | None,
-    failure_record: Callable[[str, dict[str, Any] | None], str],
+    failure_record: Callable[[str, dict[str, Any] | None, int], str],
 ) -> int:
     """Run ``unlearn <argv>`` as ``world`` ranks; the pod's exit code.
 
-    ``failure_record(line, rank_record)`` gives the compact record to write when the
+    ``failure_record(line, rank_record, exit_code)`` gives the compact record to write when the
     launcher reports a failure itself (from the failed rank's record, if it left one).
     """
     with tempfile.TemporaryDirectory(prefix="unlearn-ranks-") as folder:
@@ -325,5 +328,6 @@ def launch(
     if result.failure is not None:
         print(f"error: {result.failure}", file=sys.stderr)
         if termination is not None:
-            termination.write_text(failure_record(result.failure, result.failed.record if result.failed else None))
+            rank_record = result.failed.record if result.failed else None
+            termination.write_text(failure_record(result.failure, rank_record, result.exit_code))
     return result.exit_code

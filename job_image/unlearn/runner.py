@@ -90,8 +90,8 @@ class Outcome:
     record_path: Path | None = None
     # Logits of the audited forget and held-out samples, before and after (for --plot).
     logits: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
-    reported_elsewhere: bool = False
-    """The run ended on another rank's unexpected error: that rank reports it, not this one."""
+    own_failure: bool = False
+    """This rank failed on its own: not an outcome the ranks agreed on, nor another rank's error."""
     failed_at: float | None = None
     """``time.monotonic()`` when the run failed (one clock for every process on the host)."""
 
@@ -464,13 +464,15 @@ def _failed(recipe: Recipe, error: Exception | scratch.StorageLimitError) -> Out
     if isinstance(error, InvalidInputError | scratch.StorageLimitError):
         log.debug("invalid input", exc_info=True)  # the ranks agreed on it; the CLI of rank 0 says it
         outcome = recipe.fail(EXIT_INVALID_INPUT, error)
+        # Input is checked where the ranks agree on it; a full /tmp is found by one rank on its own.
+        outcome.own_failure = isinstance(error, scratch.StorageLimitError)
     elif isinstance(error, RankError):
         if recipe.ranks.main:
             log.error("stopped: %s failed", str(error).split(":")[0])
         outcome = recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {one_line(error)}")
-        outcome.reported_elsewhere = True
     else:  # the retryable class: crash, OOM, a bug; the record says which
         log.error("unexpected error:\n%s", traceback.format_exc())
         outcome = recipe.fail(EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {one_line(error)}")
+        outcome.own_failure = True
     outcome.failed_at = time.monotonic()
     return outcome

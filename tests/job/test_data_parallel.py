@@ -201,6 +201,7 @@ def _record(code: int, error: str | None = None) -> dict[str, Any]:
 
 CLOSED = _record(1, "unexpected error: RuntimeError: Connection closed by peer")  # what a survivor of a dead peer says
 OOM = _record(1, "unexpected error: OutOfMemoryError: CUDA out of memory")
+FULL = _record(4, "scratch space /tmp holds 3700 MiB")
 KILLED_1 = RankExit(1, -9, None, 10.0, killed=True)
 SAYS_KILLED_1 = Conclusion(1, "rank 1 of 2 was killed by SIGKILL (out of memory?)", KILLED_1)
 OOM_1 = RankExit(1, 1, OOM, 10.0)
@@ -239,6 +240,11 @@ SAYS_OOM_1 = Conclusion(1, "rank 1 of 2: unexpected error: OutOfMemoryError: CUD
         # Rank 0 failed first, on its own, and said so: its record stands, though rank 1 exited before it.
         ([RankExit(1, 1, CLOSED, 10.2), RankExit(0, 1, OOM, 10.0)], Conclusion(1)),
         ([RankExit(0, 1, _record(1, "unexpected error: OSError: disk full"), 3.0), RankExit(1, 0)], Conclusion(1)),
+        # Rank 1 found its scratch space full (invalid input of its own): exit code 4, as one process would end.
+        (
+            [RankExit(1, 4, FULL, 10.0), RankExit(0, 1, CLOSED, 10.4)],
+            Conclusion(4, "rank 1 of 2: scratch space /tmp holds 3700 MiB", RankExit(1, 4, FULL, 10.0)),
+        ),
         # Rank 0 died without a record.
         (
             [RankExit(0, -11, None, 4.0, killed=True), RankExit(1, -15, None, 20.0)],
