@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any
 
+from unlearning_contracts.factories import parse_allowed_modules
 from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT
 
 from .quantities import quantity
@@ -31,7 +32,6 @@ DEFAULT_JOB_IMAGE = "ghcr.io/unlearning-operator/unlearn-job:0.1.0"
 _CPU = re.compile(r"^\d+(\.\d+)?m?$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -90,13 +90,11 @@ def _images(name: str, raw: str) -> frozenset[str]:
 
 
 def _modules(name: str, raw: str) -> tuple[str, ...]:
-    modules = _csv(name, raw)
-    for module in modules:
-        if not _MODULE.match(module):
-            raise SettingsError(
-                f"{name}: {module!r} is not a Python module prefix (for example mylab.models; no wildcards)"
-            )
-    return modules
+    # The job reads the same list with the same parser (contracts' factories.py): one meaning of a prefix.
+    try:
+        return parse_allowed_modules(raw)
+    except ValueError as error:
+        raise SettingsError(f"{name}: {error}; no wildcards") from None
 
 
 def _names(name: str, raw: str) -> frozenset[str]:
