@@ -19,7 +19,9 @@ What "ours" means, per kind, and why each mark is checked:
 * A Job must also be named by the request's status (``jobName``): the
   operator records the Job there before it creates it (status.py), and only
   the operator writes status. Metadata can be copied; this cannot. Its
-  build annotations must agree with what status recorded.
+  build annotations must agree with what status recorded. (A Job made by
+  operator 0.1, before build annotations existed, carries only the model
+  version: ``build_of`` takes the rest from what status recorded at launch.)
 * The spec ConfigMap's data must be exactly what the operator would write:
   it is the spec the pod runs, so equal data is harmless whoever wrote it.
 * The audit ConfigMap (owner-less and immutable by design) must hold exactly
@@ -42,8 +44,16 @@ from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
 from unlearning_contracts.record import CompactRecord
 
 from .audit_configmap import OUTCOME_KEY
-from .jobs import CONTAINER_NAME, RequestRef, built_from
-from .labels import ANNOTATION_REQUEST_UID, LABEL_MANAGED_BY, LABEL_REQUEST, MANAGED_BY
+from .jobs import CONTAINER_NAME, BuiltFrom, RequestRef, built_from
+from .labels import (
+    ANNOTATION_MODEL_VERSION,
+    ANNOTATION_REQUEST_UID,
+    ANNOTATION_SPEC_GENERATION,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_REQUEST,
+    MANAGED_BY,
+)
 
 LABEL_CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 """Set by the Job controller on the pods it creates (the Job's own selector)."""
@@ -89,15 +99,39 @@ def _is_request(owner: Mapping[str, Any], ref: RequestRef) -> bool:
     )
 
 
-def job_problem(job: Mapping[str, Any], ref: RequestRef, status: Mapping[str, Any]) -> str | None:
-    """Why ``job`` is not the Job the operator launched for this request (None: it is)."""
+def build_of(job: Mapping[str, Any], status: Mapping[str, Any], output_location: str | None) -> BuiltFrom | None:
+    """What ``job`` was built from: its build annotations, or for a Job of operator 0.1 (only the model-version
+    annotation) what status recorded when it was launched, and the spec's output location (the spec was
+    frozen once status named the Job). None: neither."""
+    built = built_from(dict(job))
+    if built is not None:
+        return built
+    metadata = _metadata(job)
+    annotations = metadata.get("annotations") or {}
+    if ANNOTATION_MODEL_VERSION not in annotations or ANNOTATION_SPEC_GENERATION in annotations or not output_location:
+        return None
+    try:
+        return BuiltFrom(
+            model=str((metadata.get("labels") or {})[LABEL_MODEL]),
+            model_version=int(annotations[ANNOTATION_MODEL_VERSION]),
+            generation=int(status["observedGeneration"]),
+            input_model=str(status["inputModel"]["uri"]),
+            output_location=output_location,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def job_problem(
+    job: Mapping[str, Any], ref: RequestRef, status: Mapping[str, Any], built: BuiltFrom | None
+) -> str | None:
+    """Why ``job`` is not the Job the operator launched for this request (None: it is); ``built``: ``build_of``."""
     problem = marks_problem(job, ref, owned=True)
     if problem is not None:
         return problem
     name = _metadata(job).get("name")
     if status.get("jobName") != name:
         return f"Job {name} is not the Job this request's status records: the operator did not create it"
-    built = built_from(dict(job))
     if built is None:
         return f"Job {name} lacks the operator's build annotations"
     if built.model_version != status.get("modelVersion"):
@@ -172,16 +206,13 @@ def _container_image(pod_or_template: Mapping[str, Any]) -> str | None:
     return None
 
 
-def record_problem(record: CompactRecord, job: Mapping[str, Any]) -> str | None:
-    """Why the record does not belong to what ``job`` was built to do (None: it does).
+def record_problem(record: CompactRecord, built: BuiltFrom) -> str | None:
+    """Why the record does not belong to what the Job was ``built`` to do (None: it does).
 
     The lineage moves to what a record says, so a record naming another
     model, another version or a file outside the Job's output folder is
     refused whoever wrote it.
     """
-    built = built_from(dict(job))
-    if built is None:
-        return "the Job lacks the operator's build annotations"
     if record.model != built.model:
         return f"the record is for model {record.model}, the Job for {built.model}"
     if record.model_version is not None and record.model_version != built.model_version:

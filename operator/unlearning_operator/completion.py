@@ -73,8 +73,10 @@ async def finish(rt: Runtime, view: RequestView, job: dict[str, Any], pods: list
     name = job["metadata"]["name"]
     base = dict(status)
     base.setdefault("startTime", job["metadata"].get("creationTimestamp"))
-    problem = adoption.job_problem(job, view.ref, status)
-    if problem is not None:
+    output = view.spec.output.location.uri if view.spec is not None else None
+    built = adoption.build_of(job, status, output)
+    problem = adoption.job_problem(job, view.ref, status, built)
+    if problem is not None or built is None:
         return await finish_failed(
             rt, view, base, states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}", job=None, pool=pool
         )
@@ -98,14 +100,13 @@ async def finish(rt: Runtime, view: RequestView, job: dict[str, Any], pods: list
             return await finish_failed(rt, view, base, states.REASON_BAD_RESULT, str(error), job=job, pool=pool)
         why = explain_failure(job, own)
         return await finish_failed(rt, view, base, why.reason, why.message, job=job, pool=pool)
-    mismatch = adoption.record_problem(record, job)
+    mismatch = adoption.record_problem(record, built)
     if mismatch is not None:
         message = f"the result record does not belong to this Job: {mismatch}"
         return await finish_failed(rt, view, base, states.REASON_BAD_RESULT, message, job=job, pool=pool)
     new = states.finished(base, record, rt.clock())
-    model = job["metadata"]["labels"].get("unlearn.dev/model", "")
     try:
-        advanced = await _advanced_lineage(rt, view, model, record, pool)
+        advanced = await _advanced_lineage(rt, view, built.model, record, pool)
     except lineage.LineageError as error:
         failed = states.failed(new, states.REASON_LINEAGE_BROKEN, f"the result is not recorded: {error}", rt.clock())
         return await complete(rt, view, failed, record, job=job, pool=pool)

@@ -166,7 +166,7 @@ async def _create(
         problem = (
             f"Job {name} existed before the operator created it"
             if first_try
-            else adoption.job_problem(job, ref, status)
+            else adoption.job_problem(job, ref, status, adoption.build_of(job, status, spec.output.location.uri))
         )
         if problem is not None:
             raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -204,3 +205,58 @@ def build_lineage_configmap(lineage: Lineage, namespace: str) -> dict[str, Any]:
             "history": json.dumps([v.dump() for v in lineage.history], sort_keys=True),
         },
     }
+
+
+def seal_unchained(config_map: dict[str, Any]) -> dict[str, Any]:
+    """The ConfigMap of a lineage written before versions were chained, with its chain computed.
+
+    For the one-time upgrade of lineages that operator 0.1 wrote (none of
+    their entries carries a digest); the admin checks the history first, since
+    sealing vouches for it. A lineage with any digest is refused: it was
+    chained already, so a missing or wrong digest there means an edit.
+    """
+    data = config_map.get("data") or {}
+    name = (config_map.get("metadata") or {}).get("name", "?")
+    try:
+        history = [Version.load(item) for item in json.loads(data.get("history", "[]"))]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise LineageError(f"lineage ConfigMap {name}: key history is not valid lineage JSON ({error})") from None
+    if not history or any(v.digest or v.previous for v in history):
+        raise LineageError(f"lineage ConfigMap {name}: not an unchained lineage; only those are sealed")
+    sealed: list[Version] = []
+    for entry in history:
+        sealed.append(replace(entry, previous=sealed[-1].digest if sealed else "").sealed())
+    model = (config_map.get("metadata") or {}).get("labels", {}).get(LABEL_MODEL) or name.removeprefix(LINEAGE_PREFIX)
+    chained = Lineage(model=model, current=sealed[-1], history=tuple(sealed))
+    problem = chain_problem(chained)
+    if problem is not None:
+        raise LineageError(f"lineage ConfigMap {name} cannot be sealed: {problem}")
+    result = dict(config_map)
+    result["data"] = {**data, "current": json.dumps(chained.current.dump(), sort_keys=True)}
+    result["data"]["history"] = json.dumps([v.dump() for v in chained.history], sort_keys=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m unlearning_operator.lineage seal < lineages.json``: seal unchained lineages (upgrade from 0.1).
+
+    Reads a ConfigMap or a List of them (``kubectl get -o json``) and writes the
+    sealed ones as a List for ``kubectl replace -f -``.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["seal"]:
+        print("usage: python -m unlearning_operator.lineage seal < configmaps.json", file=sys.stderr)
+        return 2
+    given = json.load(sys.stdin)
+    items = given.get("items", []) if given.get("kind", "").endswith("List") else [given]
+    try:
+        sealed = [seal_unchained(item) for item in items]
+    except LineageError as error:
+        print(f"unlearning_operator.lineage: {error}", file=sys.stderr)
+        return 1
+    json.dump({"apiVersion": "v1", "kind": "List", "items": sealed}, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,9 @@ def launched_status() -> dict[str, Any]:
     )
 
 
+OUT = "pvc://models/digits/versions"
+
+
 def built_job() -> dict[str, Any]:
     job = build_job(REF, spec(), SETTINGS, V0, SETTINGS.job_image)
     job["metadata"]["uid"] = "job-uid-1"
@@ -57,6 +60,10 @@ def owners(value: list[dict[str, Any]]) -> Change:
     return change
 
 
+def problem_of(job: dict[str, Any], status: dict[str, Any]) -> str | None:
+    return adoption.job_problem(job, REF, status, adoption.build_of(job, status, OUT))
+
+
 OTHER_OWNER = {"apiVersion": "unlearn.dev/v1alpha1", "kind": "UnlearningRequest", "name": REF.name, "uid": "other"}
 
 
@@ -80,9 +87,9 @@ OTHER_OWNER = {"apiVersion": "unlearn.dev/v1alpha1", "kind": "UnlearningRequest"
 )
 def test_a_job_missing_any_mark_is_not_adopted(change: Change, words: str) -> None:
     job = built_job()
-    assert adoption.job_problem(job, REF, launched_status()) is None
+    assert problem_of(job, launched_status()) is None
     change(job)
-    problem = adoption.job_problem(job, REF, launched_status())
+    problem = problem_of(job, launched_status())
     assert problem is not None
     assert words in problem
 
@@ -91,7 +98,7 @@ def test_a_job_with_every_mark_is_still_not_ours_unless_status_names_it() -> Non
     # A tenant can copy labels, annotations and an ownerReference (the uid is readable); not our status.
     forged = built_job()
     queued = st.queued(None, st.REASON_WAITING_FOR_CAPACITY, "waiting", 1, T)
-    problem = adoption.job_problem(forged, REF, queued)
+    problem = problem_of(forged, queued)
     assert problem is not None
     assert "is not the Job this request's status records: the operator did not create it" in problem
 
@@ -203,9 +210,6 @@ def test_only_the_jobs_own_pods_are_read() -> None:
     assert foreign == [name_label_only, other_image, uncontrolled, other_job]
 
 
-OUT = "pvc://models/digits/versions"
-
-
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
@@ -229,7 +233,32 @@ OUT = "pvc://models/digits/versions"
 def test_a_record_must_be_for_what_the_job_was_built_to_do(overrides: dict[str, Any], words: str) -> None:
     inside = {"uri": f"{OUT}/digits-mlp-v1.pt2", "sha256": "1", "format": "exported"}
     good = record(outputModel=inside, inputModel={"uri": V0.uri, "sha256": "1"})
-    assert adoption.record_problem(good, built_job()) is None
-    problem = adoption.record_problem(record(**{"outputModel": inside, **overrides}), built_job())
+    built = adoption.build_of(built_job(), launched_status(), None)
+    assert built is not None
+    assert adoption.record_problem(good, built) is None
+    problem = adoption.record_problem(record(**{"outputModel": inside, **overrides}), built)
     assert problem is not None
     assert words in problem
+
+
+def test_a_job_of_the_previous_operator_is_still_finished() -> None:
+    # Operator 0.1 wrote only the model-version annotation, and status after creating the Job: upgrading
+    # must not strand the Jobs it started. What is missing comes from status (spec frozen since it named it).
+    legacy = built_job()
+    for key in ("unlearn.dev/spec-generation", "unlearn.dev/input-model", "unlearn.dev/output-location"):
+        del legacy["metadata"]["annotations"][key]
+    status = st.running(
+        None,
+        job_name=legacy["metadata"]["name"],
+        attempt=1,
+        model_version=1,
+        input_model={"uri": V0.uri, "sha256": ""},
+        generation=1,
+        now=T,
+    )
+    built = adoption.build_of(legacy, status, OUT)
+    assert built == adoption.BuiltFrom("digits-mlp", 1, 1, V0.uri, OUT)
+    assert adoption.job_problem(legacy, REF, status, built) is None
+    # Half of the new annotations is not a legacy Job: it is a forged or damaged one.
+    legacy["metadata"]["annotations"]["unlearn.dev/spec-generation"] = "1"
+    assert adoption.build_of(legacy, status, OUT) is None

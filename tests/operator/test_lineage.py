@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -182,3 +183,40 @@ def test_version_zero_is_hashed_only_while_alone() -> None:
     )
     assert two.history[0] == one.history[0]
     assert lin.chain_problem(two) is None
+
+
+def unchained() -> dict[str, Any]:
+    """A lineage as operator 0.1 wrote it: no digests."""
+    cm = three_versions()
+    edit(cm, strip_digests)
+    return cm
+
+
+def test_an_unchained_lineage_of_the_previous_operator_can_be_sealed_once() -> None:
+    cm = unchained()
+    with pytest.raises(lin.LineageError):
+        lin.parse(cm)
+    sealed = lin.seal_unchained(cm)
+    assert lin.parse(sealed).current.version == 2
+    assert lin.parse(sealed) == lin.parse(three_versions())
+    # Sealing again, or sealing a chained lineage that was edited, is refused: that would launder an edit.
+    with pytest.raises(lin.LineageError, match="not an unchained lineage"):
+        lin.seal_unchained(sealed)
+    tampered = three_versions()
+    edit(tampered, point_at("pvc://models/evil.pt2"))
+    with pytest.raises(lin.LineageError, match="not an unchained lineage"):
+        lin.seal_unchained(tampered)
+
+
+def test_the_seal_command_reads_and_writes_kubectl_json(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listing = {"apiVersion": "v1", "kind": "ConfigMapList", "items": [unchained()]}
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(listing)))
+    assert lin.main(["seal"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "List"
+    assert lin.parse(out["items"][0]).current.version == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(three_versions())))
+    assert lin.main(["seal"]) == 1
+    assert "not an unchained lineage" in capsys.readouterr().err
