@@ -157,7 +157,9 @@ async def record_deletion(rt: Runtime, view: RequestView) -> None:
     )
     outcome = states.failed(status, states.REASON_REQUEST_DELETED, message, rt.clock())
     outcome["phase"] = PHASE_DELETED
-    await _write_audit(rt, view, build_audit_configmap(view.ref, _spec_of(view), outcome, None), rt.api_pool)
+    audit = build_audit_configmap(view.ref, _spec_of(view), outcome, None)
+    if await _write_audit(rt, view, audit, rt.api_pool) is None:
+        await _write_aside(rt, audit, rt.api_pool)
 
 
 @dataclass(frozen=True)
@@ -213,16 +215,32 @@ def _spec_of(view: RequestView) -> Any:
     return view.spec if view.spec is not None else view.submitted
 
 
-async def _write_audit(rt: Runtime, view: RequestView, audit: dict[str, Any], pool: ThreadPoolExecutor) -> str:
-    """Create the audit record; when its name is taken by another, under a generated name. The name written."""
+async def _write_audit(rt: Runtime, view: RequestView, audit: dict[str, Any], pool: ThreadPoolExecutor) -> str | None:
+    """Create the audit record under its name; None when another object holds the name (``audit_problem``)."""
     found, created = await rt.call(pool, rt.kube.create_if_absent, audit)
     if created or adoption.audit_problem(found, audit, view.ref, view.created) is None:
         return str(audit["metadata"]["name"])
-    # Never referenced, never replaced: the request's own record goes beside it.
+    return None
+
+
+async def _write_aside(rt: Runtime, audit: dict[str, Any], pool: ThreadPoolExecutor) -> str:
+    """The record under a generated name beside the one that holds its name (never referenced, never replaced)."""
     aside = dict(audit, metadata={**audit["metadata"], "generateName": audit["metadata"]["name"] + "-"})
     del aside["metadata"]["name"]
     written = await rt.call(pool, rt.kube.create, aside)
     return str(written["metadata"]["name"])
+
+
+def _audit_taken(view: RequestView, name: str) -> str:
+    return f"ConfigMap {name} holds this request's audit record name but is not its record"
+
+
+def _fail_closed(rt: Runtime, new: dict[str, Any], problem: str) -> dict[str, Any]:
+    """A run whose record name is taken fails, and its output is not a model version."""
+    message = f"{problem}: the run is not recorded in the model's lineage; {ADOPT_ONLY_OURS}"
+    failed = states.failed(new, states.REASON_NAME_CONFLICT, message, rt.clock())
+    failed.pop("outputModel", None)
+    return failed
 
 
 async def complete(
@@ -241,17 +259,26 @@ async def complete(
     ref = view.ref
     digest = planned.digest_of(view.name) if planned is not None else None
     audit = build_audit_configmap(ref, spec, new, record, lineage_digest=digest)
-    taken = await rt.call(pool, rt.kube.read_configmap, view.namespace, audit_configmap_name(view.name, view.uid))
-    if taken is not None and (problem := adoption.audit_problem(taken, audit, ref, view.created)) is not None:
-        message = f"{problem}: the run is not recorded in the model's lineage; {ADOPT_ONLY_OURS}"
-        new = states.failed(new, states.REASON_NAME_CONFLICT, message, rt.clock())
-        new.pop("outputModel", None)
-        planned = None
-        audit = build_audit_configmap(ref, spec, new, record)
     if planned is not None and planned.changed and record is not None:
-        await _write_lineage(rt, view, planned, record, pool)
-    name = await _write_audit(rt, view, audit, pool)
-    new = states.with_audit(new, name)
+        # Before the lineage moves: a record name held by something else fails the run instead.
+        name = audit_configmap_name(view.name, view.uid)
+        taken = await rt.call(pool, rt.kube.read_configmap, view.namespace, name)
+        if taken is not None and (problem := adoption.audit_problem(taken, audit, ref, view.created)) is not None:
+            new = _fail_closed(rt, new, problem)
+            audit = build_audit_configmap(ref, spec, new, record)
+        else:
+            await _write_lineage(rt, view, planned, record, pool)
+    written = await _write_audit(rt, view, audit, pool)
+    if written is None:
+        # Taken between the check and the write, or no check was needed (the run moves no lineage).
+        problem = _audit_taken(view, audit["metadata"]["name"])
+        if new["phase"] != states.REJECTED and not _is_conflict(new):
+            new = _fail_closed(rt, new, problem)
+            audit = build_audit_configmap(ref, spec, new, record, lineage_digest=digest)
+        else:
+            await rt.event(view, "Warning", states.REASON_NAME_CONFLICT, f"{problem}: written beside it")
+        written = await _write_aside(rt, audit, pool)
+    new = states.with_audit(new, written)
     if not await rt.write_status(view, new, pool):
         return False
     rt.ended_jobs.pop(view.key, None)
@@ -266,6 +293,10 @@ async def complete(
         reason = (states.get_condition(new, states.COMPLETE) or {}).get("reason")
         await rt.event(view, "Warning", reason if reason in INTEGRITY_REASONS else "Failed", new.get("message", ""))
     return True
+
+
+def _is_conflict(status: dict[str, Any]) -> bool:
+    return (states.get_condition(status, states.COMPLETE) or {}).get("reason") == states.REASON_NAME_CONFLICT
 
 
 async def set_ttl(rt: Runtime, view: RequestView, job_name: str, pool: ThreadPoolExecutor) -> None:

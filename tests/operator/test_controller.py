@@ -907,3 +907,47 @@ def test_a_missed_ttl_patch_is_retried() -> None:
 
     world = run(scenario)
     assert world.kube.job_patches == [(world.job_name("r"), {"spec": {"ttlSecondsAfterFinished": 86400}})]
+
+
+def squat_audit_name(world: World, request: str) -> str:
+    name = audit_configmap_name(request, f"uid-{request}")
+    world.kube.create_if_absent(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": NS},
+            "data": {"outcome.json": json.dumps({"phase": "Succeeded"})},
+        }
+    )
+    return name
+
+
+def test_a_failed_run_whose_record_name_is_taken_fails_with_the_conflict() -> None:
+    async def scenario() -> World:
+        world = World()
+        world.add("r", "2026-01-01T10:00:00Z")
+        await world.settle()
+        squat_audit_name(world, "r")
+        await world.complete("r", None, "Failed")
+        return world
+
+    world = run(scenario)
+    squatted = audit_configmap_name("r", "uid-r")
+    assert_conflict(world, "r", f"ConfigMap {squatted} holds this request's audit record name but is not its record")
+    assert world.status("r")["auditConfigMap"].startswith(squatted + "-")
+
+
+def test_a_rejected_request_whose_record_name_is_taken_stays_rejected_and_says_so() -> None:
+    async def scenario() -> World:
+        world = World()
+        world.add("bad", "2026-01-01T10:00:00Z", **{"job.gpus": 64})
+        squat_audit_name(world, "bad")
+        await world.settle()
+        return world
+
+    world = run(scenario)
+    assert world.phase("bad") == "Rejected"
+    assert world.reason("bad") == st.REASON_PLACEMENT_NOT_ALLOWED
+    squatted = audit_configmap_name("bad", "uid-bad")
+    assert world.status("bad")["auditConfigMap"].startswith(squatted + "-")
+    assert ("bad", "Warning", st.REASON_NAME_CONFLICT) in world.kube.events
