@@ -104,10 +104,16 @@ class Controller:
         return views[0] if views else None
 
     def job_of(self, view: RequestView) -> JobView | None:
-        for job in values(self.jobs, view.key):
-            if job.owner_uid == view.uid:
-                return job  # type: ignore[no-any-return]
-        return None
+        """The request's Job: the one its status names, else (none named yet) any Job claiming to be its.
+
+        Several Jobs may carry the request's label and owner (a tenant can make
+        more); once status names one, the others never stand in for it.
+        """
+        named = self.rt.current_status(view).get("jobName")
+        jobs: list[JobView] = [j for j in values(self.jobs, view.key) if j.owner_uid == view.uid]
+        if named:
+            return next((j for j in jobs if j.name == named), None)
+        return jobs[0] if jobs else None
 
     def discard(self, key: Key) -> None:
         """Drop everything kept for a deleted request."""

@@ -151,7 +151,8 @@ class World:
         for (kind, _), body in self.kube.objects.items():
             if kind == "Job" and body["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by"):
                 view = job_view(body)
-                self.job_index[(view.namespace, view.request)] = [view]
+                # kopf keeps every value under a key: several Jobs may claim one request.
+                self.job_index.setdefault((view.namespace, view.request), []).append(view)
 
     def add(self, name: str, created: str, ns: str = NS, **overrides: Any) -> None:
         self.kube.requests[name] = {
@@ -951,3 +952,30 @@ def test_a_rejected_request_whose_record_name_is_taken_stays_rejected_and_says_s
     squatted = audit_configmap_name("bad", "uid-bad")
     assert world.status("bad")["auditConfigMap"].startswith(squatted + "-")
     assert ("bad", "Warning", st.REASON_NAME_CONFLICT) in world.kube.events
+
+
+def test_a_second_job_claiming_the_request_never_stands_in_for_its_own() -> None:
+    async def scenario() -> World:
+        world = World()
+        world.add("r", "2026-01-01T10:00:00Z")
+        await world.settle()
+        ours = world.kube.objects[("Job", world.job_name("r"))]
+        decoy = copy.deepcopy(ours)
+        decoy["metadata"] = {k: v for k, v in decoy["metadata"].items() if k not in ("uid", "resourceVersion")}
+        decoy["metadata"]["name"] = "r-decoy"
+        world.kube.create_if_absent(decoy)
+        decoy = world.kube.objects[("Job", "r-decoy")]
+        decoy["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+        world.kube.pods["r-decoy"] = [world.own_pod(decoy, passed(1), "Complete")]
+        world.sync()
+        await world.controller.on_job("MODIFIED", copy.deepcopy(decoy))
+        await world.tick()
+        assert world.phase("r") == "Running"
+        assert world.lineage_version() == 0
+        await world.complete("r", passed(1))
+        return world
+
+    world = run(scenario)
+    assert world.phase("r") == "Succeeded"
+    assert world.status("r")["jobName"] == job_name("r", "uid-r")
+    assert world.kube.job_patches == [(job_name("r", "uid-r"), {"spec": {"ttlSecondsAfterFinished": 86400}})]
