@@ -58,6 +58,16 @@ from .views import RequestView
 log = logging.getLogger("unlearning_operator")
 
 LINEAGE_RETRIES = 5
+
+
+class AuditNotWrittenError(Exception):
+    """The audit ConfigMap's create failed; the request stays Running and the periodic check retries.
+
+    A kind of its own: the retries of one failing write are counted by the
+    audit-write metrics (docs/monitoring.md), not as handler errors each time.
+    """
+
+
 # Failure reasons that say someone tampered with, or raced, the operator's objects: their Warning
 # Event carries the reason itself (kubectl describe shows it), not just "Failed".
 INTEGRITY_REASONS = frozenset({states.REASON_NAME_CONFLICT, states.REASON_SPEC_CHANGED, states.REASON_LINEAGE_BROKEN})
@@ -216,8 +226,18 @@ def _spec_of(view: RequestView) -> Any:
 
 
 async def _write_audit(rt: Runtime, view: RequestView, audit: dict[str, Any], pool: ThreadPoolExecutor) -> str | None:
-    """Create the audit record under its name; None when another object holds the name (``audit_problem``)."""
-    found, created = await rt.call(pool, rt.kube.create_if_absent, audit)
+    """Create the audit record under its name; None when another object holds the name (``audit_problem``).
+
+    A failed write raises: the request stays Running and the periodic check
+    retries it (its Job keeps its record until then); the gauge keeps the
+    alert on meanwhile (docs/monitoring.md).
+    """
+    try:
+        found, created = await rt.call(pool, rt.kube.create_if_absent, audit)
+    except Exception as error:
+        rt.audit_written(view.key, False)
+        raise AuditNotWrittenError(f"audit ConfigMap {audit['metadata']['name']}: {error}") from error
+    rt.audit_written(view.key, True)
     if created or adoption.audit_problem(found, audit, view.ref, view.created) is None:
         return str(audit["metadata"]["name"])
     return None

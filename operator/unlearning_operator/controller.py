@@ -52,7 +52,7 @@ from .results import JOB_RUNNING, job_outcome
 from .runtime import Runtime
 from .scheduling import Candidate, Caps, decide
 from .settings import OperatorSettings
-from .views import JobView, Key, RequestView, job_view, request_view, values
+from .views import JobView, Key, RequestView, job_view, parse_time, request_view, values
 
 log = logging.getLogger("unlearning_operator")
 
@@ -358,14 +358,19 @@ class Controller:
         return [v for key in list(self.requests.keys()) if (v := self.view(key)) is not None]
 
     async def tick(self) -> None:
-        """Phase gauge, the retries (see the module docstring), pending-pod alerts, and a scheduler pass."""
+        """Phase gauges, the oldest wait, the retries (see the module docstring), pending-pod alerts, and a
+        scheduler pass."""
         if self.requests is None:
             return
         counts: dict[str, int] = {}
+        oldest: dict[str, float] = {}
+        now = self.clock()
         for view in self._views():
             status = self.rt.current_status(view)
             phase = states.phase_of(status) or states.PENDING
             counts[phase] = counts.get(phase, 0) + 1
+            if phase in (states.PENDING, states.QUEUED) and (created := parse_time(view.created)) is not None:
+                oldest[phase] = max(oldest.get(phase, 0.0), (now - created).total_seconds())
             job = self.job_of(view)
             named = job if job is not None and job.name == status.get("jobName") else None
             if phase == states.RUNNING:
@@ -379,6 +384,7 @@ class Controller:
                 pool = self.rt.api_pool
                 self.rt.retry(view.key, "ttl", completion.set_ttl(self.rt, view, named.name, pool))
         self.metrics.set_phase_counts(counts)
+        self.metrics.set_oldest_waiting(oldest)
         self.schedule()
 
     def _check_running(self, view: RequestView, status: dict[str, Any], job: JobView | None) -> None:
@@ -398,10 +404,14 @@ class Controller:
             if states.phase_of(status) != states.RUNNING or not name:
                 return
             body = await self.rt.call(self.rt.launch_pool, self.kube.read_job, view.namespace, name)
-            if body is None:
-                self._completed(view, await completion.fail_without_job(self.rt, view, status, name))
-            elif job_outcome(body) != JOB_RUNNING:
-                self._completed(view, await completion.finish(self.rt, view, body))
+            try:
+                if body is None:
+                    self._completed(view, await completion.fail_without_job(self.rt, view, status, name))
+                elif job_outcome(body) != JOB_RUNNING:
+                    self._completed(view, await completion.finish(self.rt, view, body))
+            except completion.AuditNotWrittenError as error:
+                # Counted by the audit-write metrics and alerted on there; retried at the next check.
+                log.warning("%s/%s: %s (retried)", view.namespace, view.name, error)
         self.schedule()
 
     async def _check_pending(self, view: RequestView, job: JobView) -> None:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from . import status as states
 from .k8s import ApiError, Kube
-from .metrics import Metrics
+from .metrics import AUDIT_FAILED, AUDIT_WRITTEN, Metrics
 from .settings import OperatorSettings
 from .views import Key, RequestView
 
@@ -64,6 +64,8 @@ class Runtime:
     deleted meanwhile (by a person: its TTL waits for the record) is finished from this copy."""
     retrying: set[tuple[Key, str]] = field(default_factory=set)
     """(request, what) retries the periodic check has in flight, so a slow one is not started twice."""
+    unwritten_audits: set[Key] = field(default_factory=set)
+    """Finished requests whose audit ConfigMap the last attempt could not write."""
 
     async def call(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -116,11 +118,24 @@ class Runtime:
             # An Event is a courtesy; the status already says the same.
             log.warning("could not post Event %s on %s/%s: %s", reason, view.namespace, view.name, error)
 
+    def audit_written(self, key: Key, written: bool) -> None:
+        """Count one audit ConfigMap write; the gauge counts the requests whose last write failed."""
+        self.metrics.audit_writes.labels(result=AUDIT_WRITTEN if written else AUDIT_FAILED).inc()
+        self._audit_unwritten(key, not written)
+
+    def _audit_unwritten(self, key: Key, unwritten: bool) -> None:
+        if unwritten:
+            self.unwritten_audits.add(key)
+        else:
+            self.unwritten_audits.discard(key)
+        self.metrics.audit_unwritten.set(len(self.unwritten_audits))
+
     def discard(self, key: Key) -> None:
         """Drop what is cached for a request that is gone."""
         self.statuses.pop(key, None)
         self.locks.pop(key, None)
         self.ended_jobs.pop(key, None)
+        self._audit_unwritten(key, False)
 
     def retry(self, key: Key, what: str, coro: Coroutine[Any, Any, None]) -> None:
         """Spawn a retry unless the same one is still running (``what`` also labels its errors)."""

@@ -21,6 +21,7 @@ from tests.operator.factories import raw_spec, record
 from unlearning_operator import lineage as lin
 from unlearning_operator import status as st
 from unlearning_operator.adoption import LABEL_CONTROLLER_UID
+from unlearning_operator.completion import AuditNotWrittenError
 from unlearning_operator.controller import Controller
 from unlearning_operator.k8s import ApiError, ObjectRef
 from unlearning_operator.metrics import build_registry
@@ -845,7 +846,7 @@ def test_a_failed_audit_write_is_retried_and_the_ttl_waits_for_it() -> None:
         world.add("r", "2026-01-01T10:00:00Z")
         await world.settle()
         world.kube.failures["create ConfigMap"] = [ApiError(500, "InternalError", "etcd timeout")]
-        with pytest.raises(ApiError):
+        with pytest.raises(AuditNotWrittenError):
             await world.complete("r", passed(1))
         # kopf does not retry the event: the request is still Running, and its Job has no TTL yet.
         assert world.phase("r") == "Running"
