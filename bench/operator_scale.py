@@ -45,7 +45,6 @@ for all of A's queue (about ``queued / cap`` job durations).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -58,7 +57,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,16 +135,32 @@ class Observed:
     running: dict[str, float] = field(default_factory=dict)
     """When the request first showed phase Running: the scheduler chose it and the launch recorded its Job."""
     phases: dict[str, str] = field(default_factory=dict)
+    watch_restarts: int = 0
+
+
+def _keep_watching(
+    watch_once: Callable[[client.ApiClient, str, Observed, threading.Event], None],
+    api: client.ApiClient,
+    namespace: str,
+    seen: Observed,
+    stop: threading.Event,
+) -> None:
+    """Run a watch until ``stop``; a watch that breaks (an expired version, a dropped connection on a
+    saturated host) starts again with a fresh list, whose events only ever add later first-seen times."""
+    while not stop.is_set():
+        try:
+            watch_once(api, namespace, seen, stop)
+        except Exception:
+            seen.watch_restarts += 1
+            time.sleep(0.5)
 
 
 def watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
-    with contextlib.suppress(Exception):  # the stream ends when the batch's namespace goes
-        _watch_jobs(api, namespace, seen, stop)
+    _keep_watching(_watch_jobs, api, namespace, seen, stop)
 
 
 def watch_requests(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
-    with contextlib.suppress(Exception):
-        _watch_requests(api, namespace, seen, stop)
+    _keep_watching(_watch_requests, api, namespace, seen, stop)
 
 
 def _watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
@@ -264,12 +279,12 @@ def start_operator(
                 return operator
         except OSError:
             if operator.poll() is not None or time.monotonic() > deadline:
-                stop(operator)
+                stop_process(operator)
                 raise RuntimeError(f"operator did not start; see {log}") from None
             time.sleep(0.2)
 
 
-def stop(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+def stop_process(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(grace)
@@ -318,7 +333,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         rss = peak_rss_mib(operator.pid)
         cpu = cpu_seconds(operator.pid) - cpu_before
     finally:
-        stop(operator)
+        stop_process(operator)
 
     # The requests that started without waiting for a slot: the first `cap` Jobs.
     first = sorted(seen.job_added, key=seen.job_added.__getitem__)[: min(cap, size)]
@@ -344,6 +359,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         "operator_cpu_s": cpu,
         "jobs": len(jobs),
         "max_jobs_per_request": max(per_request.values(), default=0),
+        "watch_restarts": seen.watch_restarts,
     }
 
 
@@ -400,7 +416,7 @@ def run_tenants(
         held = [a.job_done[n] - a.job_added[n] for n in a.job_done if n in a.job_added]
     finally:
         done.set()
-        stop(operator)
+        stop_process(operator)
         (python.parent / "job-seconds").unlink(missing_ok=True)
     return {
         "queued": queued,

@@ -119,6 +119,7 @@ async def finish(rt: Runtime, view: RequestView, job: dict[str, Any], pods: list
         advanced = await _advanced_lineage(rt, view, built.model, record, pool)
     except lineage.LineageError as error:
         failed = states.failed(new, states.REASON_LINEAGE_BROKEN, f"the result is not recorded: {error}", rt.clock())
+        failed.pop("outputModel", None)  # written by the job, but not a version of the model
         return await complete(rt, view, failed, record, job=job, pool=pool)
     return await complete(rt, view, new, record, job=job, pool=pool, planned=advanced)
 

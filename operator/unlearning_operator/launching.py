@@ -12,9 +12,10 @@ runtime.py). The order, and why:
    answer carries the request's generation: if the spec changed since the
    scheduler read it, the request fails with ``SpecChanged`` before any Job
    exists (``jobName`` has frozen the spec, so it cannot change again).
-3. The spec ConfigMap, then the Job, one after the other: a Job created
-   while its ConfigMap's create failed would wait for it forever, holding a
-   slot. Each is created if absent; one that exists is checked
+3. The spec ConfigMap (written together with step 2: it is inert until a
+   Job mounts it), then the Job, only once the ConfigMap exists: a Job
+   created while its ConfigMap's create failed would wait for it forever,
+   holding a slot. Each is created if absent; one that exists is checked
    (adoption.py) and one the operator did not make fails the request with
    ``NameConflict``. Right after step 2 no Job of ours can exist yet, so a
    Job found then is someone else's, whatever its labels say.
@@ -28,6 +29,7 @@ spec ConfigMap of a half-created launch is created on the next try.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -97,17 +99,27 @@ async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, im
         generation=view.generation,
         now=rt.clock(),
     )
-    generation = await rt.write_status_reading(view, intent, pool)
-    if generation is None:
+    # The record and the spec ConfigMap together: one round trip less in a burst. The ConfigMap is inert
+    # (no Job reads it yet) and owned by the request, so one made for a launch that fails is harmless.
+    config_map = build_spec_configmap(view.ref, spec, current)
+    written, made = await asyncio.gather(
+        rt.write_status_reading(view, intent, pool), _create_checked(rt, config_map), return_exceptions=True
+    )
+    if isinstance(written, BaseException):
+        raise written
+    if written is None:
         return  # deleted meanwhile
-    if generation != view.generation:
+    if written != view.generation:
         raise LaunchFailedError(
             states.REASON_SPEC_CHANGED,
-            f"the spec changed (generation {view.generation} -> {generation}) while the operator was launching "
+            f"the spec changed (generation {view.generation} -> {written}) while the operator was launching "
             "this request; nothing ran, and the spec cannot change any more: create a new UnlearningRequest "
             "with the spec you want",
         )
-    await _create(rt, view, spec, image, current, first_try=True)
+    if isinstance(made, BaseException):
+        raise made
+    _check_spec_configmap(view, config_map, *made)
+    await _create_job(rt, view, spec, image, current, first_try=True)
 
 
 async def resume(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str) -> None:
@@ -127,7 +139,9 @@ async def resume(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, im
         request="",
         parent=None,
     )
-    await _create(rt, view, spec, image, current, first_try=False)
+    config_map = build_spec_configmap(view.ref, spec, current)
+    _check_spec_configmap(view, config_map, *await _create_checked(rt, config_map))
+    await _create_job(rt, view, spec, image, current, first_try=False)
 
 
 async def _create_checked(rt: Runtime, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -143,7 +157,12 @@ async def _create_checked(rt: Runtime, obj: dict[str, Any]) -> tuple[dict[str, A
         raise
 
 
-async def _create(
+def _check_spec_configmap(view: RequestView, built: dict[str, Any], found: dict[str, Any], created: bool) -> None:
+    if not created and (problem := adoption.spec_configmap_problem(found, built, view.ref)) is not None:
+        raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")
+
+
+async def _create_job(
     rt: Runtime,
     view: RequestView,
     spec: UnlearningRequestSpec,
@@ -152,12 +171,9 @@ async def _create(
     *,
     first_try: bool,
 ) -> None:
+    """The Job, once its spec ConfigMap exists; then status says it is created."""
     pool = rt.launch_pool
     ref = view.ref
-    config_map = build_spec_configmap(ref, spec, current)
-    found, created = await _create_checked(rt, config_map)
-    if not created and (problem := adoption.spec_configmap_problem(found, config_map, ref)) is not None:
-        raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")
     manifest = build_job(ref, spec, rt.settings, current, image, generation=view.generation)
     job, created = await _create_checked(rt, manifest)
     status = rt.current_status(view)
