@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         help="version N of the output (default: next free); a published version is never replaced",
     )
     run.add_argument(
+        "--run-id",
+        default=None,
+        metavar="ID",
+        help="who this run is across retries (the operator passes the request's uid): a version that an earlier "
+        "attempt of the same run published is reported again instead of refused",
+    )
+    run.add_argument(
         "--require-claims",
         action="store_true",
         help="refuse a location without claimName (the operator's Job passes it: a plain path in a pod "
@@ -197,6 +204,13 @@ def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
     return from_env + from_flags
 
 
+def _check_run_id(run_id: str | None) -> None:
+    if run_id is not None and not (0 < len(run_id.encode()) <= preflight.MAX_RUN_ID_BYTES and run_id.isprintable()):
+        raise InvalidInputError(
+            f"--run-id: give 1 to {preflight.MAX_RUN_ID_BYTES} bytes of printable text (the request's uid)"
+        )
+
+
 def _run_manifest(
     args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None, workdir: Path | None = None
 ) -> int:
@@ -214,13 +228,18 @@ def _run_manifest(
         model_version=version,
         progress=sys.stderr.isatty(),
         require_claims=getattr(args, "require_claims", False),
+        run_id=getattr(args, "run_id", None),
     )
     draft = RecordDraft(manifest, options)
     try:
         options = dataclasses.replace(options, allowed_factories=_allowed_factories(args))
+        _check_run_id(options.run_id)
         plan = preflight.check(manifest, options)
     except InvalidInputError as error:
         return _finish(draft.failed(EXIT_INVALID_INPUT, error), args)
+    if plan.published is not None:  # reported again, torch never imported
+        log.info("version %d was published by an earlier attempt of this run: reporting its record", plan.version)
+        return _finish(plan.published, args)
 
     from unlearn.runner import run  # torch from here on
 

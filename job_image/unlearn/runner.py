@@ -168,6 +168,9 @@ class Recipe:
         self.outcome = Outcome(record=self.draft.record("Failed", EXIT_UNEXPECTED))
 
     def run(self) -> Outcome:
+        plan = self.plan = self.plan if self.plan is not None else preflight.check(self.manifest, self.options)
+        if plan.published is not None:
+            return self.reported_again(plan, plan.published)
         inputs = self.prepare()
         done = self.attempts(inputs)
         return self.publish(inputs, done)
@@ -194,6 +197,8 @@ class Recipe:
             "device": str(device),
             "modelVersion": plan.version,
         }
+        if options.run_id is not None:
+            config["runId"] = options.run_id  # how a retry of this run recognises what it published (preflight)
         log.info("config %s", json.dumps(config, sort_keys=True))
 
         t = time.perf_counter()
@@ -371,6 +376,19 @@ class Recipe:
         compact(record)  # built before anything is published: reporting cannot fail after publishing
         plan.output.publish([(plan.model_file, data), (plan.record_file, json_bytes(record.dump()))])
         self.fields["output_model"] = output_model
+        self.outcome.record = record
+        self.outcome.model_path = plan.output.place.path / plan.model_file
+        self.outcome.record_path = plan.output.place.path / plan.record_file
+        return self.outcome
+
+    def reported_again(self, plan: Plan, record: ResultRecord) -> Outcome:
+        """An earlier attempt of this run published version N and ended before reporting it: report its record."""
+        log.info(
+            "version %d (%s/%s) was published by an earlier attempt of this run: reporting its record again",
+            plan.version,
+            plan.output.place.uri,
+            plan.model_file,
+        )
         self.outcome.record = record
         self.outcome.model_path = plan.output.place.path / plan.model_file
         self.outcome.record_path = plan.output.place.path / plan.record_file

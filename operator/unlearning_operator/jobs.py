@@ -216,6 +216,10 @@ def build_job(
             "--require-claims",
             "--model-version",
             str(output_version),
+            # The same across the Job's retries: a pod killed after publishing its version and before
+            # reporting it leaves a retry that recognises that version as its own (job: preflight).
+            "--run-id",
+            ref.uid,
         ],
         "env": [
             {"name": "UNLEARN_JOB_IMAGE", "value": image},

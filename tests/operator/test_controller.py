@@ -291,7 +291,8 @@ def test_two_requests_for_one_model_run_in_sequence_from_the_lineage() -> None:
         assert second["inputModel"]["uri"] == f"{OUT}/digits-mlp-v1.pt2"
         assert second["modelVersion"] == 2
         job = world.kube.objects[("Job", world.job_name("second"))]
-        assert job["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "2"
+        command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[command.index("--model-version") + 1] == "2"
         return world
 
     world = run(scenario)

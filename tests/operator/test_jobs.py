@@ -119,6 +119,8 @@ def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
         "--require-claims",
         "--model-version",
         "4",
+        "--run-id",
+        REF.uid,
     ]
     assert {"name": "UNLEARN_JOB_IMAGE", "value": SETTINGS.job_image} in c["env"]
     # No factory may run unless the admin allowed its module: the job gets the (empty) list too.
