@@ -838,6 +838,33 @@ def test_a_tampered_lineage_stops_the_next_request_with_a_reason() -> None:
     assert ("second", "Warning", st.REASON_LINEAGE_BROKEN) in world.kube.events
 
 
+def test_a_lineage_tampered_while_the_job_runs_is_not_advanced_and_status_names_no_new_model() -> None:
+    async def scenario() -> World:
+        world = World()
+        world.add("first", "2026-01-01T10:00:00Z")
+        await world.settle()
+        await world.complete("first", passed(1))
+        world.add("second", "2026-01-01T11:00:00Z")
+        await world.settle()
+        assert world.phase("second") == "Running"
+        cm = world.kube.objects[LINEAGE]
+        current = json.loads(cm["data"]["current"])
+        current["uri"] = "pvc://models/evil.pt2"
+        cm["data"]["current"] = json.dumps(current)
+        await world.complete("second", passed(2))
+        return world
+
+    world = run(scenario)
+    status = world.status("second")
+    assert world.phase("second") == "Failed"
+    assert world.reason("second") == st.REASON_LINEAGE_BROKEN
+    assert status["message"].startswith("the result is not recorded: ")
+    # The job wrote a file, but it is no version of the model: status must not point at it.
+    assert "outputModel" not in status
+    assert json.loads(world.kube.objects[LINEAGE]["data"]["current"])["uri"] == "pvc://models/evil.pt2"
+    assert ("second", "Warning", st.REASON_LINEAGE_BROKEN) in world.kube.events
+
+
 # ---- completion is retried until recorded ---------------------------------------------------------
 
 
