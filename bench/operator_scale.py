@@ -1,6 +1,7 @@
-"""Operator scale: N requests applied at once against the real control plane.
+"""Operator scale: N requests applied at once against the real control plane; and fairness between tenants.
 
 ``python -m bench operator-scale [--sizes 100 500] [--caps 4 100] [--write-docs]``
+``python -m bench operator-scale --tenants [--queued 100] [--caps 4] [--per-namespace 0 3] [--job-seconds 10]``
 
 Starts etcd, kube-apiserver, controller-manager and scheduler from
 tests/cluster, a node agent, and the operator as a subprocess (the same
@@ -29,13 +30,23 @@ plane, not unlearning.
 Everything runs on this machine; on 2 shared cores the API server, etcd, the
 scheduler, the controller-manager, the node agent and its pods compete with
 the operator, so the figures are upper bounds for a real cluster.
+
+``--tenants`` measures the scheduler's fairness (scheduling.py, rules 3 and 4)
+with one operator watching two namespaces. Tenant A applies ``--queued``
+requests at once; once A's Jobs hold every slot and the rest of A's requests
+wait, tenant B applies one. Each canned job then runs ``--job-seconds`` (so a
+slot frees every ``job-seconds / cap`` seconds on average). Measured: B's
+apply -> Job created, against the wait for the first slot that freed after
+B applied (the first of A's Jobs to end). The claim is that B's first Job
+starts within one slot's wait whatever A queued; plain FIFO would make B wait
+for all of A's queue (about ``queued / cap`` job durations).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -46,7 +57,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +75,17 @@ NODE = "bench-node-0"
 DOCS = ROOT / "docs" / "benchmarks.md"
 START_MARK = "<!-- operator-scale:start -->"
 END_MARK = "<!-- operator-scale:end -->"
+TENANTS_START = "<!-- operator-tenants:start -->"
+TENANTS_END = "<!-- operator-tenants:end -->"
 
 CANNED_UNLEARN = '''#!{python}
 """Canned job for the operator benchmark: a valid compact record, no unlearning."""
-import json, sys, time
+import json, pathlib, sys, time
 import yaml
 from unlearning_contracts.record import SUMMARY_KEYS
+# How long each canned job runs: the number in job-seconds beside this script (the benchmark writes it).
+seconds = pathlib.Path(__file__).with_name("job-seconds")
+time.sleep(float(seconds.read_text()) if seconds.exists() else 0.0)
 args = sys.argv[1:]
 manifest = yaml.safe_load(open(args[1]))
 version = int(args[args.index("--model-version") + 1])
@@ -116,17 +132,35 @@ class Observed:
     job_added: dict[str, float] = field(default_factory=dict)
     job_done: dict[str, float] = field(default_factory=dict)
     succeeded: dict[str, float] = field(default_factory=dict)
+    running: dict[str, float] = field(default_factory=dict)
+    """When the request first showed phase Running: the scheduler chose it and the launch recorded its Job."""
     phases: dict[str, str] = field(default_factory=dict)
+    watch_restarts: int = 0
+
+
+def _keep_watching(
+    watch_once: Callable[[client.ApiClient, str, Observed, threading.Event], None],
+    api: client.ApiClient,
+    namespace: str,
+    seen: Observed,
+    stop: threading.Event,
+) -> None:
+    """Run a watch until ``stop``; a watch that breaks (an expired version, a dropped connection on a
+    saturated host) starts again with a fresh list, whose events only ever add later first-seen times."""
+    while not stop.is_set():
+        try:
+            watch_once(api, namespace, seen, stop)
+        except Exception:
+            seen.watch_restarts += 1
+            time.sleep(0.5)
 
 
 def watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
-    with contextlib.suppress(Exception):  # the stream ends when the batch's namespace goes
-        _watch_jobs(api, namespace, seen, stop)
+    _keep_watching(_watch_jobs, api, namespace, seen, stop)
 
 
 def watch_requests(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
-    with contextlib.suppress(Exception):
-        _watch_requests(api, namespace, seen, stop)
+    _keep_watching(_watch_requests, api, namespace, seen, stop)
 
 
 def _watch_jobs(api: client.ApiClient, namespace: str, seen: Observed, stop: threading.Event) -> None:
@@ -157,6 +191,8 @@ def _watch_requests(api: client.ApiClient, namespace: str, seen: Observed, stop:
         seen.phases[name] = phase
         if phase == "Succeeded":
             seen.succeeded.setdefault(name, now)
+        if phase == "Running":
+            seen.running.setdefault(name, now)
         if stop.is_set():
             w.stop()
 
@@ -194,10 +230,9 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path) -> dict[str, Any]:
-    namespace = f"bench-{size}-cap-{cap}"
-    api = cp.api_client()
-    core = client.CoreV1Api(api)
+def prepare_namespace(cp: ControlPlane, namespace: str) -> None:
+    """The namespace with a `models` claim, once its default ServiceAccount exists (pods need it)."""
+    core = client.CoreV1Api(cp.api_client())
     core.create_namespace({"metadata": {"name": namespace}})
     core.create_namespaced_persistent_volume_claim(
         namespace,
@@ -212,18 +247,22 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
             raise RuntimeError(f"namespace {namespace}: no default ServiceAccount after 60 s")
         time.sleep(0.2)
 
-    log = workdir / f"operator-{size}-cap-{cap}.log"
+
+def start_operator(
+    cp: ControlPlane, python: Path, namespaces: list[str], settings: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """The operator as a subprocess watching ``namespaces``, once its liveness endpoint answers."""
     env = {
         **os.environ,
         "KUBECONFIG": str(cp.kubeconfig),
-        "UNLEARNING_WATCH_NAMESPACES": namespace,
+        "UNLEARNING_WATCH_NAMESPACES": ",".join(namespaces),
         "UNLEARNING_JOB_IMAGE": "bench/canned:1",
         "UNLEARNING_JOB_GPUS": "0",
         "UNLEARNING_JOB_CPU": "10m",
         "UNLEARNING_JOB_MEMORY": "32Mi",
-        "UNLEARNING_MAX_CONCURRENT_JOBS": str(cap),
         "UNLEARNING_METRICS_PORT": str(free_port()),
         "UNLEARNING_HEALTH_PORT": str(health := free_port()),
+        **settings,
     }
     with log.open("wb") as out:
         operator = subprocess.Popen(
@@ -233,17 +272,33 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2):
-                    break
-            except OSError:
-                if operator.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"operator did not start; see {log}") from None
-                time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2):
+                return operator
+        except OSError:
+            if operator.poll() is not None or time.monotonic() > deadline:
+                stop_process(operator)
+                raise RuntimeError(f"operator did not start; see {log}") from None
+            time.sleep(0.2)
 
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path) -> dict[str, Any]:
+    namespace = f"bench-{size}-cap-{cap}"
+    api = cp.api_client()
+    prepare_namespace(cp, namespace)
+    log = workdir / f"operator-{size}-cap-{cap}.log"
+    operator = start_operator(cp, python, [namespace], {"UNLEARNING_MAX_CONCURRENT_JOBS": str(cap)}, log)
+    try:
         seen = Observed()
         stop = threading.Event()
         for target in (watch_jobs, watch_requests):
@@ -278,11 +333,7 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         rss = peak_rss_mib(operator.pid)
         cpu = cpu_seconds(operator.pid) - cpu_before
     finally:
-        operator.send_signal(signal.SIGTERM)
-        try:
-            operator.wait(30)
-        except subprocess.TimeoutExpired:
-            operator.kill()
+        stop_process(operator)
 
     # The requests that started without waiting for a slot: the first `cap` Jobs.
     first = sorted(seen.job_added, key=seen.job_added.__getitem__)[: min(cap, size)]
@@ -308,7 +359,127 @@ def run_batch(cp: ControlPlane, python: Path, size: int, cap: int, workdir: Path
         "operator_cpu_s": cpu,
         "jobs": len(jobs),
         "max_jobs_per_request": max(per_request.values(), default=0),
+        "watch_restarts": seen.watch_restarts,
     }
+
+
+def run_tenants(
+    cp: ControlPlane, python: Path, workdir: Path, *, queued: int, cap: int, per_namespace: int, job_seconds: float
+) -> dict[str, Any]:
+    """Tenant A queues ``queued`` requests; then tenant B applies one. How long does B wait?"""
+    tag = f"{queued}-cap-{cap}-ns-{per_namespace}"
+    first, second = f"tenant-a-{tag}", f"tenant-b-{tag}"
+    for namespace in (first, second):
+        prepare_namespace(cp, namespace)
+    (python.parent / "job-seconds").write_text(str(job_seconds))
+    settings = {
+        "UNLEARNING_MAX_CONCURRENT_JOBS": str(cap),
+        "UNLEARNING_MAX_CONCURRENT_JOBS_PER_NAMESPACE": str(per_namespace),
+    }
+    operator = start_operator(cp, python, [first, second], settings, workdir / f"operator-tenants-{tag}.log")
+    done = threading.Event()
+    a, b = Observed(), Observed()
+    try:
+        for namespace, seen in ((first, a), (second, b)):
+            for target in (watch_jobs, watch_requests):
+                threading.Thread(target=target, args=(cp.api_client(), namespace, seen, done), daemon=True).start()
+        time.sleep(1.0)  # the watches are established
+        custom = client.CustomObjectsApi(cp.api_client())
+
+        def apply(item: tuple[int, str]) -> None:
+            index, name = item
+            custom.create_namespaced_custom_object(GROUP, VERSION, first, PLURAL, manifest(name, index))
+            a.applied[name] = time.monotonic()
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(apply, enumerate(f"a-{i:04d}" for i in range(queued))))
+        # A holds every slot it may, and every other request of A has been placed (Queued behind them).
+        holds = min(queued, cap, per_namespace or cap)
+        deadline = time.monotonic() + 300
+        while (
+            len(a.job_added) < holds or len(a.phases) < queued or any(p in ("", "Pending") for p in a.phases.values())
+        ):
+            if time.monotonic() > deadline or operator.poll() is not None:
+                raise RuntimeError(f"tenant A never filled its slots: {len(a.job_added)} Jobs; see {workdir}")
+            time.sleep(0.1)
+        waiting_before = sum(1 for p in a.phases.values() if p == "Queued")
+        began = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, second, PLURAL, manifest("b-first", 0))
+        deadline = began + max(120.0, 4 * job_seconds)
+        while "b-first" not in b.job_added:
+            if time.monotonic() > deadline or operator.poll() is not None:
+                raise RuntimeError(f"tenant B's first Job did not start within {deadline - began:.0f} s; see {workdir}")
+            time.sleep(0.05)
+        started = b.job_added["b-first"]
+        chosen = b.running.get("b-first", started)
+        freed = sorted(t for t in a.job_done.values() if t >= began)
+        held = [a.job_done[n] - a.job_added[n] for n in a.job_done if n in a.job_added]
+    finally:
+        done.set()
+        stop_process(operator)
+        (python.parent / "job-seconds").unlink(missing_ok=True)
+    return {
+        "queued": queued,
+        "cap": cap,
+        "per_namespace": per_namespace,
+        "job_seconds": job_seconds,
+        "slot_held_p50_s": percentile(held, 50),
+        "a_waiting_when_b_applied": waiting_before,
+        "b_wait_s": started - began,
+        "b_chosen_after_s": chosen - began,
+        # None: a slot was free for B at once (the per-namespace cap kept one).
+        "first_slot_freed_after_s": (freed[0] - began) if freed and freed[0] <= started else None,
+        # Slots that freed before B was chosen, and Jobs of A started in that time: both 0 or 1 and 0 when B
+        # got the first slot that freed.
+        "slots_freed_before_b": sum(1 for t in freed if t < chosen),
+        "a_jobs_before_b": sum(1 for n, t in a.running.items() if began <= t < chosen and n in a.job_added),
+    }
+
+
+def render_tenants(results: list[dict[str, Any]], machine: str) -> str:
+    lines = [
+        TENANTS_START,
+        "## Fairness between tenants",
+        "",
+        "`python -m bench operator-scale --tenants --write-docs` (bench/operator_scale.py): one operator watching two",
+        "namespaces on the same control plane and node agent as above; each canned job runs for `job s`. Tenant A",
+        "applies `A queued` requests at once; when A's Jobs hold every slot they may and the rest of A's requests",
+        "wait, tenant B applies one request. From B's create call: `first slot freed` (the first of A's Jobs",
+        "to end; none: a slot was free for B at once), `B chosen` (B's phase Running: the scheduler gave it a",
+        "slot) and `B's Job` (its ADDED event). `slots freed / A started before B` count the slots that freed",
+        "and A's requests that started between B's create call and B being chosen. `slot held` is how long",
+        "one of A's Jobs held its slot (pod start, the canned job, the status). Under plain first-in-first-out",
+        "B would wait for A's whole queue: about `A waiting / cap` times `slot held` (the FIFO column).",
+        "",
+        f"Machine: {machine}, shared as above.",
+        "",
+        "| A queued | cap | per-namespace cap | job s | slot held p50 | A waiting when B applied "
+        "| first slot freed | B chosen | B's Job | slots freed / A started before B | FIFO would wait |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        freed = r["first_slot_freed_after_s"]
+        held = r["slot_held_p50_s"]
+        fifo = r["a_waiting_when_b_applied"] / r["cap"] * held
+        lines.append(
+            f"| {r['queued']} | {r['cap']} | {r['per_namespace'] or 'none'} | {r['job_seconds']:.0f} "
+            f"| {'-' if math.isnan(held) else f'{held:.1f} s'} | {r['a_waiting_when_b_applied']} "
+            f"| {'none' if freed is None else f'{freed:.2f} s'} | {r['b_chosen_after_s']:.2f} s "
+            f"| {r['b_wait_s']:.2f} s | {r['slots_freed_before_b']} / {r['a_jobs_before_b']} "
+            f"| {'-' if math.isnan(fifo) else f'~{fifo:.0f} s'} |"
+        )
+    lines += [
+        "",
+        "Claim (issue 9): B's first Job starts within one slot's wait, whatever A queued. Without a per-namespace",
+        "cap A holds every slot, and the first slot that frees goes to B (the namespace with fewer Jobs) before",
+        "any of A's older requests: B is chosen right after `first slot freed`, and no request of A starts",
+        "before it (`1 / 0`). (A's first Jobs start together, so they end together: when a second one ends",
+        "while B's launch is in flight, that slot goes to A, and the row reads `2 / 1` though B took the first;",
+        "one run out of three showed it.) With a per-namespace cap below the global one a slot is always left",
+        "for another tenant, and B starts at once (`0 / 0`).",
+        TENANTS_END,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def render(results: list[dict[str, Any]], machine: str) -> str:
@@ -352,11 +523,11 @@ def render(results: list[dict[str, Any]], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, start: str = START_MARK, end: str = END_MARK) -> None:
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -367,9 +538,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench operator-scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
     parser.add_argument(
-        "--caps", type=int, nargs="+", default=[4, 100], help="UNLEARNING_MAX_CONCURRENT_JOBS values (4: the default)"
+        "--caps",
+        type=int,
+        nargs="+",
+        help="UNLEARNING_MAX_CONCURRENT_JOBS values (4: the default); default 4 100, with --tenants 4",
     )
     parser.add_argument("--write-docs", action="store_true", help="write the figures into docs/benchmarks.md")
+    parser.add_argument("--tenants", action="store_true", help="measure fairness between two tenants instead")
+    parser.add_argument(
+        "--queued", type=int, nargs="+", default=[100, 300], help="--tenants: requests tenant A applies at once"
+    )
+    parser.add_argument(
+        "--per-namespace",
+        type=int,
+        nargs="+",
+        default=[0, 3],
+        help="--tenants: UNLEARNING_MAX_CONCURRENT_JOBS_PER_NAMESPACE values (0: none)",
+    )
+    parser.add_argument("--job-seconds", type=float, default=10.0, help="--tenants: how long each canned job runs")
     args = parser.parse_args(argv)
 
     # Not under /tmp: the Job mounts an emptyDir at /tmp, which would hide the
@@ -412,19 +598,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             if time.monotonic() > deadline or agent.poll() is not None:
                 raise RuntimeError(f"node {NODE} not Ready; see {workdir / 'nodeagent.log'}")
             time.sleep(0.5)
-        results = []
-        for size in args.sizes:
-            for cap in args.caps:
-                result = run_batch(cp, python, size, cap, workdir)
-                print(json.dumps(result), flush=True)
-                results.append(result)
         machine = (
             f"{os.cpu_count()} CPU cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB"
         )
-        section = render(results, machine)
-        print(section)
-        if args.write_docs:
-            write_docs(section)
+        results = []
+        if args.tenants:
+            for queued in args.queued:
+                for cap in args.caps or [4]:
+                    for per_namespace in args.per_namespace:
+                        result = run_tenants(
+                            cp,
+                            python,
+                            workdir,
+                            queued=queued,
+                            cap=cap,
+                            per_namespace=per_namespace,
+                            job_seconds=args.job_seconds,
+                        )
+                        print(json.dumps(result), flush=True)
+                        results.append(result)
+            section = render_tenants(results, machine)
+            print(section)
+            if args.write_docs:
+                write_docs(section, TENANTS_START, TENANTS_END)
+        else:
+            for size in args.sizes:
+                for cap in args.caps or [4, 100]:
+                    result = run_batch(cp, python, size, cap, workdir)
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+            section = render(results, machine)
+            print(section)
+            if args.write_docs:
+                write_docs(section)
     finally:
         if agent is not None:
             agent.send_signal(signal.SIGTERM)

@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         help="version N of the output (default: next free); a published version is never replaced",
     )
     run.add_argument(
+        "--run-id",
+        default=None,
+        metavar="ID",
+        help="who this run is across retries (the operator passes the request's uid): a version that an earlier "
+        "attempt of the same run published is reported again instead of refused",
+    )
+    run.add_argument(
         "--require-claims",
         action="store_true",
         help="refuse a location without claimName (the operator's Job passes it: a plain path in a pod "
@@ -225,6 +232,13 @@ def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
     return from_env + from_flags
 
 
+def _check_run_id(run_id: str | None) -> None:
+    if run_id is not None and not (0 < len(run_id.encode()) <= preflight.MAX_RUN_ID_BYTES and run_id.isprintable()):
+        raise InvalidInputError(
+            f"--run-id: give 1 to {preflight.MAX_RUN_ID_BYTES} bytes of printable text (the request's uid)"
+        )
+
+
 def _run_manifest(
     args: argparse.Namespace,
     manifest_path: Path,
@@ -254,15 +268,20 @@ def _run_manifest(
         model_version=version,
         progress=sys.stderr.isatty() and reports,
         require_claims=getattr(args, "require_claims", False),
+        run_id=getattr(args, "run_id", None),
     )
     draft = RecordDraft(manifest, options, place.world_size)
     plan: preflight.Plan | None = None
     try:
         options = dataclasses.replace(options, allowed_factories=_allowed_factories(args))
+        _check_run_id(options.run_id)
         if not place.parallel:  # several ranks: rank 0 runs it in the run, once, and hands its plan to the others
             plan = preflight.check(manifest, options)
     except InvalidInputError as error:
         return _finish(draft.failed(EXIT_INVALID_INPUT, error), args) if reports else EXIT_INVALID_INPUT
+    if plan is not None and plan.published is not None:  # reported again, torch never imported
+        log.info("version %d was published by an earlier attempt of this run: reporting its record", plan.version)
+        return _finish(plan.published, args)
 
     from unlearn.distributed import Ranks
     from unlearn.runner import run  # torch from here on
@@ -299,13 +318,18 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         device=args.device,
         model_version=args.model_version,
         require_claims=args.require_claims,
+        run_id=args.run_id,
     )
     draft = RecordDraft(manifest, options, world)
     try:
         options = dataclasses.replace(options, allowed_factories=_allowed_factories(args))
+        _check_run_id(options.run_id)
         plan = preflight.check(manifest, options)
     except InvalidInputError as error:
         return _finish(draft.failed(EXIT_INVALID_INPUT, error), args)
+    if plan.published is not None:  # an earlier attempt of this run published it: report it, start no rank
+        log.info("version %d was published by an earlier attempt of this run: reporting its record", plan.version)
+        return _finish(plan.published, args)
     if args.model_version is None:
         argv = [*argv, "--model-version", str(plan.version)]
     draft.fields["model_version"] = plan.version

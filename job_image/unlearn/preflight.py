@@ -21,23 +21,38 @@ In order, each with the reason it comes where it does:
 5. **The output**: a folder the job may write (or create) inside its claim,
    and a version that is not published yet: ``--model-version N`` when
    version N exists is refused instead of replacing it, and so is an output
-   that would be the input model.
+   that would be the input model. One exception, so that a retry can finish
+   what it started: with ``--run-id`` (the operator passes the request's
+   uid), a version N that this same run published before its pod ended
+   without reporting it (killed between publishing and writing the
+   termination message) is recognised by its record beside it (the run id,
+   Passed, version N, the model's uri and sha256 matching the file) and
+   reported again instead of refused or redone (``own_published``). Anything
+   else at that name stays refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from unlearn import fit, tuning
 from unlearn.errors import InvalidInputError
 from unlearn.files import OutputFolder, Place, resolve
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, factory_allowed, factory_module
+from unlearning_contracts.record import ResultRecord
 from unlearning_contracts.spec import Location, Manifest, ModelFormat
 
 EXPORTED_SUFFIX = ".pt2"
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+"""A published full record is read back (``own_published``) up to this size; it is a few KiB per attempt."""
+MAX_RUN_ID_BYTES = 128
 VERSION_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.(pt2|pt|pth|safetensors|ts|json)$")
 
 
@@ -52,6 +67,9 @@ class RunOptions:
     """Module prefixes an architecture factory may come from (``unlearning_contracts.factories``)."""
     require_claims: bool = False
     """Every location must name a claim (in a pod: a plain path would be the container's own file system)."""
+    run_id: str | None = None
+    """Who this run is, across the Job's retries (the operator passes the request's uid); kept in the record's
+    config, so that a retry recognises the version an earlier attempt of the same run published."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,10 @@ class Plan:
     version: int
     model_file: str
     """File name of the new version (``<name>-v<N>.<ext>``, the input's format and extension)."""
+
+    published: ResultRecord | None = None
+    """The full record of version ``version``, when an earlier attempt of this run published it (``own_published``):
+    the run reports it again instead of running."""
 
     @property
     def record_file(self) -> str:
@@ -150,6 +172,10 @@ def check(manifest: Manifest, options: RunOptions) -> Plan:
     model_file = f"{spec.model.name}-v{version}{model_suffix(spec.model.format, model.path)}"
     plan = Plan(hyper=hyper, model=model, output=output, version=version, model_file=model_file)
     fit.check_output(folder / model_file, model.real())
+    if options.run_id is not None:
+        published = own_published(plan, options.run_id)
+        if published is not None:
+            return dataclasses.replace(plan, published=published)
     for name in (plan.model_file, plan.record_file):
         if output.exists(name):
             raise InvalidInputError(
@@ -158,3 +184,52 @@ def check(manifest: Manifest, options: RunOptions) -> Plan:
                 "to take the next free one"
             )
     return plan
+
+
+def own_published(plan: Plan, run_id: str) -> ResultRecord | None:
+    """The record of version ``plan.version`` when this run (``run_id``) published it, else None.
+
+    A pod can be killed after publishing and before its termination message
+    is written; the Job then starts another pod with the same arguments. The
+    version it finds is its own when its full record names the same run id,
+    verdict Passed, version and output uri, and the model file's sha256 is
+    the one that record gives. Anything else (another run's version, a
+    record that does not parse, a missing model or record) is not ours, and
+    ``check`` refuses the version as already published. A model file that
+    no longer matches its own record is refused with that reason: someone
+    changed it after it was published, and reporting it would vouch for it.
+    """
+    output = plan.output
+    if not (output.exists(plan.model_file) and output.exists(plan.record_file)):
+        return None
+    record_place = _in_output(output, plan.record_file)
+    try:
+        record = ResultRecord.model_validate_json(record_place.read_bytes(MAX_RECORD_BYTES))
+    except (ValidationError, InvalidInputError):
+        return None
+    model_uri = _in_output(output, plan.model_file).uri
+    if (
+        record.config.get("runId") != run_id
+        or record.verdict != "Passed"
+        or record.model_version != plan.version
+        or record.output_model is None
+        or record.output_model.uri != model_uri
+    ):
+        return None
+    digest = hashlib.sha256()
+    with _in_output(output, plan.model_file).open() as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != record.output_model.sha256:
+        raise InvalidInputError(
+            f"--model-version {plan.version}: {model_uri} was published by this run but no longer matches the "
+            f"sha256 in its record ({output.place.uri}/{plan.record_file}): it was changed after publishing; "
+            "restore it, or remove both files so that the version can be written again"
+        )
+    return record
+
+
+def _in_output(output: OutputFolder, name: str) -> Place:
+    """A file in the output folder as a Place of its own (same claim, confined the same way)."""
+    place = output.place
+    return dataclasses.replace(place, uri=f"{place.uri.rstrip('/')}/{name}", path=place.path / name)

@@ -188,6 +188,14 @@ class Recipe:
         self.outcome = Outcome(record=self.draft.record("Failed", EXIT_UNEXPECTED))
 
     def run(self) -> Outcome:
+        # Checked once: rank 0 runs the preflight and every rank takes its plan (or its refusal).
+        plan = self.plan = (
+            self.plan
+            if self.plan is not None
+            else self.ranks.decide(lambda: preflight.check(self.manifest, self.options))
+        )
+        if plan.published is not None:
+            return self.reported_again(plan, plan.published)
         inputs = self.ranks.agree(self.prepare)
         done = self.attempts(inputs)
         return self.publish(inputs, done)
@@ -195,10 +203,8 @@ class Recipe:
     # -- prepare ------------------------------------------------------------------------------------
     def prepare(self) -> Inputs:
         spec, options, ranks = self.spec, self.options, self.ranks
-        # Checked once: rank 0 runs the preflight and every rank takes its plan (or its refusal).
-        plan = self.plan = (
-            self.plan if self.plan is not None else ranks.decide(lambda: preflight.check(self.manifest, options))
-        )
+        plan = self.plan
+        assert plan is not None  # run() settled it
         hyper = plan.hyper
         device = pick_device(options.device, ranks)
         self.draft.set_device(str(device) if device.type != "cuda" else torch.cuda.get_device_name(device))
@@ -218,6 +224,8 @@ class Recipe:
             "modelVersion": plan.version,
             "worldSize": ranks.world_size,
         }
+        if options.run_id is not None:
+            config["runId"] = options.run_id  # how a retry of this run recognises what it published (preflight)
         if ranks.parallel:
             log.info("%s on %s", ranks, device)
         log.info("config %s", json.dumps(config, sort_keys=True))
@@ -414,6 +422,19 @@ class Recipe:
         compact(record)  # built before anything is published: reporting cannot fail after publishing
         plan.output.publish([(plan.model_file, data), (plan.record_file, json_bytes(record.dump()))])
         self.fields["output_model"] = output_model
+        self.outcome.record = record
+        self.outcome.model_path = plan.output.place.path / plan.model_file
+        self.outcome.record_path = plan.output.place.path / plan.record_file
+        return self.outcome
+
+    def reported_again(self, plan: Plan, record: ResultRecord) -> Outcome:
+        """An earlier attempt of this run published version N and ended before reporting it: report its record."""
+        log.info(
+            "version %d (%s/%s) was published by an earlier attempt of this run: reporting its record again",
+            plan.version,
+            plan.output.place.uri,
+            plan.model_file,
+        )
         self.outcome.record = record
         self.outcome.model_path = plan.output.place.path / plan.model_file
         self.outcome.record_path = plan.output.place.path / plan.record_file

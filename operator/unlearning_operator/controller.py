@@ -8,7 +8,8 @@ What each piece does, and where:
   cache, Events, background tasks;
 * scheduling.py: which request starts (this module coalesces the passes);
 * launching.py / completion.py: the two long operations;
-* status.py, failures.py, jobs.py, lineage.py, metrics.py: the pure decisions.
+* admission.py, placement.py, adoption.py, status.py, failures.py, jobs.py,
+  lineage.py, metrics.py: the pure decisions.
 
 Concurrency model, and why:
 
@@ -23,6 +24,12 @@ Concurrency model, and why:
 No finalizers: only ``on.event`` handlers and indexes are used, which kopf
 runs without one, and a periodic task (not kopf timers, which would add a
 finalizer) checks pending pods.
+
+kopf does not retry ``on.event`` handlers, so nothing that must happen rests
+on one event: the periodic task (``tick``) also resumes a launch that
+stopped after its Job was recorded, finishes a Running request whose Job
+has ended, fails one whose Job is gone, and sets the TTL of a finished Job
+whose request is over. Each retry runs once at a time per request.
 """
 
 from __future__ import annotations
@@ -35,16 +42,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from unlearning_contracts.spec import UnlearningRequestSpec
-
 from . import completion, failures, launching
 from . import status as states
-from .jobs import ImageNotAllowedError, model_version_of, resolve_image
+from .admission import Admitted, admit
 from .k8s import Kube
+from .launching import ADOPT_ONLY_OURS, LaunchFailedError
 from .metrics import Metrics
-from .results import JOB_RUNNING
+from .results import JOB_RUNNING, job_outcome
 from .runtime import Runtime
-from .scheduling import Candidate, decide
+from .scheduling import Candidate, Caps, decide
 from .settings import OperatorSettings
 from .views import JobView, Key, RequestView, job_view, parse_time, request_view, values
 
@@ -53,6 +59,8 @@ log = logging.getLogger("unlearning_operator")
 TICK_SECONDS = 5.0
 # Coalescing window of scheduler passes: small next to the 1 s launch target.
 SCHEDULE_DELAY = 0.05
+# The audit record of a request deleted while its Job ran: tries, the first wait doubling (1 + 2 + 4 + 8 s).
+DELETION_AUDIT_TRIES = 5
 
 
 @dataclass
@@ -96,10 +104,16 @@ class Controller:
         return views[0] if views else None
 
     def job_of(self, view: RequestView) -> JobView | None:
-        for job in values(self.jobs, view.key):
-            if job.owner_uid == view.uid:
-                return job  # type: ignore[no-any-return]
-        return None
+        """The request's Job: the one its status names, else (none named yet) any Job claiming to be its.
+
+        Several Jobs may carry the request's label and owner (a tenant can make
+        more); once status names one, the others never stand in for it.
+        """
+        named = self.rt.current_status(view).get("jobName")
+        jobs: list[JobView] = [j for j in values(self.jobs, view.key) if j.owner_uid == view.uid]
+        if named:
+            return next((j for j in jobs if j.name == named), None)
+        return jobs[0] if jobs else None
 
     def discard(self, key: Key) -> None:
         """Drop everything kept for a deleted request."""
@@ -115,6 +129,8 @@ class Controller:
     async def on_request(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         view = request_view(body)
         if event_type == "DELETED" or view.deleting:
+            if states.phase_of(self.rt.current_status(view)) == states.RUNNING:
+                self.rt.spawn(self._record_deletion(view), "audit")
             self.discard(view.key)
             self.schedule()
             return
@@ -134,55 +150,65 @@ class Controller:
         phase = states.phase_of(status)
         pool = self.rt.api_pool
         if phase in (None, states.PENDING, states.QUEUED):
-            accepted = await self._validate(view, status, pool)
-            if accepted is None:
+            if await self._admit(view, pool) is None:
                 return
             job = self.job_of(view)
             if job is not None:
-                await self._adopt(view, accepted[0], job)
+                await self._foreign_job(view, job.name)
             elif phase is None or status.get("observedGeneration") != view.generation:
                 await self.rt.write_status(view, states.pending(status, view.generation, self.clock()), pool)
             return
-        if phase == states.RUNNING and self.job_of(view) is None:
+        if phase != states.RUNNING:
+            return
+        if not states.job_created(status):
+            if view.key not in self.launched:
+                self.rt.retry(view.key, "resume", self._resume(view))
+            return
+        if self.job_of(view) is None:
             name = status.get("jobName", "")
             if name and await self.rt.call(pool, self.kube.read_job, view.namespace, name) is None:
                 self._completed(view, await completion.fail_without_job(self.rt, view, status, name))
 
-    async def _validate(
-        self, view: RequestView, status: dict[str, Any], pool: ThreadPoolExecutor
-    ) -> tuple[UnlearningRequestSpec, str] | None:
-        """The typed spec and the image its Job runs, or None after marking the request Rejected."""
-        reason = states.REASON_INVALID_SPEC
-        message = view.spec_error or ""
+    async def _admit(self, view: RequestView, pool: ThreadPoolExecutor) -> str | None:
+        """The image the request's Job runs, or None after marking the request Rejected (admission.py)."""
+        reason, message = states.REASON_INVALID_SPEC, view.spec_error or ""
         if view.spec is not None:
-            try:
-                return view.spec, resolve_image(view.spec, self.settings)
-            except ImageNotAllowedError as error:
-                reason, message = states.REASON_IMAGE_NOT_ALLOWED, str(error)
+            decision = admit(view.spec, self.settings)
+            if isinstance(decision, Admitted):
+                return decision.image
+            reason, message = decision.reason, decision.message
         self.launched.pop(view.key, None)
-        rejected = states.rejected(status, reason, message, view.generation, self.clock())
-        if await self.rt.write_status(view, rejected, pool):
-            await self.rt.event(view, "Warning", "Rejected", message)
+        await completion.reject(self.rt, view, reason, message, pool)
         return None
 
-    async def _adopt(self, view: RequestView, spec: UnlearningRequestSpec, job: JobView) -> None:
-        """A Job exists but status does not say so (we stopped between create and patch)."""
-        pool = self.rt.api_pool
-        body = await self.rt.call(pool, self.kube.read_job, view.namespace, job.name)
-        if body is None:
-            return
-        current = (await launching.current_lineage(self.rt, view, spec, pool)).current
-        new = states.running(
-            self.rt.current_status(view),
-            job_name=job.name,
-            attempt=1,
-            model_version=model_version_of(body, default=1),
-            input_model={"uri": current.uri, "sha256": current.sha256},
-            generation=view.generation,
-            now=self.clock(),
+    async def _foreign_job(self, view: RequestView, name: str) -> None:
+        """A Job under this request's name while status names none: the operator records its Job before
+        creating it, so this one is someone else's (whatever its labels and owner say)."""
+        message = f"Job {name} exists, but this request's status does not name it: the operator did not create it"
+        status = self.rt.current_status(view)
+        written = await completion.finish_failed(
+            self.rt,
+            view,
+            status,
+            states.REASON_NAME_CONFLICT,
+            f"{message}: {ADOPT_ONLY_OURS}",
+            job=None,
+            pool=self.rt.api_pool,
         )
-        self.launched[view.key] = view.uid
-        await self.rt.write_status(view, new, pool)
+        self._completed(view, written)
+
+    async def _record_deletion(self, view: RequestView) -> None:
+        delay = 1.0
+        for attempt in range(DELETION_AUDIT_TRIES):
+            try:
+                await completion.record_deletion(self.rt, view)
+                return
+            except Exception:
+                if attempt == DELETION_AUDIT_TRIES - 1:
+                    raise
+                log.warning("audit record of deleted %s/%s: retrying in %.0f s", view.namespace, view.name, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
 
     # ---- scheduling -----------------------------------------------------------
     def schedule(self) -> None:
@@ -215,6 +241,8 @@ class Controller:
             if self.launched.get(key) == view.uid:
                 phase = states.RUNNING
             job = self.job_of(view)
+            # Only a Job the status names holds a slot: one a tenant made under the name never does.
+            named = job is not None and job.name == self.rt.current_status(view).get("jobName")
             candidates.append(
                 Candidate(
                     namespace=view.namespace,
@@ -222,10 +250,10 @@ class Controller:
                     model=view.model,
                     created=view.created,
                     phase=phase,
-                    job_active=job is not None and job.outcome == JOB_RUNNING,
+                    job_active=named and job is not None and job.outcome == JOB_RUNNING,
                 )
             )
-        for decision in decide(candidates, self.settings.max_concurrent_jobs):
+        for decision in decide(candidates, Caps.of(self.settings)):
             key = (decision.namespace, decision.name)
             view = views[key]
             if decision.start:
@@ -258,19 +286,38 @@ class Controller:
 
     async def _launch_locked(self, view: RequestView) -> None:
         status = self.rt.current_status(view)
-        if states.phase_of(status) not in (states.PENDING, states.QUEUED):
+        if states.phase_of(status) not in (states.PENDING, states.QUEUED) or view.spec is None:
             return
         pool = self.rt.launch_pool
-        accepted = await self._validate(view, status, pool)
-        if accepted is None:
+        image = await self._admit(view, pool)
+        if image is None:
             return
-        spec, image = accepted
         try:
-            await launching.launch(self.rt, view, spec, image)
-        except launching.BrokenLineageError as error:
-            reason = states.REASON_ERROR
-            written = await completion.finish_failed(self.rt, view, status, reason, str(error), job=None, pool=pool)
-            self._completed(view, written)
+            await launching.launch(self.rt, view, view.spec, image)
+        except LaunchFailedError as failed:
+            await self._launch_failed(view, failed)
+
+    async def _launch_failed(self, view: RequestView, failed: LaunchFailedError) -> None:
+        status = self.rt.current_status(view)
+        pool = self.rt.launch_pool
+        written = await completion.finish_failed(
+            self.rt, view, status, failed.reason, failed.message, job=None, pool=pool
+        )
+        self._completed(view, written)
+
+    async def _resume(self, view: RequestView) -> None:
+        """Finish a launch whose Job is recorded in status but was not confirmed created."""
+        async with self.rt.lock(view.key):
+            status = self.rt.current_status(view)
+            if states.phase_of(status) != states.RUNNING or states.job_created(status) or view.spec is None:
+                return
+            decision = admit(view.spec, self.settings)
+            try:
+                if not isinstance(decision, Admitted):
+                    raise LaunchFailedError(decision.reason, decision.message)
+                await launching.resume(self.rt, view, view.spec, decision.image)
+            except LaunchFailedError as failed:
+                await self._launch_failed(view, failed)
 
     # ---- job events -----------------------------------------------------------
     async def on_job(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -282,14 +329,16 @@ class Controller:
             status = self.rt.current_status(view)
             if states.is_terminal(status):
                 return
-            if event_type == "DELETED":
+            phase = states.phase_of(status)
+            if phase in (None, states.PENDING, states.QUEUED):
+                if event_type != "DELETED":
+                    await self._foreign_job(view, job.name)
+            elif status.get("jobName") != job.name:
+                return  # not the Job status names (finish would say so; nothing of ours changed)
+            elif event_type == "DELETED":
                 self._completed(view, await completion.fail_without_job(self.rt, view, status, job.name))
             elif job.outcome != JOB_RUNNING:
                 self._completed(view, await completion.finish(self.rt, view, dict(body)))
-            elif states.phase_of(status) in (states.PENDING, states.QUEUED):
-                accepted = await self._validate(view, status, self.rt.api_pool)
-                if accepted is not None:
-                    await self._adopt(view, accepted[0], job)
         if event_type == "DELETED" or job.outcome != JOB_RUNNING:
             self.schedule()
 
@@ -309,26 +358,60 @@ class Controller:
         return [v for key in list(self.requests.keys()) if (v := self.view(key)) is not None]
 
     async def tick(self) -> None:
-        """Phase gauges, the oldest wait, pending-pod alerts, and a scheduler pass (retries failed launches)."""
+        """Phase gauges, the oldest wait, the retries (see the module docstring), pending-pod alerts, and a
+        scheduler pass."""
         if self.requests is None:
             return
         counts: dict[str, int] = {}
         oldest: dict[str, float] = {}
-        running: list[RequestView] = []
         now = self.clock()
         for view in self._views():
-            phase = states.phase_of(self.rt.current_status(view)) or states.PENDING
+            status = self.rt.current_status(view)
+            phase = states.phase_of(status) or states.PENDING
             counts[phase] = counts.get(phase, 0) + 1
-            if phase == states.RUNNING:
-                running.append(view)
-            elif phase in (states.PENDING, states.QUEUED) and (created := parse_time(view.created)) is not None:
+            if phase in (states.PENDING, states.QUEUED) and (created := parse_time(view.created)) is not None:
                 oldest[phase] = max(oldest.get(phase, 0.0), (now - created).total_seconds())
+            job = self.job_of(view)
+            named = job if job is not None and job.name == status.get("jobName") else None
+            if phase == states.RUNNING:
+                self._check_running(view, status, named)
+            elif (
+                phase in states.TERMINAL_PHASES
+                and named is not None
+                and named.outcome != JOB_RUNNING
+                and named.ttl is None
+            ):
+                pool = self.rt.api_pool
+                self.rt.retry(view.key, "ttl", completion.set_ttl(self.rt, view, named.name, pool))
         self.metrics.set_phase_counts(counts)
         self.metrics.set_oldest_waiting(oldest)
-        for view in running:
-            job = self.job_of(view)
-            if job is not None and job.outcome == JOB_RUNNING:
-                self.rt.spawn(self._check_pending(view, job), "pending")
+        self.schedule()
+
+    def _check_running(self, view: RequestView, status: dict[str, Any], job: JobView | None) -> None:
+        if not states.job_created(status):
+            if view.key not in self.launched:
+                self.rt.retry(view.key, "resume", self._resume(view))
+        elif job is None or job.outcome != JOB_RUNNING:
+            # The Job ended (or is gone) and its completion was not recorded: kopf does not retry events.
+            self.rt.retry(view.key, "finish", self._finish_again(view))
+        else:
+            self.rt.spawn(self._check_pending(view, job), "pending")
+
+    async def _finish_again(self, view: RequestView) -> None:
+        async with self.rt.lock(view.key):
+            status = self.rt.current_status(view)
+            name = status.get("jobName", "")
+            if states.phase_of(status) != states.RUNNING or not name:
+                return
+            body = await self.rt.call(self.rt.launch_pool, self.kube.read_job, view.namespace, name)
+            try:
+                if body is None:
+                    self._completed(view, await completion.fail_without_job(self.rt, view, status, name))
+                elif job_outcome(body) != JOB_RUNNING:
+                    self._completed(view, await completion.finish(self.rt, view, body))
+            except completion.AuditNotWrittenError as error:
+                # Counted by the audit-write metrics and alerted on there; retried at the next check.
+                log.warning("%s/%s: %s (retried)", view.namespace, view.name, error)
         self.schedule()
 
     async def _check_pending(self, view: RequestView, job: JobView) -> None:

@@ -33,6 +33,15 @@ Choices worth knowing:
   on one node through shared memory, and a container's /dev/shm is 64 MiB by
   default, so such a pod mounts an in-memory emptyDir there
   (``UNLEARNING_JOB_SHM_SIZE``; it counts against the memory limit).
+* No ``ttlSecondsAfterFinished`` at creation: the operator sets it once the
+  Job's result is recorded (completion.py), so Kubernetes cannot delete a
+  finished Job, and with it the only copy of its record, before then.
+* The Job's annotations say what it was built from (spec generation, model
+  version, input model, output location): completion takes them from there,
+  never from a later read of the request.
+* The container gets the admin's factory allow-list
+  (``UNLEARN_ALLOWED_FACTORY_MODULES``); the job checks it again before it
+  imports anything a request names.
 """
 
 from __future__ import annotations
@@ -43,23 +52,29 @@ from typing import Any
 import yaml
 
 from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
+from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
 from unlearning_contracts.spec import Location, UnlearningRequestSpec
 
 from .labels import (
+    ANNOTATION_INPUT_MODEL,
     ANNOTATION_MODEL_VERSION,
+    ANNOTATION_OUTPUT_LOCATION,
     ANNOTATION_REQUEST_UID,
+    ANNOTATION_SPEC_GENERATION,
     COMPONENT_JOB,
     LABEL_COMPONENT,
     LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY,
+    LABEL_MODEL,
     LABEL_REQUEST,
     MANAGED_BY,
     request_labels,
 )
 from .lineage import Version
 from .names import job_name, network_policy_name, spec_configmap_name
-from .settings import OperatorSettings
+from .placement import resolve_placement
+from .settings import OperatorSettings, where_set
 
 CONTAINER_NAME = "unlearn"
 SPEC_MOUNT_DIR = "/etc/unlearning"
@@ -105,7 +120,8 @@ def resolve_image(spec: UnlearningRequestSpec, settings: OperatorSettings) -> st
     if not settings.image_allowed(image):
         allowed = sorted({settings.job_image, *settings.allowed_images})
         raise ImageNotAllowedError(
-            f"spec.job.image: {image} is not allowed; remove it to use the default or pick one of: {', '.join(allowed)}"
+            f"spec.job.image: {image} is not allowed; remove it to use the default or pick one of: "
+            f"{', '.join(allowed)} ({where_set('allowed_images')})"
         )
     return image
 
@@ -144,6 +160,7 @@ def build_spec_configmap(ref: RequestRef, spec: UnlearningRequestSpec, current: 
             "name": spec_configmap_name(ref.name, ref.uid),
             "namespace": ref.namespace,
             "labels": request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name),
+            "annotations": {ANNOTATION_REQUEST_UID: ref.uid},
             "ownerReferences": [ref.owner_reference()],
         },
         "data": {SPEC_FILE: yaml.safe_dump(manifest, sort_keys=False)},
@@ -177,15 +194,18 @@ def build_job(
     settings: OperatorSettings,
     current: Version,
     image: str,
+    *,
+    generation: int = 1,
 ) -> dict[str, Any]:
-    """The batch/v1 Job for one request, running ``image`` (from ``resolve_image``, checked at validation)."""
+    """The batch/v1 Job for one request at ``generation``, running ``image`` (admitted: admission.py)."""
     effective = effective_spec(spec, current)
+    placement = resolve_placement(spec.job, settings)
     output_version = current.version + 1
     name = job_name(ref.name, ref.uid)
     labels = request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name)
     job_labels = dict(labels)
-    if spec.job.queue_name:
-        job_labels[LABEL_KUEUE_QUEUE] = spec.job.queue_name
+    if placement.queue_name:
+        job_labels[LABEL_KUEUE_QUEUE] = placement.queue_name
 
     root = settings.job_volume_root
     volumes: list[dict[str, Any]] = [
@@ -202,7 +222,7 @@ def build_job(
         volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": ro}})
         mounts.append({"name": volume, "mountPath": f"{root}/{claim}", "readOnly": ro})
 
-    gpus = spec.job.gpus if spec.job.gpus is not None else settings.job_gpus
+    gpus = placement.gpus
     command = [
         "unlearn",
         "run",
@@ -213,13 +233,16 @@ def build_job(
         "--require-claims",
         "--model-version",
         str(output_version),
+        # The same across the Job's retries: a pod killed after publishing its version and before
+        # reporting it leaves a retry that recognises that version as its own (job: preflight).
+        "--run-id",
+        ref.uid,
     ]
     if processes(gpus) > 1:
         command += ["--nproc-per-node", str(processes(gpus))]
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.job_shm_size}})
         mounts.append({"name": "dshm", "mountPath": SHM_MOUNT_PATH})
-    cpu = spec.job.cpu or settings.job_cpu
-    memory = spec.job.memory or settings.job_memory
+    cpu, memory = placement.cpu, placement.memory
     storage = settings.job_ephemeral_storage
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}
     if gpus > 0:
@@ -232,6 +255,7 @@ def build_job(
         "command": command,
         "env": [
             {"name": "UNLEARN_JOB_IMAGE", "value": image},
+            {"name": ENV_ALLOWED_FACTORY_MODULES, "value": ",".join(settings.allowed_factory_modules)},
             {"name": "HOME", "value": "/tmp"},
             {"name": ENV_TMP_LIMIT, "value": settings.job_tmp_size},
         ],
@@ -250,10 +274,6 @@ def build_job(
         },
     }
 
-    node_selector = {**settings.job_node_selector, **(spec.job.node_selector or {})}
-    tolerations = [dict(t) for t in settings.job_tolerations] + [
-        t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.job.tolerations or []
-    ]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -268,20 +288,18 @@ def build_job(
         "containers": [container],
         "volumes": volumes,
     }
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if settings.job_affinity:
-        pod_spec["affinity"] = dict(settings.job_affinity)
-    priority_class = spec.job.priority_class_name or settings.job_priority_class
-    if priority_class:
-        pod_spec["priorityClassName"] = priority_class
+    if placement.node_selector:
+        pod_spec["nodeSelector"] = placement.node_selector
+    if placement.tolerations:
+        pod_spec["tolerations"] = placement.tolerations
+    if placement.affinity:
+        pod_spec["affinity"] = placement.affinity
+    if placement.priority_class:
+        pod_spec["priorityClassName"] = placement.priority_class
 
     job_spec: dict[str, Any] = {
         "backoffLimit": settings.job_backoff_limit,
-        "activeDeadlineSeconds": spec.job.active_deadline_seconds or settings.job_deadline_seconds,
-        "ttlSecondsAfterFinished": settings.job_ttl_seconds,
+        "activeDeadlineSeconds": placement.deadline_seconds,
         "podFailurePolicy": {
             "rules": [
                 {
@@ -297,7 +315,7 @@ def build_job(
         },
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
-    if spec.job.queue_name:
+    if placement.queue_name:
         # Kueue admits the Job by unsuspending it once quota is free.
         job_spec["suspend"] = True
     return {
@@ -307,16 +325,49 @@ def build_job(
             "name": name,
             "namespace": ref.namespace,
             "labels": job_labels,
-            "annotations": {ANNOTATION_MODEL_VERSION: str(output_version), ANNOTATION_REQUEST_UID: ref.uid},
+            "annotations": {
+                ANNOTATION_REQUEST_UID: ref.uid,
+                ANNOTATION_SPEC_GENERATION: str(generation),
+                ANNOTATION_MODEL_VERSION: str(output_version),
+                ANNOTATION_INPUT_MODEL: current.uri,
+                ANNOTATION_OUTPUT_LOCATION: spec.output.location.uri,
+            },
             "ownerReferences": [ref.owner_reference()],
         },
         "spec": job_spec,
     }
 
 
-def model_version_of(job: dict[str, Any], default: int) -> int:
-    """The output model version a Job writes (its annotation), or ``default`` when it carries none."""
-    return int((job["metadata"].get("annotations") or {}).get(ANNOTATION_MODEL_VERSION, default))
+@dataclass(frozen=True)
+class BuiltFrom:
+    """What a Job was built with, read back from the annotations the operator wrote on it."""
+
+    model: str
+    model_version: int
+    generation: int
+    input_model: str
+    output_location: str
+
+
+def built_from(job: dict[str, Any]) -> BuiltFrom | None:
+    """The Job's build annotations, or None when any is missing or unreadable (not a Job this operator made)."""
+    metadata = job.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    try:
+        return BuiltFrom(
+            model=str((metadata.get("labels") or {})[LABEL_MODEL]),
+            model_version=int(annotations[ANNOTATION_MODEL_VERSION]),
+            generation=int(annotations[ANNOTATION_SPEC_GENERATION]),
+            input_model=str(annotations[ANNOTATION_INPUT_MODEL]),
+            output_location=str(annotations[ANNOTATION_OUTPUT_LOCATION]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def ttl_patch(settings: OperatorSettings) -> dict[str, Any]:
+    """The merge patch that lets Kubernetes delete a finished Job, once its result is recorded."""
+    return {"spec": {"ttlSecondsAfterFinished": settings.job_ttl_seconds}}
 
 
 def gpus_of(job: dict[str, Any]) -> int:
@@ -350,6 +401,9 @@ def build_network_policy(ref: RequestRef, spec: UnlearningRequestSpec, settings:
             "name": network_policy_name(ref.name, ref.uid),
             "namespace": ref.namespace,
             "labels": request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name),
+            # The marks adoption checks (adoption.network_policy_problem): a policy under this name that
+            # the operator did not make for this request object is a conflict, never adopted.
+            "annotations": {ANNOTATION_REQUEST_UID: ref.uid},
             "ownerReferences": [ref.owner_reference()],
         },
         "spec": policy_spec,

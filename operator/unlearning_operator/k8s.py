@@ -40,6 +40,11 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
 
+    @property
+    def permanent(self) -> bool:
+        """The same call will be refused again (invalid, forbidden, over quota): retrying only hides it."""
+        return self.status in (400, 403, 422)
+
 
 @dataclass(frozen=True)
 class ObjectRef:
@@ -108,6 +113,10 @@ class Kube:
                 return None
             raise
 
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create (for ``metadata.generateName``: the server picks the name); errors raise."""
+        return self._request("POST", _collection(obj), body=obj)
+
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create; on 409 return the existing object. (object, created)."""
         collection = _collection(obj)
@@ -125,7 +134,19 @@ class Kube:
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{quote(name)}")
 
+    def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch a Job; False when it is gone."""
+        path = f"/apis/batch/v1/namespaces/{namespace}/jobs/{quote(name)}"
+        try:
+            self._request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
     def job_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """Pods carrying the Job's name label, whoever made them (adoption.job_pods tells the Job's own apart)."""
         result = self._request(
             "GET",
             f"/api/v1/namespaces/{namespace}/pods",
@@ -141,16 +162,15 @@ class Kube:
         path = f"{_collection(obj)}/{quote(obj['metadata']['name'])}"
         return self._request("PUT", path, body=obj)
 
-    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
-        """Merge-patch status; False when the request is gone (deleted meanwhile)."""
+    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch status; the request as it is now, or None when it is gone (deleted meanwhile)."""
         path = f"/apis/{API_GROUP_VERSION}/namespaces/{namespace}/{REQUEST.plural}/{quote(name)}/status"
         try:
-            self._request("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
+            return self._request("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
         except ApiError as error:
             if error.status == 404:
-                return False
+                return None
             raise
-        return True
 
     # ---- leader election (coordination.k8s.io/v1 Lease) ---------------------------
     def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:

@@ -27,9 +27,15 @@ LABEL_AUDIT = "unlearn.dev/audit"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_MODEL_VERSION = "unlearn.dev/model-version"
-"""On a Job: the model version it writes (a restarted operator reads it back when adopting)."""
+"""On a Job: the model version it writes (completion reads it back, never the request)."""
 ANNOTATION_REQUEST_UID = "unlearn.dev/request-uid"
-"""On a Job and an audit ConfigMap: the uid of the request object it belongs to."""
+"""On every object made for a request (Job, spec and audit ConfigMaps): the uid of the request object."""
+ANNOTATION_SPEC_GENERATION = "unlearn.dev/spec-generation"
+"""On a Job: the request's metadata.generation it was built from."""
+ANNOTATION_INPUT_MODEL = "unlearn.dev/input-model"
+"""On a Job: the uri of the model version it starts from."""
+ANNOTATION_OUTPUT_LOCATION = "unlearn.dev/output-location"
+"""On a Job: the uri of the folder its new version must be written under."""
 
 
 def common_labels(*, instance: str, component: str, model: str, request: str | None = None) -> dict[str, str]:

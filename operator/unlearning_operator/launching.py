@@ -1,8 +1,30 @@
-"""Launching a request: its model's lineage, the spec ConfigMap and the Job, then status Running.
+"""Launching a request: record the Job in status, create its spec ConfigMap and the Job, mark it created.
 
 Called by the controller with the request's lock held, once the scheduler
-chose the request and its spec passed validation. Runs on the launch pool
-(see runtime.py).
+chose the request and admission passed. Runs on the launch pool (see
+runtime.py). The order, and why:
+
+1. The model's lineage, created at version 0 for a new model and verified
+   (lineage.py): a request never starts from a history that does not verify.
+2. The ``launching`` status (status.py): ``jobName``, the versions, and the
+   generation the Job is built from. Only then is anything created, so a
+   Job under that name is adopted only if status names it. The API server's
+   answer carries the request's generation: if the spec changed since the
+   scheduler read it, the request fails with ``SpecChanged`` before any Job
+   exists (``jobName`` has frozen the spec, so it cannot change again).
+3. The spec ConfigMap (written together with step 2: it is inert until a
+   Job mounts it), then the Job, only once the ConfigMap exists: a Job
+   created while its ConfigMap's create failed would wait for it forever,
+   holding a slot. Each is created if absent; one that exists is checked
+   (adoption.py) and one the operator did not make fails the request with
+   ``NameConflict``. Right after step 2 no Job of ours can exist yet, so a
+   Job found then is someone else's, whatever its labels say.
+4. The ``running`` status (JobCreated=True) and the JobCreated Event.
+
+A launch that stops after step 2 (an API error, a restart) is resumed by
+``resume`` from step 3: status names the Job and the versions, which are
+taken from there (never read again), and every create is idempotent, so the
+spec ConfigMap of a half-created launch is created on the next try.
 """
 
 from __future__ import annotations
@@ -14,17 +36,29 @@ from typing import Any
 
 from unlearning_contracts.spec import UnlearningRequestSpec
 
-from . import lineage
+from . import adoption, lineage
 from . import status as states
-from .jobs import build_job, build_network_policy, build_spec_configmap, model_version_of
+from .jobs import build_job, build_network_policy, build_spec_configmap
+from .k8s import ApiError
+from .names import job_name
 from .runtime import Runtime
 from .views import RequestView, parse_time
 
 log = logging.getLogger("unlearning_operator")
 
+ADOPT_ONLY_OURS = (
+    "the operator adopts only objects it made, so the request fails: "
+    "remove that object and create a new UnlearningRequest"
+)
 
-class BrokenLineageError(ValueError):
-    """The model's lineage ConfigMap cannot be read; the message says which and why."""
+
+class LaunchFailedError(Exception):
+    """The request cannot run as it stands; it ends Failed with this reason and message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 async def current_lineage(
@@ -49,59 +83,121 @@ async def current_lineage(
         found, created = await rt.call(pool, rt.kube.create_if_absent, manifest)
         rt.known_lineages.add(key)
         return fresh if created else lineage.parse(found)
-    except ValueError as error:
-        raise BrokenLineageError(f"{error}: repair or delete it") from None
-
-
-async def isolated_job(
-    rt: Runtime,
-    *,
-    view: RequestView,
-    spec: UnlearningRequestSpec,
-    current: lineage.Version,
-    image: str,
-    pool: ThreadPoolExecutor,
-) -> tuple[dict[str, Any], bool]:
-    """The Job, after its NetworkPolicy: on an enforcing CNI its pod never runs unisolated."""
-    if rt.settings.job_network_policy:
-        policy, _ = await rt.call(pool, rt.kube.create_if_absent, build_network_policy(view.ref, spec, rt.settings))
-        _check_owner(policy, view)
-    job, created = await rt.call(pool, rt.kube.create_if_absent, build_job(view.ref, spec, rt.settings, current, image))
-    _check_owner(job, view)
-    return job, created
-
-
-def _check_owner(obj: dict[str, Any], view: RequestView) -> None:
-    """Refuse an object under our name that this request does not own (a tenant may pre-create names)."""
-    owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
-    if view.uid not in owners:
-        kind, name = obj.get("kind", "Object"), obj["metadata"]["name"]
-        raise RuntimeError(f"{kind} {name} exists but belongs to another object")
+    except lineage.LineageError as error:
+        raise LaunchFailedError(states.REASON_LINEAGE_BROKEN, str(error)) from None
 
 
 async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str) -> None:
-    """Create the spec ConfigMap and the Job (or find them) and mark the request Running.
-
-    Raises BrokenLineageError when the model's lineage is corrupt, and
-    RuntimeError when a Job or NetworkPolicy of that name belongs to another object.
-    """
+    """Steps 1-4 for a request the scheduler chose (phase Pending or Queued)."""
     pool = rt.launch_pool
-    status = rt.current_status(view)
     current = (await current_lineage(rt, view, spec, pool)).current
-    # The spec ConfigMap and the Job in parallel: the pod's volume waits for
-    # the ConfigMap anyway, and one round trip less matters in a burst.
-    results = await asyncio.gather(
-        rt.call(pool, rt.kube.create_if_absent, build_spec_configmap(view.ref, spec, current)),
-        isolated_job(rt, view=view, spec=spec, current=current, image=image, pool=pool),
+    intent = states.launching(
+        rt.current_status(view),
+        job_name=job_name(view.name, view.uid),
+        model_version=current.version + 1,
+        input_model={"uri": current.uri, "sha256": current.sha256},
+        generation=view.generation,
+        now=rt.clock(),
     )
-    job, created = results[1]
-    version = model_version_of(job, default=current.version + 1)
+    # The record and the spec ConfigMap together: one round trip less in a burst. The ConfigMap is inert
+    # (no Job reads it yet) and owned by the request, so one made for a launch that fails is harmless.
+    config_map = build_spec_configmap(view.ref, spec, current)
+    written, made = await asyncio.gather(
+        rt.write_status_reading(view, intent, pool), _create_checked(rt, config_map), return_exceptions=True
+    )
+    if isinstance(written, BaseException):
+        raise written
+    if written is None:
+        return  # deleted meanwhile
+    if written != view.generation:
+        raise LaunchFailedError(
+            states.REASON_SPEC_CHANGED,
+            f"the spec changed (generation {view.generation} -> {written}) while the operator was launching "
+            "this request; nothing ran, and the spec cannot change any more: create a new UnlearningRequest "
+            "with the spec you want",
+        )
+    if isinstance(made, BaseException):
+        raise made
+    _check_spec_configmap(view, config_map, *made)
+    await _create_job(rt, view, spec, image, current, first_try=True)
+
+
+async def resume(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str) -> None:
+    """Steps 3-4 for a request whose status records its Job but not yet that it exists."""
+    status = rt.current_status(view)
+    if status.get("observedGeneration") != view.generation:
+        raise LaunchFailedError(
+            states.REASON_SPEC_CHANGED,
+            f"the spec is at generation {view.generation}, but the Job was recorded for generation "
+            f"{status.get('observedGeneration')}; nothing ran: create a new UnlearningRequest",
+        )
+    recorded = status.get("inputModel") or {}
+    current = lineage.Version(
+        version=int(status.get("modelVersion", 1)) - 1,
+        uri=str(recorded.get("uri", "")),
+        sha256=str(recorded.get("sha256", "")),
+        request="",
+        parent=None,
+    )
+    config_map = build_spec_configmap(view.ref, spec, current)
+    _check_spec_configmap(view, config_map, *await _create_checked(rt, config_map))
+    await _create_job(rt, view, spec, image, current, first_try=False)
+
+
+async def _create_checked(rt: Runtime, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    try:
+        return await rt.call(rt.launch_pool, rt.kube.create_if_absent, obj)
+    except ApiError as error:
+        if error.permanent:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            raise LaunchFailedError(
+                states.REASON_LAUNCH_REFUSED,
+                f"the API server refused to create {kind} {name}: {error.message or error.reason}",
+            ) from None
+        raise
+
+
+def _check_spec_configmap(view: RequestView, built: dict[str, Any], found: dict[str, Any], created: bool) -> None:
+    if not created and (problem := adoption.spec_configmap_problem(found, built, view.ref)) is not None:
+        raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")
+
+
+async def _create_job(
+    rt: Runtime,
+    view: RequestView,
+    spec: UnlearningRequestSpec,
+    image: str,
+    current: lineage.Version,
+    *,
+    first_try: bool,
+) -> None:
+    """The Job, once its spec ConfigMap exists; then status says it is created."""
+    pool = rt.launch_pool
+    ref = view.ref
+    if rt.settings.job_network_policy:
+        # Before the Job: on a CNI that enforces policies its pod never runs unisolated.
+        policy = build_network_policy(ref, spec, rt.settings)
+        found, made = await _create_checked(rt, policy)
+        if not made and (problem := adoption.network_policy_problem(found, policy, ref)) is not None:
+            raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")
+    manifest = build_job(ref, spec, rt.settings, current, image, generation=view.generation)
+    job, created = await _create_checked(rt, manifest)
+    status = rt.current_status(view)
+    if not created:
+        name = manifest["metadata"]["name"]
+        problem = (
+            f"Job {name} existed before the operator created it"
+            if first_try
+            else adoption.job_problem(job, ref, status, adoption.build_of(job, status, spec.output.location.uri))
+        )
+        if problem is not None:
+            raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")
     now = rt.clock()
     new = states.running(
         status,
-        job_name=job["metadata"]["name"],
+        job_name=manifest["metadata"]["name"],
         attempt=1,
-        model_version=version,
+        model_version=current.version + 1,
         input_model={"uri": current.uri, "sha256": current.sha256},
         generation=view.generation,
         now=now,
@@ -109,7 +205,12 @@ async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, im
     if not await rt.write_status(view, new, pool):
         return
     log.info(
-        "Job %s for %s/%s (model version %d -> %d)", new["jobName"], view.namespace, view.name, current.version, version
+        "Job %s for %s/%s (model version %d -> %d)",
+        new["jobName"],
+        view.namespace,
+        view.name,
+        current.version,
+        current.version + 1,
     )
     if created:
         created_at = parse_time(view.created)

@@ -61,13 +61,18 @@ FAILURE_REASONS = (
     states.REASON_JOB_DELETED,
     states.REASON_BAD_RESULT,
     states.REASON_ERROR,
+    states.REASON_NAME_CONFLICT,
+    states.REASON_SPEC_CHANGED,
+    states.REASON_LINEAGE_BROKEN,
+    states.REASON_LAUNCH_REFUSED,
 )
 # The gate label's values: the spec's gate fields (camelCase), and "other" for
 # a failed gate this operator's spec does not name (a record from a newer job).
 GATES = tuple(info.alias or name for name, info in GatesSpec.model_fields.items())
 OTHER_GATE = "other"
-# The operator's handlers and background tasks (main.py's kopf handlers, Runtime.spawn names, the tick).
-HANDLERS = ("request", "job", "launch", "queue", "event", "pending", "tick")
+# The operator's handlers and background tasks (main.py's kopf handlers, Runtime.spawn names, the tick,
+# and the tick's retries: resume a launch, finish a request, a Job's TTL, a deleted request's audit record).
+HANDLERS = ("request", "job", "launch", "queue", "event", "pending", "tick", "resume", "finish", "ttl", "audit")
 AUDIT_WRITTEN = "written"
 AUDIT_FAILED = "failed"
 WAITING_PHASES = (states.PENDING, states.QUEUED)

@@ -12,9 +12,11 @@ Nothing on Secrets. Checked against kopf 1.45 with ``standalone=True``
 * kopf posts core/v1 ``events`` (create) for kopf.event() and handler errors.
 * The operator creates Jobs, ConfigMaps (spec, audit, lineage) and each
   Job's NetworkPolicy, reads them back on 409 to adopt, updates lineage
-  ConfigMaps, lists a Job's pods and patches requests' status. It never
-  deletes anything: garbage collection removes a request's Job, spec
-  ConfigMap and NetworkPolicy through owner references.
+  ConfigMaps, lists a Job's pods and patches requests' status. It patches a
+  Job once, to set its ``ttlSecondsAfterFinished`` after its result is
+  recorded. It never deletes anything: garbage collection removes a
+  request's Job, spec ConfigMap and NetworkPolicy through owner references,
+  the TTL controller a finished Job.
 
 The integration tests run the operator as a user bound to exactly these
 rules, so a missing verb fails them.
@@ -37,8 +39,9 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [API_GROUP], "resources": [REQUEST.plural], "verbs": ["list", "watch"]},
     # Status patches (merge patch on the status subresource).
     {"apiGroups": [API_GROUP], "resources": [f"{REQUEST.plural}/status"], "verbs": ["patch"]},
-    # kopf: the Job watch and index; the operator creates Jobs and reads one back on 409 or to check it exists.
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
+    # kopf: the Job watch and index; the operator creates Jobs, reads one back on 409 or to check it exists,
+    # and patches one's ttlSecondsAfterFinished once its result is recorded.
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # A Job's pods: termination messages and pending reasons (listed by job-name label, never watched).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Spec, audit and lineage ConfigMaps: create if absent, read back, replace the lineage.

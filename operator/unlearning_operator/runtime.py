@@ -59,6 +59,11 @@ class Runtime:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     known_lineages: set[Key] = field(default_factory=set)
     """(namespace, model) whose lineage ConfigMap this process has created or read."""
+    ended_jobs: dict[Key, tuple[dict[str, Any], list[dict[str, Any]]]] = field(default_factory=dict)
+    """A finished Job and its pods as last read, per request, until its completion is recorded: a Job
+    deleted meanwhile (by a person: its TTL waits for the record) is finished from this copy."""
+    retrying: set[tuple[Key, str]] = field(default_factory=set)
+    """(request, what) retries the periodic check has in flight, so a slow one is not started twice."""
     unwritten_audits: set[Key] = field(default_factory=set)
     """Finished requests whose audit ConfigMap the last attempt could not write."""
 
@@ -89,14 +94,22 @@ class Runtime:
         return view.status
 
     async def write_status(self, view: RequestView, new: dict[str, Any], pool: ThreadPoolExecutor) -> bool:
-        """Patch only what changed; remember what we wrote (we are the only writer)."""
+        """Patch only what changed; remember what we wrote (we are the only writer). False: the request is gone."""
+        return await self.write_status_reading(view, new, pool) is not None
+
+    async def write_status_reading(
+        self, view: RequestView, new: dict[str, Any], pool: ThreadPoolExecutor
+    ) -> int | None:
+        """``write_status``, returning the request's metadata.generation as the API server answered it
+        (the view's when there was nothing to write), or None when the request is gone."""
         patch = states.status_patch(self.current_status(view), new)
         if patch is None:
-            return True
-        ok = await self.call(pool, self.kube.patch_request_status, view.namespace, view.name, patch)
-        if ok:
-            self.statuses[view.key] = (view.uid, new)
-        return ok
+            return view.generation
+        answer = await self.call(pool, self.kube.patch_request_status, view.namespace, view.name, patch)
+        if answer is None:
+            return None
+        self.statuses[view.key] = (view.uid, new)
+        return int((answer.get("metadata") or {}).get("generation") or view.generation)
 
     async def event(self, view: RequestView, type_: str, reason: str, message: str) -> None:
         try:
@@ -121,7 +134,24 @@ class Runtime:
         """Drop what is cached for a request that is gone."""
         self.statuses.pop(key, None)
         self.locks.pop(key, None)
+        self.ended_jobs.pop(key, None)
         self._audit_unwritten(key, False)
+
+    def retry(self, key: Key, what: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Spawn a retry unless the same one is still running (``what`` also labels its errors)."""
+        token = (key, what)
+        if token in self.retrying:
+            coro.close()
+            return
+        self.retrying.add(token)
+
+        async def once() -> None:
+            try:
+                await coro
+            finally:
+                self.retrying.discard(token)
+
+        self.spawn(once(), what)
 
     async def stop(self) -> None:
         for task in list(self.tasks):

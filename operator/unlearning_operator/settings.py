@@ -19,15 +19,20 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from typing import Any
 
+from unlearning_contracts.factories import parse_allowed_modules
 from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT
+
+from .quantities import quantity
 
 DEFAULT_JOB_IMAGE = "ghcr.io/unlearning-operator/unlearn-job:0.1.0"
 
 _CPU = re.compile(r"^\d+(\.\d+)?m?$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 class SettingsError(ValueError):
@@ -40,18 +45,20 @@ Parse = Callable[[str, str], Any]
 
 @dataclass(frozen=True)
 class Env:
-    """Where a setting comes from: its environment variable and how its text is read."""
+    """Where a setting comes from: its environment variable, how its text is read, and its chart value."""
 
     name: str
     parse: Parse
+    chart: str | None = None
+    """The chart value that sets it (dotted), named in messages that tell a tenant what the admin allows."""
 
 
 _ENV = "env"
 
 
-def env(name: str, parse: Parse) -> dict[str, Env]:
-    """A setting field's metadata: ``field(default=..., metadata=env("UNLEARNING_X", parser))``."""
-    return {_ENV: Env(name, parse)}
+def env(name: str, parse: Parse, chart: str | None = None) -> dict[str, Env]:
+    """A setting field's metadata: ``field(default=..., metadata=env("UNLEARNING_X", parser, "job.x"))``."""
+    return {_ENV: Env(name, parse, chart)}
 
 
 # -- parsers ------------------------------------------------------------------------------------
@@ -78,6 +85,29 @@ def _namespaces(name: str, raw: str) -> tuple[str, ...]:
 
 def _images(name: str, raw: str) -> frozenset[str]:
     return frozenset(_csv(name, raw))
+
+
+def _modules(name: str, raw: str) -> tuple[str, ...]:
+    # The job reads the same list with the same parser (contracts' factories.py): one meaning of a prefix.
+    try:
+        return parse_allowed_modules(raw)
+    except ValueError as error:
+        raise SettingsError(f"{name}: {error}; no wildcards") from None
+
+
+def _names(name: str, raw: str) -> frozenset[str]:
+    names = _csv(name, raw)
+    for item in names:
+        if not _SUBDOMAIN.match(item) or len(item) > 253:
+            raise SettingsError(f"{name}: {item!r} is not an object name (a DNS subdomain such as batch-low)")
+    return frozenset(names)
+
+
+def _queue(name: str, raw: str) -> str:
+    queue = raw.strip()
+    if not _NAMESPACE.match(queue) or len(queue) > 63:
+        raise SettingsError(f"{name}={raw!r}: not a LocalQueue name (a DNS label such as team-gpus)")
+    return queue
 
 
 def _integer(minimum: int, maximum: int) -> Parse:
@@ -175,8 +205,18 @@ class OperatorSettings:
     """Namespaces to watch; empty means cluster-wide (needs a ClusterRole)."""
     job_image: str = field(default=DEFAULT_JOB_IMAGE, metadata=env("UNLEARNING_JOB_IMAGE", _text))
     """Image every Job runs unless a request picks another allow-listed one."""
-    allowed_images: frozenset[str] = field(default=frozenset(), metadata=env("UNLEARNING_ALLOWED_IMAGES", _images))
+    allowed_images: frozenset[str] = field(
+        default=frozenset(), metadata=env("UNLEARNING_ALLOWED_IMAGES", _images, "job.allowedImages")
+    )
     """Images a request may choose in spec.job.image; job_image is always allowed."""
+    allowed_factory_modules: tuple[str, ...] = field(
+        default=(), metadata=env("UNLEARNING_ALLOWED_FACTORY_MODULES", _modules, "job.allowedFactoryModules")
+    )
+    """Module prefixes a request's model.architecture.factory may come from (empty: no factory runs).
+
+    A factory is code the job imports and calls, so it is the admin's to allow
+    (for modules baked into a derived job image); the Job gets the same list.
+    """
     job_gpus: int = field(default=1, metadata=env("UNLEARNING_JOB_GPUS", _integer(0, 64)))
     """nvidia.com/gpu per pod when the request does not say (0 = CPU-only, limit omitted)."""
     job_cpu: str = field(default="4", metadata=env("UNLEARNING_JOB_CPU", _quantity(_CPU, '"4" or "500m"')))
@@ -207,6 +247,41 @@ class OperatorSettings:
     """Affinity of Job pods (JSON object)."""
     job_priority_class: str | None = field(default=None, metadata=env("UNLEARNING_JOB_PRIORITY_CLASS", _text))
     """Priority class of Job pods unless a request names one."""
+    allowed_priority_classes: frozenset[str] = field(
+        default=frozenset(),
+        metadata=env("UNLEARNING_ALLOWED_PRIORITY_CLASSES", _names, "job.bounds.allowedPriorityClasses"),
+    )
+    """Priority classes a request may name in spec.job.priorityClassName (job_priority_class always)."""
+    allow_keyless_tolerations: bool = field(
+        default=False, metadata=env("UNLEARNING_ALLOW_KEYLESS_TOLERATIONS", _bool, "job.bounds.allowKeylessTolerations")
+    )
+    """Whether a request may tolerate with no key (operator Exists), which tolerates every taint."""
+    max_job_gpus: int = field(default=8, metadata=env("UNLEARNING_MAX_JOB_GPUS", _integer(0, 64), "job.bounds.maxGpus"))
+    """Most nvidia.com/gpu a request may ask for (one 8-GPU node by default)."""
+    max_job_cpu: str = field(
+        default="32", metadata=env("UNLEARNING_MAX_JOB_CPU", _quantity(_CPU, '"32"'), "job.bounds.maxCpu")
+    )
+    """Most CPU a request may ask for."""
+    max_job_memory: str = field(
+        default="256Gi",
+        metadata=env("UNLEARNING_MAX_JOB_MEMORY", _quantity(_MEMORY, '"256Gi"'), "job.bounds.maxMemory"),
+    )
+    """Most memory a request may ask for."""
+    max_job_deadline_seconds: int = field(
+        default=86400,
+        metadata=env(
+            "UNLEARNING_MAX_JOB_DEADLINE_SECONDS", _integer(60, 30 * 24 * 3600), "job.bounds.maxActiveDeadlineSeconds"
+        ),
+    )
+    """Longest spec.job.activeDeadlineSeconds a request may set: one day holds a GPU long enough."""
+    job_queue_name: str | None = field(
+        default=None, metadata=env("UNLEARNING_JOB_QUEUE_NAME", _queue, "job.kueue.queueName")
+    )
+    """Kueue LocalQueue of Jobs whose request names none (empty: such Jobs bypass Kueue)."""
+    require_queue_name: bool = field(
+        default=False, metadata=env("UNLEARNING_REQUIRE_QUEUE_NAME", _bool, "job.kueue.required")
+    )
+    """With Kueue: every Job must go through a LocalQueue (the request's or job_queue_name)."""
     job_deadline_seconds: int = field(
         default=21600, metadata=env("UNLEARNING_JOB_DEADLINE_SECONDS", _integer(60, 30 * 24 * 3600))
     )
@@ -217,8 +292,17 @@ class OperatorSettings:
         default=86400, metadata=env("UNLEARNING_JOB_TTL_SECONDS", _integer(0, 365 * 24 * 3600))
     )
     """ttlSecondsAfterFinished: the result is in status and the audit record by then."""
-    max_concurrent_jobs: int = field(default=4, metadata=env("UNLEARNING_MAX_CONCURRENT_JOBS", _integer(1, 100000)))
+    max_concurrent_jobs: int = field(
+        default=4, metadata=env("UNLEARNING_MAX_CONCURRENT_JOBS", _integer(1, 100000), "job.maxConcurrentJobs")
+    )
     """Cluster-wide cap on unfinished Jobs; the rest wait in phase Queued."""
+    max_concurrent_jobs_per_namespace: int = field(
+        default=0,
+        metadata=env(
+            "UNLEARNING_MAX_CONCURRENT_JOBS_PER_NAMESPACE", _integer(0, 100000), "job.maxConcurrentJobsPerNamespace"
+        ),
+    )
+    """Cap on one namespace's unfinished Jobs (0: only the global cap), so one tenant cannot hold every slot."""
     pending_alert_seconds: int = field(
         default=120, metadata=env("UNLEARNING_PENDING_ALERT_SECONDS", _integer(1, 7 * 24 * 3600))
     )
@@ -264,6 +348,14 @@ ENV_VARS: tuple[str, ...] = tuple(declared.name for _, declared in _declared())
 """Every variable the operator reads, in field order."""
 
 
+def where_set(field_name: str) -> str:
+    """How the admin changes a setting, for messages: ``chart value job.x (UNLEARNING_X)``."""
+    declared = dict(_declared())[field_name]
+    if declared.chart is None:
+        return declared.name
+    return f"chart value {declared.chart} ({declared.name})"
+
+
 def load_settings(environ: Mapping[str, str]) -> OperatorSettings:
     """Parse the UNLEARNING_* variables; raise SettingsError naming the first bad one."""
     values: dict[str, Any] = {}
@@ -295,4 +387,42 @@ def load_settings(environ: Mapping[str, str]) -> OperatorSettings:
             )
     if settings.metrics_port == settings.health_port:
         raise SettingsError(f"UNLEARNING_HEALTH_PORT={settings.health_port}: must differ from UNLEARNING_METRICS_PORT")
+    _check_defaults_within_bounds(settings)
     return settings
+
+
+def _check_defaults_within_bounds(settings: OperatorSettings) -> None:
+    """A default above its own bound would reject every request that leaves the field out."""
+    pairs: list[tuple[str, object, Fraction, str, Fraction]] = [
+        (
+            "UNLEARNING_JOB_GPUS",
+            settings.job_gpus,
+            Fraction(settings.job_gpus),
+            "UNLEARNING_MAX_JOB_GPUS",
+            Fraction(settings.max_job_gpus),
+        ),
+        (
+            "UNLEARNING_JOB_CPU",
+            settings.job_cpu,
+            quantity(settings.job_cpu),
+            "UNLEARNING_MAX_JOB_CPU",
+            quantity(settings.max_job_cpu),
+        ),
+        (
+            "UNLEARNING_JOB_MEMORY",
+            settings.job_memory,
+            quantity(settings.job_memory),
+            "UNLEARNING_MAX_JOB_MEMORY",
+            quantity(settings.max_job_memory),
+        ),
+        (
+            "UNLEARNING_JOB_DEADLINE_SECONDS",
+            settings.job_deadline_seconds,
+            Fraction(settings.job_deadline_seconds),
+            "UNLEARNING_MAX_JOB_DEADLINE_SECONDS",
+            Fraction(settings.max_job_deadline_seconds),
+        ),
+    ]
+    for name, shown, value, bound_name, bound in pairs:
+        if value > bound:
+            raise SettingsError(f"{name}={shown}: above {bound_name}; raise the bound or lower the default")

@@ -5,6 +5,17 @@ Phases::
     (new) -> Pending -> Queued <-> Pending -> Running -> Succeeded | Failed
           \\-> Rejected                                 (terminal phases never change)
 
+Running begins before the Job exists: the operator first records which Job
+it will create (``launching``: ``jobName``, the versions, JobCreated=False
+``CreatingJob``), then creates it (``running``: JobCreated=True). The record
+comes first for two reasons. A Job under that name is adopted only when the
+request's status names it, and only the operator writes status, so a Job a
+tenant created in advance never is. And ``jobName`` freezes the spec (the
+CRD's transition rule), so the Job is built from a spec that can no longer
+change; an edit that landed just before the freeze shows as a new generation
+in the answer, and the request fails with ``SpecChanged`` instead of running
+a spec other than the one it now shows.
+
 Every transition takes the current status (a camelCase dict, as stored) and
 returns the whole new status; the handler patches only the difference
 (``status_patch``), so an unchanged reconcile writes nothing and a restarted
@@ -60,8 +71,13 @@ CONDITION_TYPES = (ACCEPTED, JOB_CREATED, POD_PENDING, COMPLETE, GATES_PASSED)
 REASON_VALID = "SpecValid"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+REASON_FACTORY_NOT_ALLOWED = "FactoryNotAllowed"
+REASON_CLAIM_REQUIRED = "ClaimRequired"
+REASON_PLACEMENT_NOT_ALLOWED = "PlacementNotAllowed"
 REASON_WAITING_FOR_MODEL = "WaitingForModel"
 REASON_WAITING_FOR_CAPACITY = "WaitingForCapacity"
+REASON_WAITING_FOR_NAMESPACE = "WaitingForNamespaceCapacity"
+REASON_CREATING_JOB = "CreatingJob"
 REASON_JOB_CREATED = "JobCreated"
 REASON_UNSCHEDULABLE = "Unschedulable"
 REASON_IMAGE_PULL = "ImagePullFailed"
@@ -77,6 +93,14 @@ REASON_BACKOFF = "BackoffLimitExceeded"
 REASON_JOB_DELETED = "JobDeleted"
 REASON_BAD_RESULT = "MalformedResult"
 REASON_ERROR = "JobFailed"
+REASON_NAME_CONFLICT = "NameConflict"
+"""An object under one of the operator's names that it did not make (a Job, a pod, a ConfigMap)."""
+REASON_SPEC_CHANGED = "SpecChanged"
+REASON_LINEAGE_BROKEN = "LineageBroken"
+REASON_LAUNCH_REFUSED = "LaunchRefused"
+"""The API server refused the Job or its spec ConfigMap for good (invalid, forbidden, over quota)."""
+REASON_REQUEST_DELETED = "RequestDeleted"
+"""Only in an audit record: the request was deleted while its Job ran."""
 
 _DATE_TIME: JsonDict = {"format": "date-time"}
 _INT64: JsonDict = {"format": "int64"}
@@ -279,6 +303,35 @@ def queued(status: dict[str, Any] | None, reason: str, message: str, generation:
     _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
     _with(new, JOB_CREATED, False, reason, message, now=now)
     return new
+
+
+def launching(
+    status: dict[str, Any] | None,
+    *,
+    job_name: str,
+    model_version: int,
+    input_model: dict[str, Any],
+    generation: int,
+    now: datetime,
+) -> dict[str, Any]:
+    """The operator commits to a Job before creating it (see the module docstring)."""
+    new = _base(status, generation)
+    new["phase"] = RUNNING
+    new["jobName"] = job_name
+    new["attempt"] = 1
+    new["modelVersion"] = model_version
+    new["inputModel"] = input_model
+    new.setdefault("startTime", timestamp(now))
+    new["message"] = f"creating Job {job_name} for model version {model_version - 1} -> {model_version}"
+    _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
+    _with(new, JOB_CREATED, False, REASON_CREATING_JOB, f"creating Job {job_name}", now=now)
+    return new
+
+
+def job_created(status: dict[str, Any] | None) -> bool:
+    """Whether the request's Job exists (JobCreated=True), not just its launch recorded."""
+    condition = get_condition(status, JOB_CREATED)
+    return condition is not None and condition.get("status") == "True"
 
 
 def running(

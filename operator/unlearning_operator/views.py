@@ -42,6 +42,8 @@ class RequestView:
     """spec.model.name, read from the raw spec when the spec is invalid (the scheduler still groups by it)."""
     status: dict[str, Any]
     deleting: bool = False
+    submitted: dict[str, Any] | None = None
+    """The raw spec, kept only when it is invalid (its Rejected audit record shows it as submitted)."""
 
     @property
     def key(self) -> Key:
@@ -69,6 +71,9 @@ class JobView:
     active: int
     ready: int
     suspended: bool
+    uid: str = ""
+    ttl: int | None = None
+    """spec.ttlSecondsAfterFinished: None until the operator has recorded the Job's result."""
 
 
 def request_view(body: Mapping[str, Any]) -> RequestView:
@@ -92,6 +97,7 @@ def request_view(body: Mapping[str, Any]) -> RequestView:
         model=spec.model.name if spec is not None else str(model.get("name", "")) if isinstance(model, dict) else "",
         status=copy.deepcopy(dict(body.get("status") or {})),
         deleting=bool(metadata.get("deletionTimestamp")),
+        submitted=copy.deepcopy(raw) if spec is None else None,
     )
 
 
@@ -100,6 +106,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     owners = metadata.get("ownerReferences") or []
     owner_uid = next((str(o.get("uid", "")) for o in owners if o.get("kind") == REQUEST.kind), "")
     status = body.get("status") or {}
+    ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
     return JobView(
         namespace=str(metadata.get("namespace", "")),
         name=str(metadata.get("name", "")),
@@ -110,6 +117,8 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
         suspended=bool((body.get("spec") or {}).get("suspend")),
+        uid=str(metadata.get("uid", "")),
+        ttl=int(ttl) if ttl is not None else None,
     )
 
 

@@ -77,6 +77,11 @@ def test_template_renders_and_settings_parse(render: Render, values_file: str | 
         ({"job": {"nodeselector": {"a": "b"}}}, "nodeselector"),
         ({"job": {"memory": "16 GB"}}, "/job/memory"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
+        ({"job": {"bounds": {"maxGpus": "all"}}}, "/job/bounds/maxGpus"),
+        ({"job": {"bounds": {"maxMemory": "lots"}}}, "/job/bounds/maxMemory"),
+        ({"job": {"allowedFactoryModules": ["os:system"]}}, "/job/allowedFactoryModules"),
+        ({"job": {"kueue": {"required": "yes"}}}, "/job/kueue/required"),
+        ({"job": {"maxConcurrentJobsPerNamespace": -1}}, "/job/maxConcurrentJobsPerNamespace"),
     ],
 )
 def test_bad_values_fail_with_the_schema_message(
@@ -204,6 +209,14 @@ def test_job_defaults_become_operator_settings(render: Render) -> None:
     assert settings.job_ttl_seconds == 3600
     assert settings.max_concurrent_jobs == 2
     assert settings.pending_alert_seconds == 600
+    # The admin's bounds and allow-lists.
+    assert settings.allowed_factory_modules == ("mylab.models",)
+    assert (settings.max_job_gpus, settings.max_job_cpu, settings.max_job_memory) == (4, "16", "128Gi")
+    assert settings.max_job_deadline_seconds == 43200
+    assert settings.allowed_priority_classes == {"gpu-batch-high"}
+    assert settings.allow_keyless_tolerations is True
+    assert (settings.job_queue_name, settings.require_queue_name) == ("gpu-queue", True)
+    assert settings.max_concurrent_jobs_per_namespace == 1
 
 
 def test_large_integers_are_not_rendered_in_float_notation(offline_helm: Helm, tmp_path: Path) -> None:

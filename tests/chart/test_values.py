@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,18 @@ def test_defaults_match_the_operator_settings() -> None:
     assert job["backoffLimit"] == defaults.job_backoff_limit
     assert job["ttlSecondsAfterFinished"] == defaults.job_ttl_seconds
     assert job["maxConcurrentJobs"] == defaults.max_concurrent_jobs
+    assert job["maxConcurrentJobsPerNamespace"] == defaults.max_concurrent_jobs_per_namespace
+    assert job["allowedFactoryModules"] == list(defaults.allowed_factory_modules) == []
+    bounds = job["bounds"]
+    assert bounds["maxGpus"] == defaults.max_job_gpus
+    assert bounds["maxCpu"] == defaults.max_job_cpu
+    assert bounds["maxMemory"] == defaults.max_job_memory
+    assert bounds["maxActiveDeadlineSeconds"] == defaults.max_job_deadline_seconds
+    assert bounds["allowedPriorityClasses"] == sorted(defaults.allowed_priority_classes) == []
+    assert bounds["allowKeylessTolerations"] is defaults.allow_keyless_tolerations is False
+    assert job["kueue"] == {"queueName": "", "required": False}
+    assert defaults.job_queue_name is None
+    assert defaults.require_queue_name is False
     assert job["pendingAlertSeconds"] == defaults.pending_alert_seconds
     assert job["volumeRoot"] == defaults.job_volume_root
     assert values["ports"] == {"metrics": defaults.metrics_port, "health": defaults.health_port}
@@ -117,3 +130,17 @@ def test_defaults_match_the_operator_settings() -> None:
     assert election["leaseDurationSeconds"] == defaults.lease_duration_seconds
     assert election["renewDeadlineSeconds"] == defaults.lease_renew_deadline_seconds
     assert election["retryPeriodSeconds"] == defaults.lease_retry_period_seconds
+
+
+def test_chart_values_named_in_messages_exist() -> None:
+    # A Rejected message tells the tenant which chart value allows more; that value must exist.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for item in fields(OperatorSettings):
+        declared = item.metadata["env"]
+        if declared.chart is None:
+            continue
+        node: Any = values
+        for part in declared.chart.split("."):
+            assert isinstance(node, dict)
+            assert part in node, f"{declared.name}: chart value {declared.chart} missing"
+            node = node[part]

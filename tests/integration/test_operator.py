@@ -20,6 +20,7 @@ from kubernetes import client
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import GpuNode, wait_for
 from tests.integration.conftest import GROUP, PLURAL, VERSION, OperatorProcess, PhaseRecorder, request_manifest
+from unlearning_operator.names import audit_configmap_name
 
 pytestmark = pytest.mark.cluster
 
@@ -124,8 +125,11 @@ def test_request_runs_to_succeeded_and_deletion_keeps_the_audit_record(
     output = models_pvc / record["outputModel"]["uri"].removeprefix("pvc://models/")
     assert output.is_file()
 
-    # Job: owned by the request, labelled, the restricted profile, GPU limit.
+    # Job: owned by the request, labelled, the restricted profile, GPU limit; its TTL set only now that
+    # the result is recorded (Kubernetes could have deleted it, and its pod's record, before).
     [job] = jobs_of(cp, namespace, "digits-a")
+    assert job.spec.ttl_seconds_after_finished == 86400
+    assert job.metadata.annotations["unlearn.dev/spec-generation"] == str(done["metadata"]["generation"])
     assert job.metadata.owner_references[0].uid == done["metadata"]["uid"]
     container = job.spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "1"
@@ -217,6 +221,45 @@ def test_schema_invalid_requests_are_refused_by_the_api_server(
             "spec.job.image: evil/miner:1 is not allowed",
         ),
         ("duplicates", {"forget": {"indices": [3, 3]}}, "InvalidSpec", "spec.forget: forget.indices has duplicates"),
+        # The probe: a factory that runs a shell command, a priority class that preempts the
+        # cluster's own pods, every taint tolerated, a week on 64 GPUs, an output outside any claim.
+        (
+            "shell-factory",
+            {
+                "model": {
+                    "name": "m",
+                    "format": "state-dict",
+                    "source": {"claimName": "models", "path": "m.safetensors"},
+                    "architecture": {"factory": "os:system", "kwargs": {"command": "touch /tmp/pwned"}},
+                }
+            },
+            "FactoryNotAllowed",
+            "spec.model.architecture.factory: os:system is not allowed",
+        ),
+        (
+            "critical",
+            {"job": {"priorityClassName": "system-node-critical"}},
+            "PlacementNotAllowed",
+            "spec.job.priorityClassName: system-node-critical is not allowed",
+        ),
+        (
+            "tolerate-all",
+            {"job": {"tolerations": [{"operator": "Exists"}]}},
+            "PlacementNotAllowed",
+            "spec.job.tolerations[0]: a toleration without a key tolerates every taint",
+        ),
+        (
+            "greedy",
+            {"job": {"gpus": 64, "activeDeadlineSeconds": 604800}},
+            "PlacementNotAllowed",
+            "spec.job.gpus: 64 is above this cluster's bound of 8 per Job (chart value job.bounds.maxGpus",
+        ),
+        (
+            "tmp-output",
+            {"output": {"location": {"path": "/tmp/out"}}},
+            "ClaimRequired",
+            "spec.output.location: /tmp/out names no claimName",
+        ),
     ],
 )
 def test_invalid_requests_are_rejected_by_the_operator(
@@ -237,6 +280,14 @@ def test_invalid_requests_are_rejected_by_the_operator(
     assert words in done["status"]["message"]
     assert not jobs_of(control_plane, namespace, name)
     wait_for("Rejected event", lambda: any(r == "Rejected" for _, r, _ in events_for(control_plane, namespace, name)))
+    # A Rejected request has its audit record too: what was asked, and why it was refused.
+    audit = client.CoreV1Api(control_plane.api_client()).read_namespaced_config_map(
+        done["status"]["auditConfigMap"], namespace
+    )
+    assert audit.immutable is True
+    outcome = json.loads(audit.data["outcome.json"])
+    assert (outcome["phase"], outcome["reason"]) == ("Rejected", reason)
+    assert words in outcome["message"]
     # Rejected is final: the operator keeps running and writes nothing more.
     operator_process.check_alive()
 
@@ -300,6 +351,29 @@ def test_two_requests_for_one_model_run_in_sequence(
     lineage = core.read_namespaced_config_map("unlearn-model-digits-mlp", namespace).data
     assert json.loads(lineage["current"])["version"] == 2
     assert [(v["version"], v["parent"]) for v in json.loads(lineage["history"])] == [(0, None), (1, 0), (2, 1)]
+
+
+def test_a_request_deleted_while_its_job_runs_leaves_an_audit_record(
+    control_plane: ControlPlane, namespace: str, models_pvc: Path, operator_process: OperatorProcess
+) -> None:
+    cp = control_plane
+    request = create(cp, namespace, request_manifest("gone"))
+    running = wait_phase(cp, namespace, "gone", ("Running",), timeout=60)
+    custom(cp).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gone")
+    core = client.CoreV1Api(cp.api_client())
+    name = audit_configmap_name("gone", request["metadata"]["uid"])
+
+    def recorded() -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(core.read_namespaced_config_map(name, namespace).data["outcome.json"]))
+        except client.ApiException:
+            return None
+
+    outcome = wait_for("the deleted request's audit record", recorded, timeout=60)
+    assert (outcome["phase"], outcome["reason"]) == ("Deleted", "RequestDeleted")
+    assert outcome["jobName"] == running["status"]["jobName"]
+    assert outcome["uid"] == request["metadata"]["uid"]
+    wait_for("Job garbage-collected", lambda: not jobs_of(cp, namespace, "gone"), timeout=60)
 
 
 def test_job_deleted_behind_the_operator_fails_the_request(

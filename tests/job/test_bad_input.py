@@ -347,3 +347,78 @@ def test_an_unexpected_error_is_retryable_and_recorded(tmp_path: Path, run_cli: 
     assert json.loads(result.termination)["exitCode"] == result.code
     assert weights.read_bytes() == before
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_retry_reports_the_version_its_killed_attempt_published(
+    demo_root: Path, tmp_path: Path, run_cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between publishing and reporting, then retried with the same arguments: the Job's next pod reports
+    the version its first pod published (the lineage can move) instead of failing as "already published"; another
+    run, or a file changed since, is still refused."""
+    out = tmp_path / "out"
+    manifest = request(
+        str(demo_root / "models" / "digits" / "digits-mlp.pt2"),
+        str(out),
+        spec={
+            "method": {"name": "gradient-ascent", "forget": {"epochs": 1}, "retain": {"epochs": 1}},
+            "gates": {"maxMiaAuc": 1.0, "maxTestAccuracyDrop": 100.0},
+            "tuning": {"maxAttempts": 1},
+        },
+    )
+    args = ("--model-version", "1", "--run-id", "uid-a")
+
+    def killed(path: Path, record: Any) -> None:
+        raise KeyboardInterrupt  # the pod dies here: published, nothing reported
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "write_termination_message", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_cli(manifest, *args)
+    model, record_file = out / "digits-mlp-v1.pt2", out / "digits-mlp-v1.json"
+    published = json.loads(record_file.read_text())
+    data = model.read_bytes()
+    assert published["config"]["runId"] == "uid-a"
+    assert published["outputModel"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+    def no_second_run(*a: Any, **k: Any) -> runner.Outcome:
+        raise AssertionError("the retry ran the work again")
+
+    monkeypatch.setattr(runner, "run", no_second_run)
+    retry = run_cli(manifest, *args)
+    assert retry.code == 0, retry.stderr
+    assert retry.termination is not None
+    compact = json.loads(retry.termination)
+    assert compact["verdict"] == "Passed"
+    assert compact["modelVersion"] == 1
+    assert compact["outputModel"] == published["outputModel"]
+    assert compact["startedAt"] == published["startedAt"]  # the first attempt's record, not a new one
+    assert retry.record == published
+    assert model.read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["digits-mlp-v1.json", "digits-mlp-v1.pt2"]
+
+    # Another run (another request, whatever its name) finds someone else's version 1: refused, as before.
+    other = run_cli(manifest, "--model-version", "1", "--run-id", "uid-b")
+    assert other.code == EXIT_INVALID_INPUT
+    assert "version 1 of digits-mlp is already published" in other.stderr
+    # So is a run without a run id (unlearn run locally).
+    assert run_cli(manifest, "--model-version", "1").code == EXIT_INVALID_INPUT
+
+    # The file changed after publishing: the record no longer vouches for it, and the run says so.
+    model.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    changed = run_cli(manifest, *args)
+    assert changed.code == EXIT_INVALID_INPUT
+    assert changed.record is not None
+    assert changed.record["error"] == (
+        f"--model-version 1: {out}/digits-mlp-v1.pt2 was published by this run but no longer matches the sha256 in "
+        f"its record ({out}/digits-mlp-v1.json): it was changed after publishing; restore it, or remove both files "
+        "so that the version can be written again"
+    )
+    assert "outputModel" not in changed.record
+
+
+def test_a_run_id_is_bounded(tmp_path: Path, run_cli: RunCli) -> None:
+    result = run_cli(request(str(tmp_path / "m.pt2"), str(tmp_path / "out")), "--run-id", "x" * 129)
+    assert result.code == EXIT_INVALID_INPUT
+    assert result.record is not None
+    assert result.record["error"] == "--run-id: give 1 to 128 bytes of printable text (the request's uid)"
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,7 @@ from tests.operator.factories import raw_spec, record
 from tests.operator.test_controller import FakeKube
 from unlearning_operator import main
 from unlearning_operator import status as st
+from unlearning_operator.completion import AuditNotWrittenError
 from unlearning_operator.controller import Controller
 from unlearning_operator.k8s import ApiError
 from unlearning_operator.metrics import Metrics, build_registry
@@ -39,6 +40,8 @@ from unlearning_operator.settings import OperatorSettings
 from unlearning_operator.views import job_view, request_view
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# spec.output.location of tests/operator/factories.BASE_SPEC, where every Job writes.
+OUTPUT = "pvc://models/digits/versions"
 # The chart's ServiceMonitor interval (metrics.serviceMonitor.interval).
 SCRAPE = 30
 NAMESPACE = "team-a"
@@ -76,8 +79,9 @@ class Lifecycle:
 
     ending: ``passed``, ``gates:<gate>,...`` (verdict Failed), ``invalid-input``,
     ``oom``, ``deadline``, ``crash``, ``malformed`` (no record), ``deleted``
-    (the Job is deleted while it runs), ``audit-fails-once`` (passes, but the
-    first write of its audit ConfigMap times out).
+    (the Job is deleted while it runs), ``audit-fails-10m`` (passes, but its
+    audit ConfigMap cannot be created for ten minutes, as under a full
+    ResourceQuota; the operator retries every tick).
     """
 
     name: str
@@ -111,7 +115,7 @@ LIFECYCLES = (
     Lifecycle("r09", "cifar", "salun", _m(35), _m(10), "passed", auc=0.51),
     Lifecycle("r10", "digits", "gradient-ascent", _m(40), _m(6), "gates:maxTestAccuracyDrop", drop=6.0),
     Lifecycle("r11", "resnet", "neggrad-plus", _m(50), _m(20), "passed", auc=0.5),
-    Lifecycle("r12", "mnist", "scrub", _m(45), _m(15), "audit-fails-once", auc=0.52),
+    Lifecycle("r12", "mnist", "scrub", _m(45), _m(15), "audit-fails-10m", auc=0.52),
     # The pod is replaced at 85-87 min; r13 ends while no operator runs and is
     # finished by the new pod at start-up, before Prometheus first scrapes it.
     Lifecycle("r13", "digits", "salun", _m(75), _m(10), "passed", gpus=2, auc=0.5),
@@ -186,12 +190,13 @@ class ClockedKube(FakeKube):
         super().__init__()
         self.now = now
         self.fail_creates: dict[tuple[str, str], int] = {}
+        self.fail_until: dict[tuple[str, str], datetime] = {}
 
     def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
         obj["metadata"].setdefault("creationTimestamp", st.timestamp(self.now[0]))
         return super()._stamp(obj)
 
-    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         if name in self.requests:
             # Each write makes a new version of the object, as the API server's resourceVersion does.
             self.version += 1
@@ -200,6 +205,9 @@ class ClockedKube(FakeKube):
 
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         kind, name = obj["kind"], obj["metadata"]["name"]
+        for (fail_kind, prefix), until in self.fail_until.items():
+            if kind == fail_kind and name.startswith(prefix) and self.now[0] < until:
+                raise ApiError(403, "Forbidden", f"exceeded quota: configmaps ({kind} {name})")
         for (fail_kind, prefix), left in self.fail_creates.items():
             if left and kind == fail_kind and name.startswith(prefix):
                 self.fail_creates[(fail_kind, prefix)] = left - 1
@@ -207,8 +215,9 @@ class ClockedKube(FakeKube):
         return super().create_if_absent(obj)
 
 
-def job_record(cycle: Lifecycle, version: int) -> dict[str, Any]:
-    """The compact record the job writes to its termination message."""
+def job_record(cycle: Lifecycle, version: int, input_uri: str) -> dict[str, Any]:
+    """The compact record the job writes to its termination message: for the Job's model, version and input,
+    its output in the request's output folder (the operator checks all four against the Job)."""
     pre = {"forgetAccuracy": 100.0, "retainAccuracy": 99.5, "testAccuracy": 97.0, "confidenceGap": 0.08, "miaAuc": 0.7}
     post = {
         "forgetAccuracy": 60.0,
@@ -217,15 +226,26 @@ def job_record(cycle: Lifecycle, version: int) -> dict[str, Any]:
         "confidenceGap": round((cycle.auc - 0.5) / 2, 3),
         "miaAuc": cycle.auc,
     }
-    fields: dict[str, Any] = {"method": cycle.method, "modelVersion": version, "pre": pre, "post": post}
+    output = {"uri": f"{OUTPUT}/{cycle.model}-v{version}.pt2", "sha256": f"{version:064x}", "format": "exported"}
+    fields: dict[str, Any] = {
+        "model": cycle.model,
+        "method": cycle.method,
+        "modelVersion": version,
+        "inputModel": {"uri": input_uri, "sha256": ""},
+        "outputModel": output,
+        "pre": pre,
+        "post": post,
+    }
     if cycle.ending.startswith("gates:"):
         values = {"forgetAccuracy": 60.0, "testAccuracyDrop": cycle.drop, "miaAuc": cycle.auc}
         gates = cycle.ending.removeprefix("gates:").split(",")
         reasons = [f"{GATE_METRICS[gate]} {values.get(GATE_METRICS[gate], 0.0):.3f} > {gate} 0.600" for gate in gates]
         fields.update(verdict="Failed", exitCode=3, reasons=reasons, failedGates=gates)
+        fields.pop("outputModel")
     elif cycle.ending == "invalid-input":
         fields.update(verdict="Failed", exitCode=4, error="forget index 70000 is out of range (60000 samples)")
         fields.pop("post")
+        fields.pop("outputModel")
     return record(**fields).dump()
 
 
@@ -293,7 +313,7 @@ class Drive:
                 request_index=self.request_index,
                 job_index=self.job_index,
             )
-        except ApiError:
+        except (ApiError, AuditNotWrittenError):
             self.handler_errors[kind] = self.handler_errors.get(kind, 0) + 1
 
     async def settle(self) -> None:
@@ -354,10 +374,10 @@ class Drive:
         state: dict[str, Any] = {"exitCode": 0, "finishedAt": st.timestamp(self.now[0])}
         condition = {"type": "Complete", "status": "True"}
         failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
-        if cycle.ending in ("passed", "audit-fails-once"):
-            state["message"] = json.dumps(job_record(cycle, int(status["modelVersion"])))
+        if cycle.ending in ("passed", "audit-fails-10m"):
+            state["message"] = json.dumps(job_record(cycle, int(status["modelVersion"]), status["inputModel"]["uri"]))
         elif cycle.ending.startswith("gates:") or cycle.ending == "invalid-input":
-            result = job_record(cycle, int(status["modelVersion"]))
+            result = job_record(cycle, int(status["modelVersion"]), status["inputModel"]["uri"])
             state.update(exitCode=result["exitCode"], message=json.dumps(result))
             condition = failed
         elif cycle.ending == "malformed":
@@ -374,10 +394,20 @@ class Drive:
         else:
             raise ValueError(f"unknown ending {cycle.ending!r}")
         job["status"] = {"conditions": [condition]}
+        # The Job controller's pod: owned by the Job, labelled with its uid, running its image.
+        uid = job["metadata"]["uid"]
+        image = job["spec"]["template"]["spec"]["containers"][0]["image"]
         self.kube.pods[job_name] = [
             {
-                "metadata": {"name": f"{job_name}-x", "creationTimestamp": status["startTime"]},
-                "spec": {"containers": [{"name": "unlearn", "resources": {"limits": {"memory": "16Gi"}}}]},
+                "metadata": {
+                    "name": f"{job_name}-x",
+                    "creationTimestamp": status["startTime"],
+                    "labels": {"batch.kubernetes.io/job-name": job_name, "batch.kubernetes.io/controller-uid": uid},
+                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "uid": uid, "controller": True}],
+                },
+                "spec": {
+                    "containers": [{"name": "unlearn", "image": image, "resources": {"limits": {"memory": "16Gi"}}}]
+                },
                 "status": {
                     "phase": "Succeeded" if state["exitCode"] == 0 else "Failed",
                     "containerStatuses": [{"name": "unlearn", "state": {"terminated": state}}],
@@ -421,9 +451,6 @@ def drive(
 
 async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...], end: int) -> Run:
     world = Drive(OperatorSettings(max_concurrent_jobs=3))
-    for cycle in lifecycles:
-        if cycle.ending == "audit-fails-once":
-            world.kube.fail_creates[("ConfigMap", f"unlearn-audit-{cycle.name}-")] = 1
     # The first Job creation of r05 fails: a launch error, retried by the next scheduler pass.
     world.kube.fail_creates[("Job", "r05-")] = 1
     steps = end // SCRAPE + 1
@@ -431,7 +458,6 @@ async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...],
     completions: list[Completion] = []
     launched: dict[str, int] = {}
     ended: set[str] = set()
-    retry_at: dict[str, int] = {}
     pod = 0
     restarts = 0
     new_pods = [0]
@@ -467,14 +493,11 @@ async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...],
             if t >= launched[cycle.name] + cycle.runs:
                 ended.add(cycle.name)
                 events.append(("job", *world.end_job(cycle)))
-                if cycle.ending == "audit-fails-once":
-                    # kopf does not retry an on.event handler: the Job's next event
-                    # (here ten minutes later) finishes the request.
-                    retry_at[cycle.name] = t + 600
-        for name, due in retry_at.items():
-            if due == t:
-                job_name = world.kube.requests[name]["status"]["jobName"]
-                events.append(("job", "MODIFIED", world.kube.objects[("Job", job_name)]))
+                if cycle.ending == "audit-fails-10m":
+                    # The Job's event fails on the audit write (one handler error); the periodic
+                    # check retries every tick until the quota frees, ten minutes later.
+                    until = world.now[0] + timedelta(seconds=600)
+                    world.kube.fail_until[("ConfigMap", f"unlearn-audit-{cycle.name}-")] = until
 
         if world.controller is not None:
             world.sync()

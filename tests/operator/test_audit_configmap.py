@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.operator.factories import REF, record, spec
+from tests.operator.factories import REF, raw_spec, record, spec
 from unlearning_operator import status as st
-from unlearning_operator.audit_configmap import build_audit_configmap
+from unlearning_operator.audit_configmap import PHASE_DELETED, build_audit_configmap
 
 pytestmark = pytest.mark.unit
 
@@ -69,3 +69,35 @@ def test_name_differs_per_request_object() -> None:
     a = build_audit_configmap(REF, spec(), final_status(), None)
     b = build_audit_configmap(REF.__class__(REF.name, REF.namespace, "other-uid"), spec(), final_status(), None)
     assert a["metadata"]["name"] != b["metadata"]["name"]
+
+
+def test_a_rejected_invalid_request_keeps_its_spec_as_submitted() -> None:
+    raw = raw_spec(**{"forget.indices": [3, 3], "model.name": "Not A Label!"})
+    rejected = st.rejected(None, st.REASON_INVALID_SPEC, "spec.forget: forget.indices has duplicates", 1, T)
+    cm = build_audit_configmap(REF, raw, rejected, None)
+    outcome = json.loads(cm["data"]["outcome.json"])
+    assert (outcome["phase"], outcome["reason"]) == ("Rejected", "InvalidSpec")
+    assert outcome["message"] == "spec.forget: forget.indices has duplicates"
+    submitted = json.loads(cm["data"]["request.json"])
+    assert submitted["forget"]["indices"] == "<2 indices, see record.json forgetDigest>"
+    assert submitted["model"]["name"] == "Not A Label!"
+    # Not a valid label value: the label is left empty rather than making the ConfigMap invalid.
+    assert cm["metadata"]["labels"]["unlearn.dev/model"] == ""
+    assert "record.json" not in cm["data"]
+
+
+def test_a_huge_submitted_spec_is_not_copied() -> None:
+    raw = raw_spec(**{"model.architecture": {"torchvision": "resnet18", "kwargs": {"blob": "x" * 100_000}}})
+    cm = build_audit_configmap(REF, raw, st.rejected(None, st.REASON_INVALID_SPEC, "bad", 1, T), None)
+    assert json.loads(cm["data"]["request.json"]).startswith("<the submitted spec, ")
+    assert len(cm["data"]["request.json"]) < 200
+
+
+def test_deleted_while_running_and_the_lineage_digest() -> None:
+    status = st.failed(final_status(), st.REASON_REQUEST_DELETED, "deleted while Job x ran", T)
+    status["phase"] = PHASE_DELETED
+    cm = build_audit_configmap(REF, spec(), status, None, lineage_digest="d" * 64)
+    outcome = json.loads(cm["data"]["outcome.json"])
+    assert (outcome["phase"], outcome["reason"]) == ("Deleted", "RequestDeleted")
+    assert outcome["lineageDigest"] == "d" * 64
+    assert "lineageDigest" not in json.loads(build_audit_configmap(REF, spec(), status, None)["data"]["outcome.json"])

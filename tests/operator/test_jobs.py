@@ -12,15 +12,18 @@ from tests.operator.factories import REF, V0, raw_spec, spec
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
 from unlearning_contracts.spec import UnlearningRequestSpec, parse_manifest, parse_spec
 from unlearning_operator.jobs import (
+    BuiltFrom,
     ImageNotAllowedError,
     RequestRef,
     build_job,
     build_network_policy,
     build_spec_configmap,
+    built_from,
     claims,
     effective_spec,
     gpus_of,
     resolve_image,
+    ttl_patch,
 )
 from unlearning_operator.lineage import Version
 from unlearning_operator.settings import OperatorSettings, load_settings
@@ -81,8 +84,29 @@ def test_metadata_labels_owner_and_annotations() -> None:
             "controller": True,
         }
     ]
-    assert meta["annotations"]["unlearn.dev/model-version"] == "1"
+    # What completion reads back, never from the request (whose spec may be another generation's).
+    assert meta["annotations"] == {
+        "unlearn.dev/request-uid": REF.uid,
+        "unlearn.dev/spec-generation": "1",
+        "unlearn.dev/model-version": "1",
+        "unlearn.dev/input-model": "pvc://models/digits/m.pt2",
+        "unlearn.dev/output-location": "pvc://models/digits/versions",
+    }
     assert job["spec"]["template"]["metadata"]["labels"]["unlearn.dev/request"] == "digits-gdpr"
+
+
+def test_build_annotations_read_back() -> None:
+    v3 = Version(3, "pvc://models/digits/versions/v3/model.pt2", "aa", "r3", 2)
+    job = build_job(REF, spec(), SETTINGS, v3, SETTINGS.job_image, generation=4)
+    assert built_from(job) == BuiltFrom(
+        model="digits-mlp",
+        model_version=4,
+        generation=4,
+        input_model="pvc://models/digits/versions/v3/model.pt2",
+        output_location="pvc://models/digits/versions",
+    )
+    del job["metadata"]["annotations"]["unlearn.dev/spec-generation"]
+    assert built_from(job) is None
 
 
 def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
@@ -97,8 +121,18 @@ def test_command_points_at_the_mounted_manifest_and_the_next_version() -> None:
         "--require-claims",
         "--model-version",
         "4",
+        "--run-id",
+        REF.uid,
     ]
     assert {"name": "UNLEARN_JOB_IMAGE", "value": SETTINGS.job_image} in c["env"]
+    # No factory may run unless the admin allowed its module: the job gets the (empty) list too.
+    assert {"name": "UNLEARN_ALLOWED_FACTORY_MODULES", "value": ""} in c["env"]
+
+
+def test_the_job_gets_the_admins_factory_prefixes() -> None:
+    settings = load_settings({"UNLEARNING_ALLOWED_FACTORY_MODULES": "mylab.models, vision"})
+    c = container(job_for(REF, spec(), settings, V0))
+    assert {"name": "UNLEARN_ALLOWED_FACTORY_MODULES", "value": "mylab.models,vision"} in c["env"]
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["terminationMessagePath"] == "/dev/termination-log"
 
@@ -141,8 +175,8 @@ def test_several_gpus_run_one_process_each_with_shared_memory(
     job = job_for(REF, spec(**overrides), load_settings(env), V0)
     command = container(job)["command"]
     assert command[:5] == ["unlearn", "run", "/etc/unlearning/request.yaml", "--volume-root", "/volumes"]
-    assert command[5:8] == ["--require-claims", "--model-version", "1"]
-    assert command[8:] == ([] if processes is None else ["--nproc-per-node", processes])
+    assert command[5:10] == ["--require-claims", "--model-version", "1", "--run-id", REF.uid]
+    assert command[10:] == ([] if processes is None else ["--nproc-per-node", processes])
     if processes is not None:
         assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == processes  # one process per GPU held
     volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
@@ -212,7 +246,9 @@ def test_job_limits_and_failure_policy() -> None:
     job = job_for(REF, spec(), SETTINGS, V0)["spec"]
     assert job["backoffLimit"] == 2
     assert job["activeDeadlineSeconds"] == 21600
-    assert job["ttlSecondsAfterFinished"] == 86400
+    # Set only once the result is recorded: Kubernetes must not delete the Job (and its record) before.
+    assert "ttlSecondsAfterFinished" not in job
+    assert ttl_patch(SETTINGS) == {"spec": {"ttlSecondsAfterFinished": 86400}}
     rules = job["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
@@ -257,6 +293,15 @@ def test_kueue_queue_label_and_suspend() -> None:
     job = job_for(REF, spec(**{"job.queueName": "gpu-queue"}), SETTINGS, V0)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True
+
+
+def test_the_operators_default_queue_applies_when_the_request_names_none() -> None:
+    settings = load_settings({"UNLEARNING_JOB_QUEUE_NAME": "team-gpus"})
+    job = job_for(REF, spec(), settings, V0)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpus"
+    assert job["spec"]["suspend"] is True
+    own = job_for(REF, spec(**{"job.queueName": "other"}), settings, V0)
+    assert own["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "other"
 
 
 @pytest.mark.parametrize(
@@ -337,6 +382,7 @@ def test_spec_configmap_carries_the_effective_manifest() -> None:
     cm = build_spec_configmap(REF, request, v2)
     assert cm["metadata"]["name"] == job_for(REF, request, SETTINGS, v2)["metadata"]["name"] + "-spec"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == REF.uid
+    assert cm["metadata"]["annotations"] == {"unlearn.dev/request-uid": REF.uid}
     assert cm["metadata"]["labels"]["app.kubernetes.io/component"] == "unlearning-job"
     manifest = parse_manifest(yaml.safe_load(cm["data"]["request.yaml"]))
     assert manifest.spec.model.source.uri == "pvc://models/digits/versions/v2/model.pt2"

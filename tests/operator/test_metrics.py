@@ -103,9 +103,15 @@ def test_failure_reasons_are_every_reason_a_failed_request_can_carry() -> None:
         states.REASON_VALID,
         states.REASON_INVALID_SPEC,  # Rejected, never ran
         states.REASON_IMAGE_NOT_ALLOWED,  # Rejected, never ran
+        states.REASON_FACTORY_NOT_ALLOWED,  # Rejected, never ran
+        states.REASON_CLAIM_REQUIRED,  # Rejected, never ran
+        states.REASON_PLACEMENT_NOT_ALLOWED,  # Rejected, never ran
         states.REASON_WAITING_FOR_MODEL,
         states.REASON_WAITING_FOR_CAPACITY,
+        states.REASON_WAITING_FOR_NAMESPACE,
+        states.REASON_CREATING_JOB,
         states.REASON_JOB_CREATED,
+        states.REASON_REQUEST_DELETED,  # only in the audit record of a request that is gone
         states.REASON_UNSCHEDULABLE,  # PodPending condition, the request goes on
         states.REASON_POD_STARTED,
         states.REASON_PENDING,
@@ -116,7 +122,7 @@ def test_failure_reasons_are_every_reason_a_failed_request_can_carry() -> None:
 
 
 def _handler_names() -> set[str]:
-    """Every handler label the operator's code uses: .labels(handler="x") and spawn(..., "x")."""
+    """Every handler label the operator's code uses: .labels(handler="x"), spawn(..., "x") and retry(key, "x", ...)."""
     found = set()
     for path in OPERATOR.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -129,6 +135,8 @@ def _handler_names() -> set[str]:
                     if k.arg == "handler" and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)
                 }
             if node.func.attr == "spawn" and len(node.args) == 2 and isinstance(node.args[1], ast.Constant):
+                found.add(node.args[1].value)
+            if node.func.attr == "retry" and len(node.args) == 3 and isinstance(node.args[1], ast.Constant):
                 found.add(node.args[1].value)
     return found
 

@@ -32,6 +32,7 @@ def test_no_secrets_no_wildcards_no_delete() -> None:
         ("batch", "jobs", "create"),
         ("batch", "jobs", "get"),
         ("batch", "jobs", "watch"),
+        ("batch", "jobs", "patch"),
         ("", "pods", "list"),
         ("", "configmaps", "create"),
         ("", "configmaps", "update"),

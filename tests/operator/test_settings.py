@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from unlearning_operator.settings import ENV_VARS, OperatorSettings, SettingsError, load_settings
+from unlearning_operator.settings import ENV_VARS, OperatorSettings, SettingsError, load_settings, where_set
 
 pytestmark = pytest.mark.unit
 
@@ -19,6 +19,14 @@ def test_defaults_without_env() -> None:
     assert (settings.job_deadline_seconds, settings.job_backoff_limit, settings.job_ttl_seconds) == (21600, 2, 86400)
     assert (settings.max_concurrent_jobs, settings.pending_alert_seconds) == (4, 120)
     assert (settings.metrics_port, settings.health_port, settings.job_volume_root) == (8080, 8081, "/volumes")
+    # Nothing a tenant could use against the cluster is allowed by default.
+    assert settings.allowed_factory_modules == ()
+    assert settings.allowed_priority_classes == frozenset()
+    assert settings.allow_keyless_tolerations is False
+    assert (settings.max_job_gpus, settings.max_job_cpu, settings.max_job_memory) == (8, "32", "256Gi")
+    assert settings.max_job_deadline_seconds == 86400
+    assert (settings.job_queue_name, settings.require_queue_name) == (None, False)
+    assert settings.max_concurrent_jobs_per_namespace == 0
 
 
 EACH_VARIABLE: list[tuple[dict[str, str], str, Any]] = [
@@ -56,6 +64,24 @@ EACH_VARIABLE: list[tuple[dict[str, str], str, Any]] = [
     ({"UNLEARNING_LEASE_DURATION_SECONDS": "30"}, "lease_duration_seconds", 30),
     ({"UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS": "8"}, "lease_renew_deadline_seconds", 8),
     ({"UNLEARNING_LEASE_RETRY_PERIOD_SECONDS": "1"}, "lease_retry_period_seconds", 1),
+    (
+        {"UNLEARNING_ALLOWED_FACTORY_MODULES": "mylab.models, vision"},
+        "allowed_factory_modules",
+        ("mylab.models", "vision"),
+    ),
+    (
+        {"UNLEARNING_ALLOWED_PRIORITY_CLASSES": "batch-low,batch.high"},
+        "allowed_priority_classes",
+        frozenset({"batch-low", "batch.high"}),
+    ),
+    ({"UNLEARNING_ALLOW_KEYLESS_TOLERATIONS": "True"}, "allow_keyless_tolerations", True),
+    ({"UNLEARNING_MAX_JOB_GPUS": "16"}, "max_job_gpus", 16),
+    ({"UNLEARNING_MAX_JOB_CPU": "64"}, "max_job_cpu", "64"),
+    ({"UNLEARNING_MAX_JOB_MEMORY": "512Gi"}, "max_job_memory", "512Gi"),
+    ({"UNLEARNING_MAX_JOB_DEADLINE_SECONDS": "43200"}, "max_job_deadline_seconds", 43200),
+    ({"UNLEARNING_JOB_QUEUE_NAME": "team-gpus"}, "job_queue_name", "team-gpus"),
+    ({"UNLEARNING_REQUIRE_QUEUE_NAME": "false"}, "require_queue_name", False),
+    ({"UNLEARNING_MAX_CONCURRENT_JOBS_PER_NAMESPACE": "2"}, "max_concurrent_jobs_per_namespace", 2),
 ]
 
 
@@ -102,6 +128,21 @@ def test_each_variable(env: dict[str, str], field: str, expected: Any) -> None:
             },
             "UNLEARNING_LEASE_RENEW_DEADLINE_SECONDS",
         ),
+        ({"UNLEARNING_ALLOWED_FACTORY_MODULES": "mylab.*"}, "UNLEARNING_ALLOWED_FACTORY_MODULES"),
+        ({"UNLEARNING_ALLOWED_FACTORY_MODULES": "os:system"}, "UNLEARNING_ALLOWED_FACTORY_MODULES"),
+        ({"UNLEARNING_ALLOWED_PRIORITY_CLASSES": "Batch_Low"}, "UNLEARNING_ALLOWED_PRIORITY_CLASSES"),
+        ({"UNLEARNING_ALLOW_KEYLESS_TOLERATIONS": "maybe"}, "UNLEARNING_ALLOW_KEYLESS_TOLERATIONS"),
+        ({"UNLEARNING_MAX_JOB_CPU": "lots"}, "UNLEARNING_MAX_JOB_CPU"),
+        ({"UNLEARNING_JOB_QUEUE_NAME": "Team GPUs"}, "UNLEARNING_JOB_QUEUE_NAME"),
+        ({"UNLEARNING_MAX_CONCURRENT_JOBS_PER_NAMESPACE": "-1"}, "UNLEARNING_MAX_CONCURRENT_JOBS_PER_NAMESPACE"),
+        # A default beyond its own bound would reject every request that leaves the field out.
+        ({"UNLEARNING_MAX_JOB_GPUS": "0"}, "UNLEARNING_JOB_GPUS=1: above UNLEARNING_MAX_JOB_GPUS"),
+        ({"UNLEARNING_JOB_CPU": "33"}, "UNLEARNING_JOB_CPU=33: above UNLEARNING_MAX_JOB_CPU"),
+        ({"UNLEARNING_MAX_JOB_MEMORY": "8Gi"}, "UNLEARNING_JOB_MEMORY=16Gi: above UNLEARNING_MAX_JOB_MEMORY"),
+        (
+            {"UNLEARNING_JOB_DEADLINE_SECONDS": "90000"},
+            "UNLEARNING_JOB_DEADLINE_SECONDS=90000: above UNLEARNING_MAX_JOB_DEADLINE_SECONDS",
+        ),
     ],
 )
 def test_invalid_values_name_the_variable_in_one_line(env: dict[str, str], names: str) -> None:
@@ -116,6 +157,15 @@ def test_every_setting_declares_one_variable_and_each_is_tested_above() -> None:
     assert len(ENV_VARS) == len(set(ENV_VARS)) == len(OperatorSettings.__dataclass_fields__)
     assert all(name.startswith("UNLEARNING_") for name in ENV_VARS)
     assert {name for env, _, _ in EACH_VARIABLE for name in env} == set(ENV_VARS)
+
+
+def test_bound_messages_name_the_chart_value_and_the_variable() -> None:
+    assert where_set("max_job_gpus") == "chart value job.bounds.maxGpus (UNLEARNING_MAX_JOB_GPUS)"
+    assert where_set("allowed_factory_modules") == (
+        "chart value job.allowedFactoryModules (UNLEARNING_ALLOWED_FACTORY_MODULES)"
+    )
+    # A setting without a declared chart value is named by its variable alone.
+    assert where_set("metrics_port") == "UNLEARNING_METRICS_PORT"
 
 
 def test_job_image_is_always_allowed() -> None:

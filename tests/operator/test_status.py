@@ -47,6 +47,13 @@ TRANSITIONS: list[tuple[Any, str, dict[str, tuple[str, str]]]] = [
         "Queued",
         {"Accepted": ("True", "SpecValid"), "JobCreated": ("False", "WaitingForModel")},
     ),
+    (
+        lambda: st.launching(
+            st.pending(None, 1, T0), job_name="r-1234abcd", model_version=1, input_model={}, generation=1, now=T0
+        ),
+        "Running",
+        {"Accepted": ("True", "SpecValid"), "JobCreated": ("False", "CreatingJob")},
+    ),
     (running, "Running", {"Accepted": ("True", "SpecValid"), "JobCreated": ("True", "JobCreated")}),
     (
         lambda: st.finished(running(), record(), T1),
@@ -91,6 +98,24 @@ TRANSITIONS: list[tuple[Any, str, dict[str, tuple[str, str]]]] = [
         },
     ),
 ]
+
+
+def test_launching_records_the_job_before_it_exists() -> None:
+    recorded = st.launching(
+        st.queued(None, st.REASON_WAITING_FOR_CAPACITY, "waiting", 1, T0),
+        job_name="r-1234abcd",
+        model_version=3,
+        input_model={"uri": "pvc://models/v2.pt2", "sha256": "ab"},
+        generation=1,
+        now=T1,
+    )
+    assert (recorded["jobName"], recorded["modelVersion"], recorded["observedGeneration"]) == ("r-1234abcd", 3, 1)
+    assert not st.job_created(recorded)
+    created = st.running(
+        recorded, job_name="r-1234abcd", attempt=1, model_version=3, input_model={}, generation=1, now=T1
+    )
+    assert st.job_created(created)
+    assert created["startTime"] == recorded["startTime"]
 
 
 @pytest.mark.parametrize(("build", "phase", "expected"), TRANSITIONS)

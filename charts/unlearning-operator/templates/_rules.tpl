@@ -15,10 +15,11 @@ delete anywhere (owner references let the garbage collector clean up).
 - apiGroups: ["unlearn.dev"]
   resources: ["unlearningrequests/status"]
   verbs: ["patch"]
-# One Job per request (deleted by the garbage collector through its owner reference).
+# One Job per request (deleted by the garbage collector through its owner reference); patch: its
+# ttlSecondsAfterFinished, set once its result is recorded.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Job pods: pending reasons and the termination message with the result.
 - apiGroups: [""]
   resources: ["pods"]
