@@ -92,22 +92,31 @@ class Phases:
 
 
 class Holders:
-    """The Lease's holder as it changes, polled every 0.1 s: (monotonic time, holder)."""
+    """The Lease's holder as it changes, from a watch: (monotonic time, holder).
+
+    A watch delivers every write, so a release that a standby takes within
+    milliseconds is still seen as an empty holder; polling can miss it.
+    """
 
     def __init__(self, rel: Release) -> None:
         self.changes: list[tuple[float, str]] = []
-        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._watch = watch.Watch()
         self._thread = threading.Thread(target=self._run, args=(rel,), daemon=True)
         self._thread.start()
 
     def _run(self, rel: Release) -> None:
-        while not self._stop.wait(0.1):
+        leases = client.CoordinationV1Api(rel.api.core.api_client)
+        selector = f"metadata.name={rel.fullname}"
+        while not self._stopped.is_set():  # a stream the server ends is started again (it lists the Lease first)
             try:
-                now = holder(rel)
-            except (client.ApiException, OSError):
-                continue
-            if not self.changes or self.changes[-1][1] != now:
-                self.changes.append((time.monotonic(), now))
+                for event in self._watch.stream(leases.list_namespaced_lease, rel.namespace, field_selector=selector):
+                    spec = event["object"].spec
+                    now = str((spec.holder_identity if spec is not None else "") or "")
+                    if not self.changes or self.changes[-1][1] != now:
+                        self.changes.append((time.monotonic(), now))
+            except Exception:  # the stream ended mid-response (urllib3's ProtocolError) or the API hiccuped
+                time.sleep(0.1)
 
     def released_gaps(self, since: float) -> list[float]:
         """Seconds from each release (empty holder) to the next holder."""
@@ -115,7 +124,8 @@ class Holders:
         return [b[0] - a[0] for a, b in itertools.pairwise(later) if a[1] == "" and b[1]]
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped.set()
+        self._watch.stop()
 
 
 @pytest.fixture
