@@ -50,11 +50,11 @@ def read_text(path: Path, limit: int = MAX_MANIFEST_BYTES) -> str:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
-        raise YamlInputError(f"{path}: cannot read the manifest ({_strerror(error)})") from None
+        raise YamlInputError(f"{path}: cannot read the manifest ({strerror(error)})") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise YamlInputError(f"{path}: not a regular file ({_kind(info.st_mode)}): give a manifest file")
+        raise YamlInputError(f"{path}: not a regular file ({file_kind(info.st_mode)}): give a manifest file")
     with os.fdopen(fd, "rb") as handle:
         if info.st_size > limit:
             raise YamlInputError(f"{path}: {info.st_size} bytes, over the {limit}-byte limit for a manifest")
@@ -177,11 +177,13 @@ def _one_line(text: str | None) -> str:
     return flat if len(flat) <= 200 else flat[:200] + "..."
 
 
-def _strerror(error: OSError) -> str:
+def strerror(error: OSError) -> str:
+    """The OS error in words for a one-line message (its name when the OS gives no text)."""
     return error.strerror or errno.errorcode.get(error.errno or 0, type(error).__name__)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words: every refusal of a file that is not a plain one names it."""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
@@ -190,4 +192,6 @@ def _kind(mode: int) -> str:
         return "a device"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    return "not a plain file"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "a regular file" if stat.S_ISREG(mode) else "not a plain file"

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from unlearn.errors import InvalidInputError
+from unlearning_contracts.safe_yaml import file_kind as kind
+from unlearning_contracts.safe_yaml import strerror
 from unlearning_contracts.spec import Location
 
 MAX_TREE_ENTRIES = 5_000_000
@@ -57,24 +59,6 @@ class OutputSpaceError(InvalidInputError):
 def within(path: Path, root: Path) -> bool:
     """Whether ``path`` is ``root`` or lies under it (both already resolved)."""
     return path == root or root in path.parents
-
-
-def strerror(error: OSError) -> str:
-    return error.strerror or errno.errorcode.get(error.errno or 0, type(error).__name__)
-
-
-def kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    return "a regular file" if stat.S_ISREG(mode) else "not a plain file"
 
 
 @dataclass(frozen=True)
