@@ -31,13 +31,27 @@ bank's array format is documented with its reader and writer in the job
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from unlearning_contracts.record import InputModel, _Record
-from unlearning_contracts.spec import DataSpec, JobSpec, ModelSpec, OutputSpec, _Model
+from unlearning_contracts.api import API_GROUP_VERSION, CALIBRATION
+from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, InputModel, _Record
+from unlearning_contracts.spec import (
+    DataSpec,
+    JobSpec,
+    Manifest,
+    ModelSpec,
+    OutputSpec,
+    SpecError,
+    _Model,
+    describe_validation_error,
+    parse_manifest,
+    read_manifest,
+)
 
 CALIBRATION_SCHEMA_VERSION = 1
 
@@ -125,6 +139,59 @@ class UnlearningCalibrationSpec(_Model):
     job: JobSpec = Field(default_factory=JobSpec, description="Job resources and placement (cluster only).")
 
 
+class CalibrationManifest(_Model):
+    """A whole UnlearningCalibration object as written in a YAML file (what ``unlearn calibrate`` reads)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    api_version: str = Field(description=API_GROUP_VERSION)
+    kind: Literal["UnlearningCalibration"] = Field(description=CALIBRATION.kind)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Object metadata.")
+    spec: UnlearningCalibrationSpec
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version(cls, value: str) -> str:
+        if value != API_GROUP_VERSION:
+            raise ValueError(f"apiVersion must be {API_GROUP_VERSION}, got {value}")
+        return value
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", "local"))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace", "default"))
+
+    @property
+    def calibration_id(self) -> str:
+        """``namespace/name``: how records and requests name the calibration."""
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_calibration_manifest(raw: Any) -> CalibrationManifest:
+    """Parse a whole calibration manifest or raise SpecError."""
+    if not isinstance(raw, dict):
+        raise SpecError("manifest: expected a YAML mapping with apiVersion, kind, metadata and spec")
+    try:
+        return CalibrationManifest.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(describe_validation_error(error, prefix="manifest")) from None
+
+
+def parse_any_manifest(raw: Any) -> Manifest | CalibrationManifest:
+    """A request or a calibration, by its ``kind`` (anything else is parsed, and refused, as a request)."""
+    if isinstance(raw, dict) and raw.get("kind") == CALIBRATION.kind:
+        return parse_calibration_manifest(raw)
+    return parse_manifest(raw)
+
+
+def load_any_manifest(path: Path) -> Manifest | CalibrationManifest:
+    """Read a manifest file of either kind; the caller says what it does with the other kind."""
+    return parse_any_manifest(read_manifest(path))
+
+
 class ReferenceLikeness(_Record):
     """How alike one reference model is to the original (a bank is only as good as this)."""
 
@@ -161,6 +228,17 @@ class FoldRecord(_Record):
     device: str = ""
 
 
+class Likeness(_Record):
+    """The references against the original, summarised over the K references (percent)."""
+
+    test_accuracy_mean: float
+    test_accuracy_min: float
+    fold_accuracy_mean: float
+    fold_accuracy_min: float
+    agreement_mean: float
+    agreement_min: float
+
+
 class CalibrationRecord(_Record):
     """The bank's record (``bank.json``); its compact form is the merge Job's termination message."""
 
@@ -177,6 +255,7 @@ class CalibrationRecord(_Record):
     error: str | None = None
     bank: BankFile | None = None
     original_test_accuracy: float | None = None
+    likeness: Likeness | None = Field(default=None, description="The references' likeness, over all K.")
     references: list[ReferenceLikeness] = Field(default_factory=list)
     cost: dict[str, float] = Field(
         default_factory=dict,
@@ -187,3 +266,33 @@ class CalibrationRecord(_Record):
     finished_at: str
     job_image: str = ""
     code_version: str = ""
+
+
+def _fit(payload: dict[str, Any], limit: int, droppable: tuple[str, ...]) -> str:
+    """Compact JSON of ``payload`` within ``limit`` bytes, dropping ``droppable`` keys, then trimming ``error``."""
+    text = json.dumps(payload, separators=(",", ":"))
+    for key in droppable:
+        if len(text.encode()) <= limit:
+            break
+        if payload.pop(key, None) is not None:
+            payload[f"{key}Truncated"] = True
+            text = json.dumps(payload, separators=(",", ":"))
+    if len(text.encode()) > limit and payload.get("error"):
+        payload["error"] = str(payload["error"])[:200]
+        text = json.dumps(payload, separators=(",", ":"))
+    if len(text.encode()) > limit:
+        raise ValueError(f"compact calibration record is {len(text.encode())} bytes, over {limit}")
+    return text
+
+
+def compact_fold(record: FoldRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """A fold's termination message: the whole record, its error trimmed when needed."""
+    return _fit(record.dump(), limit, ())
+
+
+def compact_calibration(record: CalibrationRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The merge's termination message: the record without its recipe; the per-reference list goes
+    when it does not fit (up to 32 references), the ``likeness`` summary always stays."""
+    payload = record.dump()
+    payload.pop("recipe", None)
+    return _fit(payload, limit, ("references",))

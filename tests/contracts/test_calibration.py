@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from unlearning_contracts.calibration import (
     DEFAULT_FOLDS,
+    CalibrationManifest,
     CalibrationRecord,
     FoldRecord,
     UnlearningCalibrationSpec,
+    load_any_manifest,
+    parse_any_manifest,
+    parse_calibration_manifest,
 )
+from unlearning_contracts.spec import CalibrationUse, Manifest, SpecError, load_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -97,3 +104,65 @@ def test_records_round_trip_camel_case() -> None:
     assert dumped["calibration"] == "ns/cal"
     # A newer job may add fields an older operator does not know: the record still parses.
     assert CalibrationRecord.model_validate({**dumped, "somethingNew": 1}) == record
+
+
+# -- manifests of either kind ------------------------------------------------------------------------------
+
+
+def calibration_manifest(**spec_overrides: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "unlearn.dev/v1alpha1",
+        "kind": "UnlearningCalibration",
+        "metadata": {"name": "digits", "namespace": "team"},
+        "spec": spec(**spec_overrides),
+    }
+
+
+def test_calibration_manifest_parses_and_names_itself() -> None:
+    parsed = parse_calibration_manifest(calibration_manifest(folds=8))
+    assert parsed.spec.folds == 8
+    assert parsed.calibration_id == "team/digits"
+    assert isinstance(parse_any_manifest(calibration_manifest()), CalibrationManifest)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({**calibration_manifest(), "apiVersion": "unlearn.dev/v2"}, "apiVersion must be unlearn.dev/v1alpha1"),
+        (calibration_manifest(folds=40), "manifest.spec.folds"),
+        ([1, 2], "expected a YAML mapping"),
+    ],
+)
+def test_calibration_manifest_refused(raw: Any, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_calibration_manifest(raw)
+
+
+def test_any_manifest_dispatches_on_kind(tmp_path: Path) -> None:
+    request = {
+        "apiVersion": "unlearn.dev/v1alpha1",
+        "kind": "UnlearningRequest",
+        "metadata": {"name": "r"},
+        "spec": {
+            "model": {"name": "digits", "source": {"path": "m.pt2"}},
+            "forget": {"indices": [1]},
+            "output": {"location": {"path": "out"}},
+        },
+    }
+    assert isinstance(parse_any_manifest(request), Manifest)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(calibration_manifest()))
+    assert isinstance(load_any_manifest(path), CalibrationManifest)
+    with pytest.raises(SpecError, match="Input should be 'UnlearningRequest'"):
+        load_manifest(path)  # a request loader names the kind it expects
+    with pytest.raises(SpecError, match="Input should be 'UnlearningRequest'"):
+        parse_any_manifest({**request, "kind": "Unknown"})
+
+
+def test_request_calibration_policy_defaults_to_if_available() -> None:
+    assert CalibrationUse().policy == "IfAvailable"
+    assert CalibrationUse(policy="Required", name="digits").name == "digits"
+    with pytest.raises(ValidationError):
+        CalibrationUse.model_validate({"policy": "Always"})
+    with pytest.raises(ValidationError):
+        CalibrationUse.model_validate({"name": "Not_A_Name"})
