@@ -1,9 +1,10 @@
-"""The ``unlearn`` command: ``run`` a request manifest, the ``demo``, and ``prepare-demo``.
+"""The ``unlearn`` command: ``run`` a request manifest, ``calibrate`` a model, the ``demo``, and ``prepare-demo``.
 
 In a pod the operator runs
 ``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --require-claims --model-version N``
 with the allowed factory modules in ``UNLEARN_ALLOWED_FACTORY_MODULES``, and
-reads the compact record from ``/dev/termination-log``. The exit code says
+reads the compact record from ``/dev/termination-log``;
+``--calibration-bank/-sha256/-name`` name the model's reference bank when it has one. The exit code says
 what happened (see ``unlearning_contracts.record``): 0 Passed, 3 gates Failed, 4 invalid
 input (both never retried), anything else an unexpected, retryable error.
 
@@ -11,6 +12,10 @@ input (both never retried), anything else an unexpected, retryable error.
 before it imports torch: a wrong apiVersion, a missing file or a factory the
 admin did not allow is answered in a fraction of a second, not after seconds
 of importing torch and a gigabyte of memory.
+
+A calibration runs as ``unlearn calibrate-fold MANIFEST --fold K`` per index of
+an Indexed Job and ``unlearn calibrate-merge MANIFEST`` after them (0 done, 4
+invalid input, other retryable), or locally as ``unlearn calibrate MANIFEST``.
 """
 
 # Torch, matplotlib and the job load lazily, so `unlearn --help` and refusals stay instant.
@@ -25,10 +30,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from unlearn import preflight
 from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
 from unlearn.errors import InvalidInputError
+from unlearning_contracts.calibration import (
+    CalibrationManifest,
+    CalibrationRecord,
+    compact_calibration,
+    compact_fold,
+    load_any_manifest,
+)
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, parse_allowed_modules
 from unlearning_contracts.record import (
     EXIT_CODE_MEANINGS,
@@ -38,7 +51,7 @@ from unlearning_contracts.record import (
     numbers,
     show,
 )
-from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
+from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, Manifest, SpecError
 
 log = logging.getLogger("unlearn")
 
@@ -66,6 +79,33 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse a location without claimName (the operator's Job passes it: a plain path in a pod "
         "would be the container's own file system)",
     )
+    run.add_argument(
+        "--calibration-bank",
+        default=None,
+        metavar="URI",
+        help="the model's reference bank (pvc://claim/path or a path)",
+    )
+    run.add_argument("--calibration-sha256", default=None, metavar="HEX", help="the bank's sha256 (verified)")
+    run.add_argument("--calibration-name", default="", metavar="NS/NAME", help="the UnlearningCalibration it came from")
+
+    calibrate = sub.add_parser(
+        "calibrate", help="train a model's reference bank locally (every fold, then the merge)", epilog=_fold_codes()
+    )
+    calibrate.formatter_class = argparse.RawDescriptionHelpFormatter
+    calibrate.add_argument("manifest", type=Path, help="an UnlearningCalibration YAML file")
+    _calibration_options(calibrate)
+    fold = sub.add_parser("calibrate-fold", help="train one reference model (one index of the Indexed Job)")
+    fold.add_argument("manifest", type=Path, help="an UnlearningCalibration YAML file")
+    fold.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="the fold K to hold out (default: $JOB_COMPLETION_INDEX, as an Indexed Job sets it)",
+    )
+    _calibration_options(fold)
+    merge = sub.add_parser("calibrate-merge", help="check the fold files and write bank.npz and bank.json")
+    merge.add_argument("manifest", type=Path, help="an UnlearningCalibration YAML file")
+    _calibration_options(merge)
 
     demo = sub.add_parser("demo", help="train (or reuse) the digits model and run the example request locally")
     demo.add_argument("--workdir", type=Path, default=None, help="cache folder (default: the user cache)")
@@ -103,6 +143,27 @@ def _run_options(parser: argparse.ArgumentParser, volume_root: bool = True) -> N
         help="allow model.architecture.factory modules under PREFIX "
         f"(repeatable; added to those in {ENV_ALLOWED_FACTORY_MODULES})",
     )
+
+
+def _calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--volume-root",
+        type=Path,
+        default=Path(DEFAULT_VOLUME_ROOT),
+        help="claims resolve to DIR/<claimName>/<path> (default /volumes, as in the Job)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", action="store_true", help="print the full record as JSON instead of a summary")
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        default=None,
+        help="compact record path (default: /dev/termination-log in a pod)",
+    )
+
+
+def _fold_codes() -> str:
+    return "exit codes:\n  0  the bank is written\n  4  invalid input\n  other  unexpected error (retryable)"
 
 
 def _exit_codes() -> str:
@@ -185,6 +246,21 @@ def _refuse(args: argparse.Namespace, message: str) -> int:
     return EXIT_INVALID_INPUT
 
 
+def _load(args: argparse.Namespace, path: Path, want: type[Any]) -> Any:
+    """The manifest at ``path`` if it is of kind ``want``; else the error is printed and None returned."""
+    try:
+        manifest = load_any_manifest(path)
+    except SpecError as error:
+        message = str(error)
+    else:
+        if isinstance(manifest, want):
+            return manifest
+        command = "unlearn run" if isinstance(manifest, Manifest) else "unlearn calibrate"
+        message = f"{path}: a {manifest.kind} manifest: run it with `{command}`"
+    _refuse(args, message)
+    return None
+
+
 def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
     try:
         from_env = parse_allowed_modules(os.environ.get(ENV_ALLOWED_FACTORY_MODULES, ""))
@@ -200,10 +276,9 @@ def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
 def _run_manifest(
     args: argparse.Namespace, manifest_path: Path, volume_root: Path, version: int | None, workdir: Path | None = None
 ) -> int:
-    try:
-        manifest = load_manifest(manifest_path)
-    except SpecError as error:
-        return _refuse(args, str(error))
+    manifest: Manifest | None = _load(args, manifest_path, Manifest)
+    if manifest is None:
+        return EXIT_INVALID_INPUT
     if workdir is not None:
         from unlearn.demo import clear_previous_output
 
@@ -214,6 +289,9 @@ def _run_manifest(
         model_version=version,
         progress=sys.stderr.isatty(),
         require_claims=getattr(args, "require_claims", False),
+        calibration=preflight.BankRef(args.calibration_bank, args.calibration_sha256, args.calibration_name)
+        if getattr(args, "calibration_bank", None)
+        else None,
     )
     draft = RecordDraft(manifest, options)
     try:
@@ -232,11 +310,81 @@ def _run_manifest(
     return _finish(outcome.record, args)
 
 
+def format_calibration(record: CalibrationRecord) -> str:
+    """The references' likeness to the original, the cost, and where the bank is."""
+    lines = [f"{'reference':>10}{'rows':>8}{'held out':>10}{'test acc %':>12}{'fold acc %':>12}{'agreement %':>13}"]
+    for r in record.references:
+        lines.append(
+            f"{r.fold:>10}{r.train_rows:>8}{r.held_out_rows:>10}{r.test_accuracy:>12.2f}"
+            f"{r.fold_accuracy:>12.2f}{r.agreement:>13.2f}"
+        )
+    if record.original_test_accuracy is not None:
+        lines.append(f"{'original':>10}{'':>8}{'':>10}{record.original_test_accuracy:>12.2f}")
+    cost = record.cost
+    lines.append("")
+    lines.append(
+        f"cost {cost.get('retrainEquivalents', 0):.2f} retrain-equivalents, {cost.get('deviceSeconds', 0):.1f} "
+        f"device-seconds, {cost.get('wallSeconds', 0):.1f} s wall"
+    )
+    if record.bank is not None:
+        lines.append(f"bank {record.bank.uri} (sha256 {record.bank.sha256[:12]}...)")
+    return "\n".join(lines)
+
+
+def _calibration(args: argparse.Namespace) -> int:
+    """calibrate, calibrate-fold and calibrate-merge: load the manifest, run, report like ``run`` does."""
+    manifest: CalibrationManifest | None = _load(args, args.manifest, CalibrationManifest)
+    if manifest is None:
+        return EXIT_INVALID_INPUT
+    import torch
+
+    from unlearn.calibrate import CalibrateOptions, run_calibration, run_fold, run_merge
+
+    options = CalibrateOptions(volume_root=args.volume_root, device=args.device, progress=sys.stderr.isatty())
+    termination = args.termination_log if args.termination_log is not None else default_termination_log()
+    if args.command == "calibrate-fold":
+        fold = args.fold
+        if fold is None:
+            index = os.environ.get("JOB_COMPLETION_INDEX", "")
+            if not index.isdigit():
+                print("error: --fold: give the fold, or run as an Indexed Job ($JOB_COMPLETION_INDEX)", file=sys.stderr)
+                return EXIT_INVALID_INPUT
+            fold = int(index)
+        torch.manual_seed(0)
+        fold_record = run_fold(manifest, options, fold)
+        if termination is not None:
+            termination.write_text(compact_fold(fold_record))
+        if args.json:
+            print(json.dumps(fold_record.dump(), indent=2, sort_keys=True))
+        elif fold_record.error:
+            print(f"error: {fold_record.error}", file=sys.stderr)
+        elif fold_record.reference is not None:
+            r = fold_record.reference
+            print(
+                f"fold {fold}: test accuracy {r.test_accuracy:.2f}%, fold accuracy {r.fold_accuracy:.2f}%, "
+                f"agreement {r.agreement:.2f}%"
+            )
+        return fold_record.exit_code
+    run = run_calibration if args.command == "calibrate" else run_merge
+    record = run(manifest, options)
+    if termination is not None:
+        termination.write_text(compact_calibration(record))
+    if args.json:
+        print(json.dumps(record.dump(), indent=2, sort_keys=True))
+    elif record.error:
+        print(f"error: {record.error}", file=sys.stderr)
+    else:
+        print(format_calibration(record))
+    return record.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     if args.command == "run":
         return _run_manifest(args, args.manifest, args.volume_root, args.model_version)
+    if args.command in ("calibrate", "calibrate-fold", "calibrate-merge"):
+        return _calibration(args)
     if args.command == "prepare-demo":
         import torch
 

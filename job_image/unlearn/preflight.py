@@ -42,6 +42,15 @@ VERSION_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.(pt2|pt|pth|safeten
 
 
 @dataclass(frozen=True)
+class BankRef:
+    """The reference bank a request was given (``unlearn run --calibration-*``); ``unlearn.bank`` reads it."""
+
+    uri: str
+    sha256: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class RunOptions:
     volume_root: Path = Path("/volumes")
     device: str = "auto"
@@ -52,6 +61,8 @@ class RunOptions:
     """Module prefixes an architecture factory may come from (``unlearning_contracts.factories``)."""
     require_claims: bool = False
     """Every location must name a claim (in a pod: a plain path would be the container's own file system)."""
+    calibration: BankRef | None = None
+    """The bank the operator resolved for the model (``--calibration-*``); None: no bank given."""
 
 
 @dataclass(frozen=True)
