@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "throughput": ("bench.throughput", "the tutorial's loop against the engine on the same work (CPU)"),
     "operator-scale": ("bench.operator_scale", "100 and 500 requests at once against the operator"),
     "refusal": ("bench.refusal", "what `unlearn run` costs to refuse a bad request (wall, CPU, peak memory)"),
+    "calibration": ("bench.calibration", "the reference bank: likeness to the original vs K, cost, staleness (CPU)"),
 }
 
 
