@@ -51,6 +51,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -180,7 +181,7 @@ def horizontal_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def augmenter(recipe: RecipeSpec, gen: torch.Generator) -> Any:
+def augmenter(recipe: RecipeSpec, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The recipe's augmentations as one function of a batch, or None."""
     if not recipe.augmentations:
         return None
@@ -539,24 +540,32 @@ def _fold_outputs(output_dir: Path, fold: int) -> tuple[FoldRecord, FoldOutputs]
 
 
 def _existing_bank(output_dir: Path, calibration: str) -> CalibrationRecord | None:
-    """The record of this calibration's bank when it is already written; a bank is never replaced."""
+    """The record of this calibration's bank when it is written; None when there is no bank yet, or when
+    a merge of this calibration was interrupted between the bank and its record (the merge then finishes
+    the record and keeps the bank). Anyone else's bank is invalid input: a bank is never replaced."""
     npz, record_path = output_dir / BANK_NPZ, output_dir / BANK_JSON
     if not npz.exists():
         return None
     try:
-        record = CalibrationRecord.model_validate_json(record_path.read_text())
+        record: CalibrationRecord | None = CalibrationRecord.model_validate_json(record_path.read_text())
     except (OSError, ValueError):
         record = None
-    if (
-        record is not None
-        and record.exit_code == EXIT_PASSED
-        and record.calibration == calibration
-        and record.bank is not None
-        and record.bank.sha256 == sha256_file(npz)
-    ):
-        return record
-    raise InvalidInputError(
-        f"output.location: {npz} exists and is not this calibration's finished bank: a bank is never replaced: "
+    if record is not None and record.exit_code == EXIT_PASSED and record.bank is not None:
+        if record.calibration == calibration and record.bank.sha256 == sha256_file(npz):
+            return record
+        raise _foreign_bank(npz)
+    try:
+        _, meta = bank_format.read_npz(npz)
+    except BankError:
+        raise _foreign_bank(npz) from None
+    if meta.get("calibration") != calibration:
+        raise _foreign_bank(npz)
+    return None
+
+
+def _foreign_bank(npz: Path) -> InvalidInputError:
+    return InvalidInputError(
+        f"output.location: {npz} exists and is not this calibration's bank: a bank is never replaced: "
         "choose a new output folder"
     )
 
@@ -610,7 +619,13 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
     except BankError as error:
         raise InvalidInputError(str(error)) from None
     npz = output_dir / BANK_NPZ
-    atomic_write(npz, bank.save)
+    if npz.exists():  # written by an interrupted merge of these very folds (_existing_bank checked whose)
+        _, found = bank_format.read_npz(npz)
+        if any(found.get(key) != meta.get(key) for key in bank_format.SHARED_META):
+            raise _foreign_bank(npz)
+        log.info("bank %s: kept as the interrupted merge wrote it", npz)
+    else:
+        atomic_write(npz, bank.save)
     sha = sha256_file(npz)
     finished = now()
     starts = [t for t in (_parse_time(r.started_at) for r in records) if t is not None]

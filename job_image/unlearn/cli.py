@@ -336,7 +336,6 @@ def _calibration(args: argparse.Namespace) -> int:
     manifest: CalibrationManifest | None = _load(args, args.manifest, CalibrationManifest)
     if manifest is None:
         return EXIT_INVALID_INPUT
-    import torch
 
     from unlearn.calibrate import CalibrateOptions, run_calibration, run_fold, run_merge
 
@@ -350,7 +349,6 @@ def _calibration(args: argparse.Namespace) -> int:
                 print("error: --fold: give the fold, or run as an Indexed Job ($JOB_COMPLETION_INDEX)", file=sys.stderr)
                 return EXIT_INVALID_INPUT
             fold = int(index)
-        torch.manual_seed(0)
         fold_record = run_fold(manifest, options, fold)
         if termination is not None:
             termination.write_text(compact_fold(fold_record))

@@ -368,6 +368,13 @@ def test_folds_then_merge_write_the_same_bank_as_a_local_run(
     rerun = invoke(capsys, tmp_path / "m", demo_calibration(demo_root, folder), "calibrate")
     assert rerun.code == 0
     assert (folder / "bank.npz").stat().st_mtime_ns == before
+    # A merge killed between the bank and its record: the retry writes the record and keeps the bank.
+    sha = json.loads((folder / "bank.json").read_text())["bank"]["sha256"]
+    (folder / "bank.json").unlink()
+    retried = invoke(capsys, tmp_path / "m", demo_calibration(demo_root, folder), "calibrate-merge")
+    assert retried.code == 0, retried.err
+    assert (folder / "bank.npz").stat().st_mtime_ns == before
+    assert json.loads((folder / "bank.json").read_text())["bank"]["sha256"] == sha == sha256_file(folder / "bank.npz")
 
 
 def test_a_fold_already_written_is_not_trained_again(
