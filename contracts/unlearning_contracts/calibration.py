@@ -216,6 +216,9 @@ class BankFile(_Record):
 class FoldRecord(_Record):
     """What one index of the Indexed Job did (``fold-<k>.json`` and its termination message)."""
 
+    # As CalibrationRecord: a newer job may add fields an older operator has not heard of.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
     schema_version: int = CALIBRATION_SCHEMA_VERSION
     calibration: str = Field(description="namespace/name of the UnlearningCalibration.")
     fold: int

@@ -97,6 +97,7 @@ def test_records_round_trip_camel_case() -> None:
     fold = FoldRecord(calibration="ns/cal", fold=2, exit_code=0, started_at="t0", finished_at="t1")
     assert fold.dump()["exitCode"] == 0
     assert FoldRecord.model_validate(fold.dump()) == fold
+    assert FoldRecord.model_validate({**fold.dump(), "somethingNew": 1}) == fold
     record = CalibrationRecord(
         calibration="ns/cal", model="digits", folds=4, seed=0, exit_code=0, started_at="t0", finished_at="t1"
     )
