@@ -45,6 +45,7 @@ from unlearning_contracts.spec import (
     JobSpec,
     Manifest,
     ModelSpec,
+    ObjectMeta,
     OutputSpec,
     SpecError,
     _Model,
@@ -140,14 +141,17 @@ class UnlearningCalibrationSpec(_Model):
 
 
 class CalibrationManifest(_Model):
-    """A whole UnlearningCalibration object as written in a YAML file (what ``unlearn calibrate`` reads)."""
+    """A whole UnlearningCalibration object as written in a YAML file (what ``unlearn calibrate`` reads).
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+    Read like a request's manifest (``spec.read_manifest``: bounded, strict, every key once) and
+    validated as strictly: unknown fields are refused at every level, the metadata is bounded.
+    """
 
     api_version: str = Field(description=API_GROUP_VERSION)
     kind: Literal["UnlearningCalibration"] = Field(description=CALIBRATION.kind)
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Object metadata.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Object metadata.")
     spec: UnlearningCalibrationSpec
+    status: dict[str, Any] | None = Field(default=None, description="Ignored: what the operator reported.")
 
     @field_validator("api_version")
     @classmethod
@@ -158,11 +162,11 @@ class CalibrationManifest(_Model):
 
     @property
     def name(self) -> str:
-        return str(self.metadata.get("name", "local"))
+        return self.metadata.name
 
     @property
     def namespace(self) -> str:
-        return str(self.metadata.get("namespace", "default"))
+        return self.metadata.namespace
 
     @property
     def calibration_id(self) -> str:
@@ -189,7 +193,7 @@ def parse_any_manifest(raw: Any) -> Manifest | CalibrationManifest:
 
 def load_any_manifest(path: Path) -> Manifest | CalibrationManifest:
     """Read a manifest file of either kind; the caller says what it does with the other kind."""
-    return parse_any_manifest(read_manifest(path))
+    return parse_any_manifest(read_manifest(path, "UnlearningRequest or UnlearningCalibration"))
 
 
 class ReferenceLikeness(_Record):

@@ -368,8 +368,14 @@ class InputModel(_Record):
     sha256: str
 
 
+MAX_CALIBRATION_NOTE_BYTES = 500
+"""The job bounds ``calibration.note`` to this many bytes of UTF-8 (the name, uri and sha256 are bounded by
+what ``unlearn run`` accepts for ``--calibration-*``)."""
+
+
 class CalibrationUsed(_Record):
-    """The reference bank a run used, or why it used none (kept whole in the compact record)."""
+    """The reference bank a run used, or why it used none (the compact record keeps it; the note and the uri
+    are the last things shortened when every other string is at its bound)."""
 
     name: str = Field(default="", description="namespace/name of the UnlearningCalibration, when one was given.")
     uri: str = Field(default="", description="Where the bank file was read (bank.npz).")
@@ -449,7 +455,10 @@ def _dumps(payload: dict[str, Any]) -> str:
 # verdict or the numbers. A string is cut to what is left of the budget.
 _SHORTENED: tuple[tuple[str, ...], ...] = (
     ("error",),
+    ("calibration", "note"),
     ("inputModel", "uri"),
+    ("calibration", "uri"),
+    ("calibration", "name"),
     ("jobImage",),
     ("device",),
     ("requestName",),

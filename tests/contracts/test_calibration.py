@@ -132,11 +132,40 @@ def test_calibration_manifest_parses_and_names_itself() -> None:
         ({**calibration_manifest(), "apiVersion": "unlearn.dev/v2"}, "apiVersion must be unlearn.dev/v1alpha1"),
         (calibration_manifest(folds=40), "manifest.spec.folds"),
         ([1, 2], "expected a YAML mapping"),
+        ({**calibration_manifest(), "data": {"source": "digits"}}, "manifest.data: unknown top-level field"),
+        (calibration_manifest(recipe={**spec()["recipe"], "epoch": 3}), "manifest.spec.recipe.epoch: unknown field"),
+        (calibration_manifest(folds=True), "manifest.spec.folds: Input should be a valid integer"),
+        (calibration_manifest(folds="4"), "manifest.spec.folds: Input should be a valid integer"),
+        ({**calibration_manifest(), "metadata": {"name": "Not_A_Name"}}, "manifest.metadata.name"),
     ],
 )
 def test_calibration_manifest_refused(raw: Any, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         parse_calibration_manifest(raw)
+
+
+def test_calibration_manifest_files_are_read_bounded_and_strictly(tmp_path: Path) -> None:
+    """The request's reader (safe_yaml): a key given twice, an alias bomb, an empty file are refused."""
+    text = yaml.safe_dump(calibration_manifest())
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "kind: UnlearningCalibration\n")
+    with pytest.raises(SpecError, match="kind"):
+        load_any_manifest(twice)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+            f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+            for i in range(8)
+        )
+    )
+    with pytest.raises(SpecError, match="aliases"):
+        load_any_manifest(bomb)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SpecError, match="empty: expected one UnlearningRequest or UnlearningCalibration document"):
+        load_any_manifest(empty)
 
 
 def test_any_manifest_dispatches_on_kind(tmp_path: Path) -> None:
