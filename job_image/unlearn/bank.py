@@ -81,6 +81,7 @@ import io
 import json
 import math
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,16 +90,21 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from unlearn.data import _npz_member as npz_member  # the data's own checked .npy reader
+from unlearn.draft import bounded
 from unlearn.errors import InvalidInputError
-from unlearn.preflight import BankRef
-from unlearning_contracts.calibration import Likeness, ReferenceLikeness
-from unlearning_contracts.record import CalibrationUsed
-from unlearning_contracts.spec import Location
+from unlearn.files import Place, memory_budget, plain, resolve
+from unlearn.preflight import BankRef, bank_location
+from unlearning_contracts.calibration import MAX_FOLDS, Likeness, ReferenceLikeness
+from unlearning_contracts.record import MAX_CALIBRATION_NOTE_BYTES, CalibrationUsed
 
 FORMAT_VERSION = 1
 DENSE_LIMIT = 1 << 25
 TOP_K = 10
 DIGEST_HEADER = b"unlearn data digest v1\n"
+META_BYTES_BOUND = 1 << 20
+"""A bank's or fold file's meta JSON is at most this many bytes (the recipe and a few names and numbers)."""
+MAX_NPZ_MEMBERS = 64
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -380,20 +386,102 @@ def _expect(array: npt.NDArray[Any], dtype: type[np.generic], shape: tuple[int, 
 # -- npz I/O -------------------------------------------------------------------------------------------------
 
 
-def save_npz(path: Path, arrays: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any]) -> None:
-    """An uncompressed npz with ``meta`` as a JSON string array (no pickles anywhere)."""
+def npz_bytes(arrays: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any]) -> bytes:
+    """An uncompressed npz with ``meta`` as a JSON string array (no pickles anywhere), in memory: the
+    job publishes it with ``files.OutputFolder.publish`` (never over an existing file)."""
     payload = {"meta": np.array(json.dumps(meta, sort_keys=True)), **arrays}
-    with path.open("wb") as handle:
-        np.savez(handle, **payload)  # type: ignore[arg-type]  # numpy's stubs type the keyword arrays narrowly
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)  # type: ignore[arg-type]  # numpy's stubs type the keyword arrays narrowly
+    return buffer.getvalue()
 
 
-def read_npz(path: Path) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
-    """Every array of an npz (read into memory, no pickles) and its ``meta`` JSON."""
+def save_npz(path: Path, arrays: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any]) -> None:
+    """``npz_bytes`` written to a path of the caller's own (tests, benchmarks)."""
+    path.write_bytes(npz_bytes(arrays, meta))
+
+
+def as_place(source: Place | Path, field: str) -> Place:
+    """A file to read: a place inside a claim (``files.resolve``), or a path of the caller's own."""
+    return source if isinstance(source, Place) else plain(source, field)
+
+
+def read_npz(source: Place | Path, limit: int | None = None) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+    """Every array of an npz and its ``meta`` JSON, read as ``files`` reads inputs: a regular file, never
+    through a link out of its claim, at most ``limit`` bytes (default: the memory the job may use)."""
+    place = as_place(source, "npz")
+    return parse_npz(read_place(place, limit), place.where)
+
+
+def read_place(place: Place, limit: int | None = None) -> bytes:
+    """The whole file (``files.Place.read_bytes``: regular, inside its claim, at most ``limit`` bytes,
+    default the memory the job may use); what it refuses is a BankError, in its own words."""
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BankError(f"{path}: cannot read ({error.strerror})") from None
-    return _read_npz_bytes(data, str(path))
+        return place.read_bytes(limit if limit is not None else memory_budget())
+    except BankError:
+        raise
+    except InvalidInputError as error:
+        raise BankError(str(error)) from None
+
+
+def table_bytes(rows: int, classes: int, storage: Storage) -> int:
+    """Bytes of a logit table's arrays over ``rows`` rows (see the size bound in the module docstring)."""
+    if storage == "dense" or classes <= TOP_K:
+        return rows * classes * 4
+    return rows * (TOP_K * 8 + 4)
+
+
+def bank_bytes_bound(train_rows: int, test_rows: int, classes: int, max_folds: int = MAX_FOLDS) -> int:
+    """The most bytes a bank of these data can take (any K up to ``max_folds``): a larger file is refused
+    before it is read. The arrays' exact sizes, plus room for the meta and the zip and .npy headers."""
+    n, m, c = train_rows, test_rows, classes
+    largest = 0
+    for k in range(2, max_folds + 1):
+        test_storage = storage_for(k * m * c)
+        arrays = (
+            2 * n  # folds
+            + 4 * k * (n + m)  # phi, test_phi
+            + 4 * (n + m)  # original_train_phi, original_test_phi
+            + 2 * table_bytes(n, c, storage_for(n * c))  # out_logits, original_train_logits
+            + table_bytes(k * m, c, test_storage)
+            + table_bytes(m, c, test_storage)
+        )
+        largest = max(largest, arrays)
+    return largest + META_BYTES_BOUND + 32 * 1024
+
+
+def parse_npz(data: bytes, where: str) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
+    """The arrays and meta of npz bytes (a bank's sha256 and its arrays come from the same read).
+
+    Each member's .npy header is checked against the bytes it holds and the memory the job may use
+    before it is read (``unlearn.data.npz_member``, as for the data): a header that claims 10^12 rows,
+    a compressed member that would expand past its size, or a pickled object is refused, not read.
+    """
+    budget = memory_budget()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = [name for name in archive.namelist() if name.endswith(".npy")]
+            if len(members) > MAX_NPZ_MEMBERS:
+                raise BankError(f"{where}: {len(members)} arrays, more than any bank or fold file holds")
+            arrays = {name.removesuffix(".npy"): npz_member(archive, name, where, budget) for name in members}
+    except BankError:
+        raise
+    except InvalidInputError as error:  # the data's reader refused a member: the same words, as a BankError
+        raise BankError(str(error)) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
+        raise BankError(f"{where}: cannot read as .npz ({str(error).splitlines()[0][:200]})") from None
+    meta_array = arrays.pop("meta", None)
+    if meta_array is None or meta_array.ndim != 0 or meta_array.dtype.kind != "U":
+        raise BankError(f"{where}: no meta (a JSON string): not a bank or fold file of this job")
+    text = str(meta_array)
+    if len(text.encode("utf-8", "surrogatepass")) > META_BYTES_BOUND:
+        raise BankError(f"{where}: its meta is over {META_BYTES_BOUND} bytes: not a bank or fold file of this job")
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise BankError(f"{where}: its meta is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise BankError(f"{where}: its meta is not a JSON object")
+    return arrays, meta
 
 
 def _check_version(meta: Mapping[str, Any], where: str) -> None:
@@ -424,7 +512,7 @@ class FoldOutputs:
     def fold(self) -> int:
         return int(self.meta["fold"])
 
-    def save(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
         arrays: dict[str, npt.NDArray[Any]] = {
             "rows": self.rows.astype(np.int64),
             "original_held_out_phi": self.original_held_out_phi,
@@ -436,12 +524,20 @@ class FoldOutputs:
             FOLD_TABLES, (self.held_out, self.original_held_out, self.test, self.original_test), strict=True
         ):
             arrays.update(table.arrays(name))
-        save_npz(path, arrays, self.meta)
+        return npz_bytes(arrays, self.meta)
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.to_bytes())
 
     @classmethod
-    def load(cls, path: Path) -> FoldOutputs:
-        arrays, meta = read_npz(path)
-        where = str(path)
+    def load(cls, source: Place | Path) -> FoldOutputs:
+        place = as_place(source, "fold file")
+        return cls.from_bytes(read_place(place), place.where)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> FoldOutputs:
+        """A fold file's contents (the merge hashes and parses the same bytes it read once)."""
+        arrays, meta = parse_npz(data, where)
         _check_version(meta, where)
         try:
             classes, n, m = int(meta["classes"]), int(meta["trainRows"]), int(meta["testRows"])
@@ -570,6 +666,9 @@ class Bank:
             arrays.update(table.arrays(name))
         return arrays
 
+    def to_bytes(self) -> bytes:
+        return npz_bytes(self.arrays(), self.meta)
+
     def save(self, path: Path) -> None:
         save_npz(path, self.arrays(), self.meta)
 
@@ -617,23 +716,24 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_bank(path: Path, expected_sha256: str | None = None) -> Bank:
+def load_bank(source: Place | Path, expected_sha256: str | None = None, limit: int | None = None) -> Bank:
     """Read and verify a bank file: its sha256 (when given), format version, and every array's dtype and shape.
 
+    ``source``: a place inside a claim (``files.resolve``: never read through a link out of it) or a
+    path of the caller's own. ``limit``: refuse a file over this many bytes before reading it (a
+    request's job passes ``bank_bytes_bound`` of its data; default: the memory the job may use).
     Raises BankError (an InvalidInputError) naming the file and what is wrong.
     """
-    where = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BankError(f"{where}: cannot read the bank ({error.strerror})") from None
+    place = as_place(source, "bank")
+    where = place.where
+    data = read_place(place, limit)
     sha = sha256_bytes(data)
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise BankError(
             f"{where}: sha256 {sha[:16]}... is not the calibration's {expected_sha256[:16]}...: "
             "the file changed after the calibration wrote it"
         )
-    arrays, meta = _read_npz_bytes(data, where)
+    arrays, meta = parse_npz(data, where)
     _check_version(meta, where)
     try:
         k, n, m, classes = (int(meta[key]) for key in ("folds", "trainRows", "testRows", "classes"))
@@ -673,26 +773,8 @@ def load_bank(path: Path, expected_sha256: str | None = None) -> Bank:
         original_test=original_test,
         original_test_phi=arrays["original_test_phi"],
         sha256=sha,
-        path=path,
+        path=place.path,
     )
-
-
-def _read_npz_bytes(data: bytes, where: str) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
-    """The arrays and meta of npz bytes (a bank's sha256 and its arrays come from the same read)."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: np.asarray(archive[name]) for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise BankError(f"{where}: cannot read as .npz ({str(error).splitlines()[0][:200]})") from None
-    if "meta" not in arrays or arrays["meta"].ndim != 0 or arrays["meta"].dtype.kind != "U":
-        raise BankError(f"{where}: no meta (a JSON string): not a bank or fold file of this job")
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-    except ValueError:
-        raise BankError(f"{where}: its meta is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise BankError(f"{where}: its meta is not a JSON object")
-    return arrays, meta
 
 
 # -- a request's use of a bank ------------------------------------------------------------------------------
@@ -735,7 +817,9 @@ def decide_use(
     name, uri, sha = (ref.name, ref.uri, ref.sha256 or "") if ref is not None else ("", "", "")
 
     def record(calibrated: bool, text: str) -> CalibrationUsed:
-        return CalibrationUsed(name=name, uri=uri, sha256=sha, calibrated=calibrated, note=text[:500])
+        return CalibrationUsed(
+            name=name, uri=uri, sha256=sha, calibrated=calibrated, note=bounded(text, MAX_CALIBRATION_NOTE_BYTES)
+        )
 
     if policy == "Disabled":
         return False, record(False, "spec.calibration.policy is Disabled: no bank used"), None
@@ -758,23 +842,28 @@ def use_bank(
     volume_root: Path,
     digest: Callable[[], str],
     train_rows: int,
+    test_rows: int,
     classes: int,
     input_sha256: str,
+    require_claims: bool = False,
 ) -> tuple[Bank | None, CalibrationUsed, str | None]:
     """Load and verify the bank a request was given, and decide by its policy.
 
     Returns (the bank when it is used, the record's ``calibration`` entry, the
     invalid-input error under ``Required``). ``digest`` computes the request's
-    data digest; it runs only when there is a bank to compare with.
+    data digest; it runs only when there is a bank to compare with. The file is
+    read as the job reads every input (``files``: a regular file, never through a
+    link out of its claim) and refused unread when it is larger than any bank of
+    these data can be (``bank_bytes_bound``).
     """
     if policy == "Disabled" or ref is None:
         return None, *decide_use(policy, ref, None)[1:]
-    path = Location.from_uri(ref.uri).resolve(volume_root)
     problem: str | None
     bank: Bank | None = None
     try:
-        bank = load_bank(path, ref.sha256)
-    except BankError as error:
+        place = resolve(bank_location(ref, require_claims), volume_root, "--calibration-bank")
+        bank = load_bank(place, ref.sha256, limit=bank_bytes_bound(train_rows, test_rows, classes))
+    except InvalidInputError as error:  # a BankError, or the file is not where it should be
         problem = str(error)
     else:
         ref = replace(ref, sha256=bank.sha256)

@@ -9,9 +9,9 @@ the operator's Indexed Job):
 3. re-initialise the model's architecture from scratch under the fold's seed
    and train it with the recipe on every training row outside fold ``k``
    (``unlearn.engine.fit``: the job's own training loop);
-4. evaluate the reference on every training row and every test row, and write
-   ``fold-<k>.npz`` and then ``fold-<k>.json`` (a ``FoldRecord`` naming the
-   npz's sha256), each under a temporary name renamed into place.
+4. evaluate the reference on every training row and every test row, and publish
+   ``fold-<k>.npz`` and ``fold-<k>.json`` (a ``FoldRecord`` naming the npz's
+   sha256) together.
 
 The merge (``unlearn calibrate-merge``) reads only the output folder: it checks
 every fold file against its record and against the others and writes
@@ -21,6 +21,18 @@ merge. A fold whose files are already there and valid is not trained again,
 so a retried index or an interrupted local run resumes; files of another
 calibration (other data, model, recipe, K or seed) and an existing bank are
 never replaced: that is invalid input, and a new output folder is the fix.
+
+Files, as for a request (``unlearn.files``, ``unlearn.preflight``): the
+allow-list, the claims, the inputs and the output folder are checked before
+torch is imported (``preflight.check_calibration``); the model and the data
+are read by the request's own loaders; every file of the output folder is
+read as a regular file inside its claim (never through a link out of it),
+bounded in bytes (records ``MAX_RECORD_BYTES``, npz files by the memory the
+job may use, with each array's header checked before it is read); and every
+file is published with ``OutputFolder.publish`` (a temporary name, then
+``link(2)``, which never replaces: a fold's npz and record, and the bank and
+its record, appear together or not at all). Only failure records
+(``*.failed.json``) are replaced, as a request's are.
 
 Re-initialisation, per model format (``unlearn.model_io.reinitialise``):
 
@@ -45,6 +57,7 @@ input: on the same recipe and seed it would diverge again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -55,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -67,10 +80,12 @@ from unlearn import bank as bank_format
 from unlearn import fit as checks
 from unlearn.bank import BankError, FoldOutputs, LogitTable
 from unlearn.data import LoadedData, load_data
-from unlearn.draft import now, write_json
+from unlearn.draft import failed_calibration, failed_fold, json_bytes, now, one_line
 from unlearn.engine import Context, TensorSet, fit, predict
 from unlearn.errors import DivergedError, InvalidInputError
-from unlearn.model_io import LoadedModel, atomic_write, load_model, reinitialise, sha256_file
+from unlearn.files import OutputFolder, Place, memory_budget, resolve
+from unlearn.model_io import LoadedModel, load_model, reinitialise
+from unlearn.preflight import check_calibration
 from unlearn.runner import cpu_threads, pick_device
 from unlearning_contracts.calibration import (
     BankFile,
@@ -85,11 +100,14 @@ from unlearning_contracts.calibration import (
 from unlearning_contracts.record import EXIT_INVALID_INPUT, EXIT_PASSED, InputModel
 
 log = logging.getLogger("unlearn")
+RecordT = TypeVar("RecordT", FoldRecord, CalibrationRecord)
 
 EXIT_UNEXPECTED = 1
 BANK_NPZ = "bank.npz"
 BANK_JSON = "bank.json"
 BANK_FAILED = "bank.failed.json"
+MAX_RECORD_BYTES = 1 << 20
+"""A fold's or the bank's record (JSON) is read only up to this many bytes (they hold a few KiB)."""
 STATISTIC_BUFFERS = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0.0}
 
 
@@ -99,6 +117,10 @@ class CalibrateOptions:
     device: str = "auto"
     progress: bool = False
     job_image: str = field(default_factory=lambda: os.environ.get("UNLEARN_JOB_IMAGE", ""))
+    allowed_factories: tuple[str, ...] = ()
+    """Module prefixes an architecture factory may come from (``unlearning_contracts.factories``)."""
+    require_claims: bool = False
+    """Every location must name a claim (``--require-claims``, as the operator's Jobs pass it)."""
 
 
 # -- pure parts: the recipe -------------------------------------------------------------------------------
@@ -211,7 +233,7 @@ def reset_statistics(module: nn.Module) -> None:
 @dataclass
 class Prepared:
     manifest: CalibrationManifest
-    output_dir: Path
+    output: OutputFolder
     data: LoadedData
     loaded: LoadedModel
     original_state: dict[str, torch.Tensor]
@@ -223,25 +245,57 @@ class Prepared:
     """The meta every fold file and the bank share (``bank.SHARED_META`` and the calibration's names)."""
 
 
-def _output_dir(manifest: CalibrationManifest, volume_root: Path) -> Path:
-    output_dir = manifest.spec.output.location.resolve(volume_root)
+def output_folder(manifest: CalibrationManifest, options: CalibrateOptions) -> OutputFolder:
+    """The output folder, checked as a request's (inside its claim, a folder the job may write or create)."""
+    location = manifest.spec.output.location
+    if options.require_claims and location.claim_name is None:
+        raise InvalidInputError(
+            f"output.location: {location.uri} names no claim: in a cluster every location is a path inside a "
+            "PersistentVolumeClaim: set claimName"
+        )
+    output = OutputFolder(resolve(location, options.volume_root, "output.location"))
+    output.check()
+    return output
+
+
+def output_file(output: OutputFolder, name: str) -> Place:
+    """A file of the output folder, read like an input: inside the folder's claim, never through a link out."""
+    folder = output.place
+    return Place(
+        field="output.location",
+        uri=_join_uri(folder.uri, name),
+        path=folder.path / name,
+        claim=folder.claim,
+        root=folder.root,
+    )
+
+
+def _sha256_of(place: Place) -> str:
+    digest = hashlib.sha256()
+    with place.open() as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_record(place: Place, model: type[RecordT]) -> RecordT:
+    """A fold's or the bank's record, bounded in bytes; a file that is not one is invalid input."""
+    data = place.read_bytes(MAX_RECORD_BYTES)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InvalidInputError(f"output.location: cannot create {output_dir} ({error.strerror})") from None
-    if not os.access(output_dir, os.W_OK):
-        raise InvalidInputError(f"output.location: {output_dir} is not writable by the job (mount it read-write)")
-    return output_dir
+        return model.model_validate_json(data)
+    except ValueError as error:
+        first = str(error).splitlines()[0][:200]
+        raise InvalidInputError(f"{place.where}: not a {model.__name__} ({first})") from None
 
 
 def prepare(manifest: CalibrationManifest, options: CalibrateOptions) -> Prepared:
     spec = manifest.spec
-    output_dir = _output_dir(manifest, options.volume_root)
+    plan = check_calibration(manifest, options.allowed_factories, options.require_claims, options.volume_root)
     device = pick_device(options.device)
     data = load_data(spec.data, options.volume_root)
     check_folds(spec.folds, len(data.train))
-    model_path = spec.model.source.resolve(options.volume_root)
-    loaded = load_model(spec.model, model_path)
+    assert plan.model is not None  # checked with its inputs
+    loaded = load_model(spec.model, plan.model, options.allowed_factories)
     if loaded.format == "state-dict" and loaded.build is None:
         raise InvalidInputError("model.architecture: a state dict needs its architecture to be trained from scratch")
     module = loaded.module.to(device)
@@ -267,7 +321,7 @@ def prepare(manifest: CalibrationManifest, options: CalibrateOptions) -> Prepare
         "folds": spec.folds,
         "seed": spec.seed,
         "dataDigest": digest,
-        "inputModel": {"uri": spec.model.source.uri, "sha256": sha256_file(model_path)},
+        "inputModel": {"uri": spec.model.source.uri, "sha256": loaded.sha256},
         "recipe": spec.recipe.model_dump(mode="json", by_alias=True),
         "classes": classes,
         "trainRows": len(data.train),
@@ -285,7 +339,7 @@ def prepare(manifest: CalibrationManifest, options: CalibrateOptions) -> Prepare
     )
     return Prepared(
         manifest=manifest,
-        output_dir=output_dir,
+        output=plan.output,
         data=data,
         loaded=loaded,
         original_state={k: v.detach().clone() for k, v in module.state_dict().items()},
@@ -404,56 +458,73 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
-def existing_fold(output_dir: Path, fold: int, meta: dict[str, Any]) -> FoldRecord | None:
+def existing_fold(output: OutputFolder, fold: int, meta: dict[str, Any]) -> FoldRecord | None:
     """The record of a fold already written for this calibration, or None when it must be trained.
 
-    Files of another calibration are invalid input (they are never replaced); a
-    record without its npz, or whose digest does not match it, was interrupted
-    and is trained again.
+    Files are never replaced, so anything else already there is invalid input:
+    another calibration's fold, or a fold file that does not match its record.
+    A fold npz without its record (a fold killed between the two links of its
+    publish) is this calibration's when its meta says so: its record is
+    finished from it, as the merge does for the bank.
     """
     npz_name, json_name, _ = fold_names(fold)
-    npz, record_path = output_dir / npz_name, output_dir / json_name
-    if not record_path.is_file() or not npz.is_file():
+    has_npz, has_record = output.exists(npz_name), output.exists(json_name)
+    if not has_npz and not has_record:
         return None
-    try:
-        record = FoldRecord.model_validate_json(record_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if record.exit_code != EXIT_PASSED or record.outputs is None or record.outputs.sha256 != sha256_file(npz):
-        return None
-    try:
-        _, found = bank_format.read_npz(npz)
-    except BankError:
-        return None
-    _check_same_calibration(found, meta, npz)
+    npz = output_file(output, npz_name)
+    if not has_npz:
+        raise InvalidInputError(
+            f"{output_file(output, json_name).where}: a fold record without its {npz_name}: a fold file is never "
+            f"replaced: delete {json_name} and run fold {fold} again"
+        )
+    data = npz.read_bytes(memory_budget())
+    outputs = FoldOutputs.from_bytes(data, npz.where)
+    _check_same_calibration(outputs.meta, meta, npz)
+    if outputs.fold != fold:
+        raise InvalidInputError(f"{npz.where}: holds fold {outputs.fold}, not {fold}")
+    sha = bank_format.sha256_bytes(data)
+    if has_record:
+        record = _read_record(output_file(output, json_name), FoldRecord)
+        if record.exit_code != EXIT_PASSED or record.outputs is None or record.outputs.sha256 != sha:
+            raise InvalidInputError(
+                f"{npz.where}: does not match the sha256 its record names: the file changed after fold {fold} "
+                f"wrote it: a fold file is never replaced: delete {npz_name} and {json_name} and run it again"
+            )
+        return record
+    record = _fold_record(outputs, output.place.uri, sha, now())
+    output.publish([(json_name, json_bytes(record.dump()))])
+    log.info("fold %d: its record finished from %s", fold, npz.where)
     return record
 
 
-def _check_same_calibration(found: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
+def _check_same_calibration(found: dict[str, Any], meta: dict[str, Any], place: Place) -> None:
     for key in bank_format.SHARED_META:
         if found.get(key) != meta.get(key):
             raise InvalidInputError(
-                f"output.location: {path} was made for another calibration (its {key} differs): "
+                f"{place.where}: was made for another calibration (its {key} differs): "
                 "a calibration never replaces another's files: choose a new output folder"
             )
 
 
-def write_fold(p: Prepared, outputs: FoldOutputs, started_at: str) -> FoldRecord:
-    npz_name, json_name, _ = fold_names(outputs.fold)
-    npz = p.output_dir / npz_name
-    atomic_write(npz, outputs.save)
-    uri = p.manifest.spec.output.location.uri
-    record = FoldRecord(
-        calibration=p.manifest.calibration_id,
+def _fold_record(outputs: FoldOutputs, folder_uri: str, sha: str, started_at: str) -> FoldRecord:
+    return FoldRecord(
+        calibration=str(outputs.meta["calibration"]),
         fold=outputs.fold,
         exit_code=EXIT_PASSED,
         reference=ReferenceLikeness.model_validate(outputs.meta["reference"]),
-        outputs=BankFile(uri=_join_uri(uri, npz_name), sha256=sha256_file(npz)),
+        outputs=BankFile(uri=_join_uri(folder_uri, fold_names(outputs.fold)[0]), sha256=sha),
         started_at=started_at,
         finished_at=now(),
         device=str(outputs.meta["device"]),
     )
-    write_json(p.output_dir / json_name, record.dump())
+
+
+def write_fold(p: Prepared, outputs: FoldOutputs, started_at: str) -> FoldRecord:
+    """Publish the fold's npz and its record together (never over an existing file)."""
+    npz_name, json_name, _ = fold_names(outputs.fold)
+    data = outputs.to_bytes()
+    record = _fold_record(outputs, p.manifest.spec.output.location.uri, bank_format.sha256_bytes(data), started_at)
+    p.output.publish([(npz_name, data), (json_name, json_bytes(record.dump()))])
     return record
 
 
@@ -461,112 +532,108 @@ def do_fold(p: Prepared, fold: int, started_at: str) -> FoldRecord:
     """Fold ``fold`` of a prepared calibration: reused when already written, else trained and written."""
     if not 0 <= fold < p.manifest.spec.folds:
         raise InvalidInputError(f"--fold {fold}: the calibration has folds 0..{p.manifest.spec.folds - 1}")
-    done = existing_fold(p.output_dir, fold, p.meta)
+    done = existing_fold(p.output, fold, p.meta)
     if done is not None:
         log.info("fold %d: already written (%s), not trained again", fold, done.outputs.uri if done.outputs else "")
         return done
     return write_fold(p, train_fold(p, fold), started_at)
 
 
-def _failed_fold(manifest: CalibrationManifest, fold: int, code: int, error: str, started_at: str) -> FoldRecord:
-    return FoldRecord(
-        calibration=manifest.calibration_id,
-        fold=fold,
-        exit_code=code,
-        error=error,
-        started_at=started_at,
-        finished_at=now(),
-    )
-
-
-def _write_failure(folder: Path | None, name: str, payload: dict[str, Any]) -> None:
-    """Best effort: a failure record beside the outputs (the folder itself may be what failed)."""
-    if folder is None or not folder.is_dir():
+def _write_failure(output: OutputFolder | None, name: str, payload: dict[str, Any]) -> None:
+    """Best effort: a failure record beside the outputs, replacing an older one (the folder itself may be
+    what failed; nothing else in it is ever replaced)."""
+    if output is None:
         return
     try:
-        write_json(folder / name, payload)
-    except OSError as error:
-        log.warning("cannot write %s in %s: %s", name, folder, error.strerror)
+        output.publish([(name, json_bytes(payload))], replace=True)
+    except (InvalidInputError, OSError) as error:
+        log.warning("cannot write %s in %s: %s", name, output.place.uri, error)
+
+
+def _output_or_none(manifest: CalibrationManifest, options: CalibrateOptions) -> OutputFolder | None:
+    """The output folder for a failure record, when it can be used at all."""
+    try:
+        return output_folder(manifest, options)
+    except InvalidInputError:
+        return None
 
 
 def run_fold(manifest: CalibrationManifest, options: CalibrateOptions, fold: int) -> FoldRecord:
     """One index of the Indexed Job; never raises (the record's exitCode says what happened)."""
     started_at = now()
-    folder: Path | None = None
     try:
-        folder = manifest.spec.output.location.resolve(options.volume_root)
         return do_fold(prepare(manifest, options), fold, started_at)
     except InvalidInputError as error:
-        record = _failed_fold(manifest, fold, EXIT_INVALID_INPUT, str(error).splitlines()[0], started_at)
+        record = failed_fold(manifest, fold, EXIT_INVALID_INPUT, one_line(error), started_at)
     except Exception as error:  # the retryable class: crash, OOM, a bug
         log.error("unexpected error:\n%s", traceback.format_exc())
-        first = (str(error).strip().splitlines() or [""])[0][:300]
-        record = _failed_fold(
-            manifest, fold, EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {first}", started_at
-        )
+        message = f"unexpected error: {type(error).__name__}: {one_line(error)}"
+        record = failed_fold(manifest, fold, EXIT_UNEXPECTED, one_line(message), started_at)
     log.error("fold %d failed: %s", fold, record.error)
-    _write_failure(folder, fold_names(fold)[2], record.dump())
+    _write_failure(_output_or_none(manifest, options), fold_names(fold)[2], record.dump())
     return record
 
 
 # -- the merge -------------------------------------------------------------------------------------------
 
 
-def _fold_outputs(output_dir: Path, fold: int) -> tuple[FoldRecord, FoldOutputs]:
+def _fold_outputs(output: OutputFolder, fold: int) -> tuple[FoldRecord, FoldOutputs]:
     npz_name, json_name, _ = fold_names(fold)
-    record_path, npz = output_dir / json_name, output_dir / npz_name
-    if not record_path.is_file():
+    record_file, npz = output_file(output, json_name), output_file(output, npz_name)
+    if not output.exists(json_name):
         raise InvalidInputError(
-            f"output.location: {json_name} is missing in {output_dir}: run `unlearn calibrate-fold --fold {fold}`"
+            f"output.location: {json_name} is missing in {output.place.uri}: run `unlearn calibrate-fold --fold {fold}`"
         )
-    try:
-        record = FoldRecord.model_validate_json(record_path.read_text())
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"{record_path}: not a fold record ({str(error).splitlines()[0][:200]})") from None
+    record = _read_record(record_file, FoldRecord)
     if record.exit_code != EXIT_PASSED or record.outputs is None:
-        raise InvalidInputError(f"{record_path}: fold {fold} did not succeed ({record.error}): run it again")
-    if not npz.is_file():
-        raise InvalidInputError(f"output.location: {npz_name} is missing in {output_dir}: run fold {fold} again")
-    sha = sha256_file(npz)
+        raise InvalidInputError(f"{record_file.where}: fold {fold} did not succeed ({record.error}): run it again")
+    if not output.exists(npz_name):
+        raise InvalidInputError(
+            f"output.location: {npz_name} is missing in {output.place.uri}: delete {json_name} and run fold {fold} "
+            "again"
+        )
+    data = npz.read_bytes(memory_budget())
+    sha = bank_format.sha256_bytes(data)
     if sha != record.outputs.sha256:
         raise InvalidInputError(
-            f"{npz}: sha256 {sha[:16]}... is not the {record.outputs.sha256[:16]}... its record names: "
+            f"{npz.where}: sha256 {sha[:16]}... is not the {record.outputs.sha256[:16]}... its record names: "
             f"the file changed after fold {fold} wrote it: delete both and run fold {fold} again"
         )
-    outputs = FoldOutputs.load(npz)
+    outputs = FoldOutputs.from_bytes(data, npz.where)
     if outputs.fold != fold:
-        raise InvalidInputError(f"{npz}: holds fold {outputs.fold}, not {fold}")
+        raise InvalidInputError(f"{npz.where}: holds fold {outputs.fold}, not {fold}")
     return record, outputs
 
 
-def _existing_bank(output_dir: Path, calibration: str) -> CalibrationRecord | None:
+def _existing_bank(output: OutputFolder, calibration: str) -> CalibrationRecord | None:
     """The record of this calibration's bank when it is written; None when there is no bank yet, or when
     a merge of this calibration was interrupted between the bank and its record (the merge then finishes
     the record and keeps the bank). Anyone else's bank is invalid input: a bank is never replaced."""
-    npz, record_path = output_dir / BANK_NPZ, output_dir / BANK_JSON
-    if not npz.exists():
+    npz = output_file(output, BANK_NPZ)
+    if not output.exists(BANK_NPZ):
         return None
-    try:
-        record: CalibrationRecord | None = CalibrationRecord.model_validate_json(record_path.read_text())
-    except (OSError, ValueError):
-        record = None
+    record: CalibrationRecord | None = None
+    if output.exists(BANK_JSON):
+        try:
+            record = _read_record(output_file(output, BANK_JSON), CalibrationRecord)
+        except InvalidInputError:
+            record = None
     if record is not None and record.exit_code == EXIT_PASSED and record.bank is not None:
-        if record.calibration == calibration and record.bank.sha256 == sha256_file(npz):
+        if record.calibration == calibration and record.bank.sha256 == _sha256_of(npz):
             return record
         raise _foreign_bank(npz)
     try:
         _, meta = bank_format.read_npz(npz)
     except BankError:
         raise _foreign_bank(npz) from None
-    if meta.get("calibration") != calibration:
+    if meta.get("calibration") != calibration or output.exists(BANK_JSON):
         raise _foreign_bank(npz)
     return None
 
 
-def _foreign_bank(npz: Path) -> InvalidInputError:
+def _foreign_bank(npz: Place) -> InvalidInputError:
     return InvalidInputError(
-        f"output.location: {npz} exists and is not this calibration's bank: a bank is never replaced: "
-        "choose a new output folder"
+        f"{npz.where}: exists and is not this calibration's bank: a bank is never replaced: choose a new output folder"
     )
 
 
@@ -581,14 +648,14 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
     """Check the fold files and merge them into ``bank.npz`` + ``bank.json`` (or return the bank's record
     when it is already written)."""
     spec = manifest.spec
-    output_dir = _output_dir(manifest, options.volume_root)
-    existing = _existing_bank(output_dir, manifest.calibration_id)
+    output = output_folder(manifest, options)
+    existing = _existing_bank(output, manifest.calibration_id)
     if existing is not None:
         log.info("bank already written: %s", existing.bank.uri if existing.bank else "")
         return existing
     records, outputs = [], []
     for fold in range(spec.folds):
-        fold_record, fold_outputs = _fold_outputs(output_dir, fold)
+        fold_record, fold_outputs = _fold_outputs(output, fold)
         records.append(fold_record)
         outputs.append(fold_outputs)
     first = outputs[0].meta
@@ -597,7 +664,7 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
     for key, value in wanted.items():
         if meta[key] != value:
             raise InvalidInputError(
-                f"spec.{key}: the fold files in {output_dir} were made with another {key}: "
+                f"spec.{key}: the fold files in {output.place.uri} were made with another {key}: "
                 "choose a new output folder for a calibration that differs"
             )
     references = [ReferenceLikeness.model_validate(o.meta["reference"]) for o in outputs]
@@ -618,15 +685,17 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
         bank = bank_format.merge_folds(outputs, meta)
     except BankError as error:
         raise InvalidInputError(str(error)) from None
-    npz = output_dir / BANK_NPZ
-    if npz.exists():  # written by an interrupted merge of these very folds (_existing_bank checked whose)
-        _, found = bank_format.read_npz(npz)
+    npz = output_file(output, BANK_NPZ)
+    kept = output.exists(BANK_NPZ)
+    if kept:  # written by an interrupted merge of these very folds (_existing_bank checked whose)
+        data = npz.read_bytes(memory_budget())
+        _, found = bank_format.parse_npz(data, npz.where)
         if any(found.get(key) != meta.get(key) for key in bank_format.SHARED_META):
             raise _foreign_bank(npz)
-        log.info("bank %s: kept as the interrupted merge wrote it", npz)
+        log.info("bank %s: kept as the interrupted merge wrote it", npz.uri)
     else:
-        atomic_write(npz, bank.save)
-    sha = sha256_file(npz)
+        data = bank.to_bytes()
+    sha = bank_format.sha256_bytes(data)
     finished = now()
     starts = [t for t in (_parse_time(r.started_at) for r in records) if t is not None]
     begun = _parse_time(started_at) if started_at else (min(starts) if starts else None)
@@ -650,7 +719,7 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
             "trainSeconds": round(sum(float(o.meta["trainSeconds"]) for o in outputs), 3),
             "steps": float(sum(steps)),
             "retrainEquivalents": round(bank_format.retrain_equivalents(steps, full_steps), 4),
-            "bankBytes": float(npz.stat().st_size),
+            "bankBytes": float(len(data)),
         },
         recipe=dict(meta["recipe"]),
         started_at=started_at or (min(r.started_at for r in records)),
@@ -658,28 +727,10 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
         job_image=options.job_image,
         code_version=unlearn.__version__,
     )
-    write_json(output_dir / BANK_JSON, record.dump())
-    log.info("bank %s: sha256 %s, %d bytes", npz, sha, npz.stat().st_size)
+    files = [(BANK_JSON, json_bytes(record.dump()))]
+    output.publish(files if kept else [(BANK_NPZ, data), *files])  # together; never over an existing file
+    log.info("bank %s: sha256 %s, %d bytes", npz.uri, sha, len(data))
     return record
-
-
-def _failed_calibration(
-    manifest: CalibrationManifest, code: int, error: str, started_at: str, options: CalibrateOptions
-) -> CalibrationRecord:
-    spec = manifest.spec
-    return CalibrationRecord(
-        calibration=manifest.calibration_id,
-        model=spec.model.name,
-        folds=spec.folds,
-        seed=spec.seed,
-        exit_code=code,
-        error=error,
-        recipe=spec.recipe.model_dump(mode="json", by_alias=True),
-        started_at=started_at,
-        finished_at=now(),
-        job_image=options.job_image,
-        code_version=unlearn.__version__,
-    )
 
 
 def _guarded(manifest: CalibrationManifest, options: CalibrateOptions, started_at: str, body: Any) -> CalibrationRecord:
@@ -688,15 +739,13 @@ def _guarded(manifest: CalibrationManifest, options: CalibrateOptions, started_a
         done: CalibrationRecord = body()
         return done
     except InvalidInputError as error:
-        failed = _failed_calibration(manifest, EXIT_INVALID_INPUT, str(error).splitlines()[0], started_at, options)
+        failed = failed_calibration(manifest, EXIT_INVALID_INPUT, one_line(error), started_at, options.job_image)
     except Exception as error:  # the retryable class
         log.error("unexpected error:\n%s", traceback.format_exc())
-        first = (str(error).strip().splitlines() or [""])[0][:300]
-        failed = _failed_calibration(
-            manifest, EXIT_UNEXPECTED, f"unexpected error: {type(error).__name__}: {first}", started_at, options
-        )
+        message = one_line(f"unexpected error: {type(error).__name__}: {one_line(error)}")
+        failed = failed_calibration(manifest, EXIT_UNEXPECTED, message, started_at, options.job_image)
     log.error("calibration failed: %s", failed.error)
-    _write_failure(manifest.spec.output.location.resolve(options.volume_root), BANK_FAILED, failed.dump())
+    _write_failure(_output_or_none(manifest, options), BANK_FAILED, failed.dump())
     return failed
 
 
@@ -710,8 +759,7 @@ def run_calibration(manifest: CalibrationManifest, options: CalibrateOptions) ->
     started_at = now()
 
     def body() -> CalibrationRecord:
-        output_dir = _output_dir(manifest, options.volume_root)
-        if (output_dir / BANK_NPZ).exists():
+        if output_folder(manifest, options).exists(BANK_NPZ):
             return _merge(manifest, options, started_at)  # already done (or refused: never replaced)
         prepared = prepare(manifest, options)
         for fold in range(manifest.spec.folds):

@@ -33,11 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from unlearn import preflight
-from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
+from unlearn.draft import (
+    RecordDraft,
+    default_termination_log,
+    failed_calibration,
+    failed_fold,
+    now,
+    write_json,
+    write_refusal,
+    write_termination_message,
+)
 from unlearn.errors import InvalidInputError
 from unlearning_contracts.calibration import (
     CalibrationManifest,
     CalibrationRecord,
+    FoldRecord,
     compact_calibration,
     compact_fold,
     load_any_manifest,
@@ -159,6 +169,19 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="compact record path (default: /dev/termination-log in a pod)",
+    )
+    parser.add_argument(
+        "--require-claims",
+        action="store_true",
+        help="refuse a location without claimName (the operator's Jobs pass it)",
+    )
+    parser.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="allow model.architecture.factory modules under PREFIX "
+        f"(repeatable; added to those in {ENV_ALLOWED_FACTORY_MODULES})",
     )
 
 
@@ -332,26 +355,54 @@ def format_calibration(record: CalibrationRecord) -> str:
 
 
 def _calibration(args: argparse.Namespace) -> int:
-    """calibrate, calibrate-fold and calibrate-merge: load the manifest, run, report like ``run`` does."""
+    """calibrate, calibrate-fold and calibrate-merge: the manifest and the checks before torch (as ``run``
+    does), then the run; the compact record goes where the operator reads it."""
     manifest: CalibrationManifest | None = _load(args, args.manifest, CalibrationManifest)
     if manifest is None:
         return EXIT_INVALID_INPUT
-
-    from unlearn.calibrate import CalibrateOptions, run_calibration, run_fold, run_merge
-
-    options = CalibrateOptions(volume_root=args.volume_root, device=args.device, progress=sys.stderr.isatty())
-    termination = args.termination_log if args.termination_log is not None else default_termination_log()
-    if args.command == "calibrate-fold":
-        fold = args.fold
-        if fold is None:
+    termination = _termination_log(args)
+    started_at = now()
+    fold = args.fold if args.command == "calibrate-fold" else None
+    try:
+        if args.command == "calibrate-fold" and fold is None:
             index = os.environ.get("JOB_COMPLETION_INDEX", "")
             if not index.isdigit():
-                print("error: --fold: give the fold, or run as an Indexed Job ($JOB_COMPLETION_INDEX)", file=sys.stderr)
-                return EXIT_INVALID_INPUT
+                raise InvalidInputError("--fold: give the fold, or run as an Indexed Job ($JOB_COMPLETION_INDEX)")
             fold = int(index)
+        if fold is not None and not 0 <= fold < manifest.spec.folds:
+            raise InvalidInputError(f"--fold {fold}: the calibration has folds 0..{manifest.spec.folds - 1}")
+        allowed = _allowed_factories(args)
+        # The merge reads only the output folder; the folds (and a local run) read the model and the data too.
+        preflight.check_calibration(
+            manifest, allowed, args.require_claims, args.volume_root, inputs=args.command != "calibrate-merge"
+        )
+    except InvalidInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        refusal: FoldRecord | CalibrationRecord = (
+            failed_fold(manifest, fold if fold is not None else -1, EXIT_INVALID_INPUT, str(error), started_at)
+            if args.command == "calibrate-fold"
+            else failed_calibration(
+                manifest, EXIT_INVALID_INPUT, str(error), started_at, os.environ.get("UNLEARN_JOB_IMAGE", "")
+            )
+        )
+        if termination is not None:
+            compacted = compact_fold(refusal) if isinstance(refusal, FoldRecord) else compact_calibration(refusal)
+            termination.write_text(compacted, encoding="utf-8")
+        return EXIT_INVALID_INPUT
+
+    from unlearn.calibrate import CalibrateOptions, run_calibration, run_fold, run_merge  # torch from here on
+
+    options = CalibrateOptions(
+        volume_root=args.volume_root,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+        allowed_factories=allowed,
+        require_claims=args.require_claims,
+    )
+    if fold is not None:
         fold_record = run_fold(manifest, options, fold)
         if termination is not None:
-            termination.write_text(compact_fold(fold_record))
+            termination.write_text(compact_fold(fold_record), encoding="utf-8")
         if args.json:
             print(json.dumps(fold_record.dump(), indent=2, sort_keys=True))
         elif fold_record.error:
@@ -366,7 +417,7 @@ def _calibration(args: argparse.Namespace) -> int:
     run = run_calibration if args.command == "calibrate" else run_merge
     record = run(manifest, options)
     if termination is not None:
-        termination.write_text(compact_calibration(record))
+        termination.write_text(compact_calibration(record), encoding="utf-8")
     if args.json:
         print(json.dumps(record.dump(), indent=2, sort_keys=True))
     elif record.error:

@@ -229,8 +229,10 @@ class Recipe:
             volume_root=options.volume_root,
             digest=lambda: data_digest((data.train.x, data.train.y), (data.test.x, data.test.y)),
             train_rows=len(data.train),
+            test_rows=len(data.test),
             classes=outputs,
             input_sha256=self.fields["input_model"].sha256,
+            require_claims=options.require_claims,
         )
         if problem is not None:
             raise InvalidInputError(problem)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import os
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from unlearn.bank import Bank, BankError, BankRef, FoldOutputs, LogitTable
 from unlearn.calibrate import augmenter, check_recipe, horizontal_flip, lr_factor, random_crop, reset_statistics
 from unlearn.demo import RECIPE
 from unlearn.errors import InvalidInputError
+from unlearn.files import resolve
 from unlearn.model_io import sha256_file
 from unlearning_contracts.calibration import (
     DEFAULT_FOLDS,
@@ -31,6 +36,7 @@ from unlearning_contracts.calibration import (
     load_any_manifest,
 )
 from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT
+from unlearning_contracts.spec import Location
 
 pytestmark = pytest.mark.unit
 
@@ -381,6 +387,90 @@ def test_reader_verifies_digest_version_and_arrays(tmp_path: Path) -> None:
     np.savez(tmp_path / "pickle.npz", meta=np.array([{"a": 1}], dtype=object))
     with pytest.raises(BankError):
         bank.load_bank(tmp_path / "pickle.npz")
+
+
+def test_a_bank_over_the_bound_of_its_data_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    _, path = _bank(tmp_path)
+    size = path.stat().st_size
+    bound = bank.bank_bytes_bound(N, M, C)
+    assert size <= bound  # every bank of these data fits (any K up to 32)
+    assert bank.bank_bytes_bound(N, M, C, max_folds=K) < bound
+    with pytest.raises(BankError, match=f"{size} bytes, more than the {size - 1} this input can need"):
+        bank.load_bank(path, limit=size - 1)
+    # The bound follows the storage rule: whole tables up to DENSE_LIMIT numbers, top-k above.
+    assert bank.table_bytes(1000, 10, "dense") == 40_000
+    assert bank.table_bytes(1000, 1000, "top-k") == 1000 * (bank.TOP_K * 8 + 4)
+    big = bank.bank_bytes_bound(1_281_167, 50_000, 1000)  # ImageNet-1k
+    assert big < 2 * 1_281_167 * (2 + 4 * 32 + 4 + 2 * (bank.TOP_K * 8 + 4)) + (64 << 20)
+
+
+def test_an_npz_member_that_claims_more_than_it_holds_is_refused(tmp_path: Path) -> None:
+    """An array header claiming 10^9 rows is refused from its header, before a byte of it is read."""
+    _, path = _bank(tmp_path)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (K, 10**9)})
+    lying = tmp_path / "lying.npz"
+    shutil.copy(path, lying)
+    with zipfile.ZipFile(lying, "a") as archive:
+        archive.writestr("huge.npy", header.getvalue() + b"\0" * 64)
+    with pytest.raises(BankError, match=r"huge declares shape \(3, 1000000000\).*truncated or corrupt"):
+        bank.load_bank(lying)
+
+
+def test_a_bank_inside_a_claim_is_never_read_through_a_link_out_of_it(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    _, path = _bank(tmp_path / "elsewhere")
+    claim = tmp_path / "volumes" / "banks"
+    (claim / "digits").mkdir(parents=True)
+    (claim / "digits" / "bank.npz").symlink_to(path)
+    location = Location.from_uri("pvc://banks/digits/bank.npz")
+    place = resolve(location, tmp_path / "volumes", "--calibration-bank")
+    with pytest.raises(BankError, match="a symlink leads outside the claim banks"):
+        bank.load_bank(place)
+    # Inside the claim, a link is fine; the fifo a tenant might leave is refused without blocking.
+    shutil.copy(path, claim / "real.npz")
+    (claim / "digits" / "bank.npz").unlink()
+    (claim / "digits" / "bank.npz").symlink_to(claim / "real.npz")
+    assert bank.load_bank(resolve(location, tmp_path / "volumes", "--calibration-bank")).k == K
+    os.mkfifo(claim / "fifo.npz")
+    with pytest.raises(BankError, match="not a regular file"):
+        bank.load_bank(resolve(Location.from_uri("pvc://banks/fifo.npz"), tmp_path / "volumes", "bank"))
+
+
+def test_use_bank_decides_by_policy_when_the_file_is_out_of_bounds(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    _, path = _bank(tmp_path / "elsewhere")
+    claim = tmp_path / "volumes" / "banks"
+    claim.mkdir(parents=True)
+    (claim / "bank.npz").symlink_to(path)
+    ref = BankRef(uri="pvc://banks/bank.npz", sha256=sha256_file(path), name="team/digits")
+    common: dict[str, Any] = {
+        "volume_root": tmp_path / "volumes",
+        "digest": lambda: "d" * 64,
+        "train_rows": N,
+        "test_rows": M,
+        "classes": C,
+        "input_sha256": "a" * 64,
+    }
+    used, record, refusal = bank.use_bank("IfAvailable", ref, **common)
+    assert used is None
+    assert not record.calibrated
+    assert "a symlink leads outside the claim banks" in record.note
+    assert "ran uncalibrated" in record.note
+    assert refusal is None
+    _, _, refusal = bank.use_bank("Required", ref, **common)
+    assert refusal is not None
+    assert "outside the claim" in refusal
+    (claim / "bank.npz").unlink()
+    shutil.copy(path, claim / "bank.npz")
+    used, record, refusal = bank.use_bank("Required", ref, **common)
+    assert used is not None
+    assert record.calibrated
+    assert refusal is None
+    _, record, refusal = bank.use_bank("Required", BankRef(uri=str(path)), **common, require_claims=True)
+    assert refusal is not None
+    assert "--calibration-bank" in refusal
+    assert "names no claim" in refusal
 
 
 # -- a request's use of a bank: the policy decision ---------------------------------------------------------
