@@ -20,8 +20,10 @@ How it runs (the operator and the job agree on exactly this):
   ``CalibrationRecord``) and its compact form to the termination message.
 * Locally, ``unlearn calibrate MANIFEST`` runs the folds one after another,
   then the merge, and writes the same files.
-* The output folder is ``spec.output.location``; every file is written under a
-  temporary name and renamed, and nothing in it is ever replaced: a second
+* The output folder is ``spec.output.location``; every file is published
+  under a temporary name and then linked into place, which never replaces
+  (a fold's npz and record, and the bank and its record, appear together),
+  and nothing in it is ever replaced but a failure record: a second
   calibration of a model writes to a new folder (the operator names it).
 
 This module is pydantic only, like the rest of the contracts package; the
