@@ -168,6 +168,7 @@ def likeness(
     dataset: Dataset, ks: Sequence[int], workdir: Path, mnist_root: Path | None, log: Any
 ) -> list[dict[str, Any]]:
     volumes = workdir / "volumes"
+    (volumes / "banks").mkdir(parents=True, exist_ok=True)  # the claims the manifests name must be mounted
     all_rows = np.arange(len(dataset.train), dtype=np.int64)
     original, original_seconds = train(dataset, all_rows, dataset.recipe.seed)
     export_to(original, torch.from_numpy(dataset.train.x[:2]), volumes / "models" / f"{dataset.name}.pt2")
