@@ -826,7 +826,8 @@ def decide_use(
     if ref is None:
         text = "no calibration bank was given (no Ready calibration of this model with these data)"
         if policy == "Required":
-            return False, record(False, text), "spec.calibration.policy Required: " + text + ": give one"
+            refusal = f"spec.calibration.policy Required: {text}: give one"
+            return False, record(False, refusal), refusal
         return False, record(False, text + ": ran uncalibrated"), None
     if problem is not None:
         if policy == "Required":
