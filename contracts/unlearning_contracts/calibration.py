@@ -41,7 +41,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic.alias_generators import to_camel
 
 from unlearning_contracts.api import API_GROUP_VERSION, CALIBRATION
-from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, InputModel, _Record
+from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, InputModel, _Record, truncate_utf8
 from unlearning_contracts.spec import (
     DataSpec,
     JobSpec,
@@ -277,25 +277,61 @@ class CalibrationRecord(_Record):
     code_version: str = ""
 
 
+# What the compact records may shorten, in order, when every string is at its bound: what the operator
+# knows without the record (it wrote the manifest and chose the image), never a digest, the bank's or a
+# fold file's uri (where the operator finds them), the exit code or the numbers.
+_SHORTENED: tuple[tuple[str, ...], ...] = (
+    ("error",),
+    ("jobImage",),
+    ("inputModel", "uri"),
+    ("device",),
+    ("calibration",),
+    ("model",),
+)
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
 def _fit(payload: dict[str, Any], limit: int, droppable: tuple[str, ...]) -> str:
-    """Compact JSON of ``payload`` within ``limit`` bytes, dropping ``droppable`` keys, then trimming ``error``."""
-    text = json.dumps(payload, separators=(",", ":"))
+    """Compact JSON (UTF-8) of ``payload`` within ``limit`` bytes: drop ``droppable`` keys (marking
+    ``<key>Truncated``), then shorten the strings of ``_SHORTENED`` (named in ``truncated``), as
+    ``record.compact`` does for a request."""
+
+    def size() -> int:
+        return len(_dumps(payload).encode())
+
     for key in droppable:
-        if len(text.encode()) <= limit:
+        if size() <= limit:
             break
         if payload.pop(key, None) is not None:
             payload[f"{key}Truncated"] = True
-            text = json.dumps(payload, separators=(",", ":"))
-    if len(text.encode()) > limit and payload.get("error"):
-        payload["error"] = str(payload["error"])[:200]
-        text = json.dumps(payload, separators=(",", ":"))
+    truncated: list[str] = []
+    for path in _SHORTENED:
+        if size() <= limit:
+            break
+        *parents, leaf = path
+        holder = payload
+        for part in parents:
+            holder = holder.get(part) or {}
+        value = holder.get(leaf)
+        if not isinstance(value, str) or not value:
+            continue
+        truncated.append(".".join(path))
+        payload["truncated"] = truncated
+        keep = len(value.encode())
+        while keep > 0 and size() > limit:
+            keep = max(0, keep - (size() - limit))
+            holder[leaf] = truncate_utf8(value, keep)
+    text = _dumps(payload)
     if len(text.encode()) > limit:
         raise ValueError(f"compact calibration record is {len(text.encode())} bytes, over {limit}")
     return text
 
 
 def compact_fold(record: FoldRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
-    """A fold's termination message: the whole record, its error trimmed when needed."""
+    """A fold's termination message: the whole record, its strings shortened (``_SHORTENED``) when needed."""
     return _fit(record.dump(), limit, ())
 
 
