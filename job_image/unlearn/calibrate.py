@@ -524,7 +524,16 @@ def write_fold(p: Prepared, outputs: FoldOutputs, started_at: str) -> FoldRecord
     npz_name, json_name, _ = fold_names(outputs.fold)
     data = outputs.to_bytes()
     record = _fold_record(outputs, p.manifest.spec.output.location.uri, bank_format.sha256_bytes(data), started_at)
-    p.output.publish([(npz_name, data), (json_name, json_bytes(record.dump()))])
+    try:
+        p.output.publish([(npz_name, data), (json_name, json_bytes(record.dump()))])
+    except InvalidInputError:
+        # Another pod of the same index published first (a replacement started while the first was still
+        # terminating): its files are as good as ours when they are this calibration's.
+        done = existing_fold(p.output, outputs.fold, p.meta)
+        if done is None:
+            raise
+        log.info("fold %d: published meanwhile by another pod; kept", outputs.fold)
+        return done
     return record
 
 
@@ -728,7 +737,13 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
         code_version=unlearn.__version__,
     )
     files = [(BANK_JSON, json_bytes(record.dump()))]
-    output.publish(files if kept else [(BANK_NPZ, data), *files])  # together; never over an existing file
+    try:
+        output.publish(files if kept else [(BANK_NPZ, data), *files])  # together; never over an existing file
+    except InvalidInputError:
+        done = _existing_bank(output, manifest.calibration_id)  # another merge pod finished first
+        if done is None:
+            raise
+        return done
     log.info("bank %s: sha256 %s, %d bytes", npz.uri, sha, len(data))
     return record
 

@@ -27,12 +27,13 @@ import yaml
 
 from tests.job.conftest import Mislabelled, RunCli, request
 from unlearn import bank as bank_format
-from unlearn import cli
+from unlearn import calibrate, cli
 from unlearn.bank import Bank, load_bank
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, Recipe, export_to, mlp, train_digits_model
+from unlearn.errors import InvalidInputError
 from unlearn.model_io import sha256_file
-from unlearning_contracts.calibration import CalibrationRecord, FoldRecord
+from unlearning_contracts.calibration import CalibrationManifest, CalibrationRecord, FoldRecord
 from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT
 
 # The first test that uses the bank pays for it (three retrains of the demo recipe, and the mislabelled
@@ -674,3 +675,20 @@ def test_files_in_the_output_claim_are_read_inside_it_and_never_replaced(
     assert again.code == 0, again.err
     assert json.loads((folder / "fold-1.json").read_text())["outputs"]["sha256"] == sha
     assert (folder / "fold-1.npz").stat().st_mtime_ns == before["fold-1.npz"]
+
+
+def test_a_fold_published_meanwhile_by_another_pod_is_kept(demo_root: Path, indexed: Path, tmp_path: Path) -> None:
+    """Two pods of one index (a replacement starting while the first still terminates): the second to
+    publish finds the first's files, checks they are this calibration's, and keeps them."""
+    folder = copy_folds(indexed, tmp_path / "out")
+    manifest = CalibrationManifest.model_validate(demo_calibration(demo_root, folder))
+    prepared = calibrate.prepare(manifest, calibrate.CalibrateOptions(device="cpu"))
+    mine = bank_format.FoldOutputs.load(folder / "fold-0.npz")
+    before = (folder / "fold-0.npz").stat().st_mtime_ns
+    record = calibrate.write_fold(prepared, mine, "2026-01-01T00:00:00+00:00")
+    assert record == FoldRecord.model_validate_json((folder / "fold-0.json").read_text())
+    assert (folder / "fold-0.npz").stat().st_mtime_ns == before
+    # Another calibration's fold file under the name is still refused.
+    other = CalibrationManifest.model_validate(demo_calibration(demo_root, folder, seed=1))
+    with pytest.raises(InvalidInputError, match="was made for another calibration"):
+        calibrate.write_fold(calibrate.prepare(other, calibrate.CalibrateOptions(device="cpu")), mine, "")
