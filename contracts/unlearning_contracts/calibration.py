@@ -193,9 +193,13 @@ def parse_any_manifest(raw: Any) -> Manifest | CalibrationManifest:
     return parse_manifest(raw)
 
 
-def load_any_manifest(path: Path) -> Manifest | CalibrationManifest:
-    """Read a manifest file of either kind; the caller says what it does with the other kind."""
-    return parse_any_manifest(read_manifest(path, "UnlearningRequest or UnlearningCalibration"))
+def load_any_manifest(
+    path: Path, expected: str = "UnlearningRequest or UnlearningCalibration"
+) -> Manifest | CalibrationManifest:
+    """Read a manifest file of either kind; the caller says what it does with the other kind.
+
+    ``expected``: the kind the caller wants, for the message about an empty file."""
+    return parse_any_manifest(read_manifest(path, expected))
 
 
 class ReferenceLikeness(_Record):

@@ -272,7 +272,7 @@ def _refuse(args: argparse.Namespace, message: str) -> int:
 def _load(args: argparse.Namespace, path: Path, want: type[Any]) -> Any:
     """The manifest at ``path`` if it is of kind ``want``; else the error is printed and None returned."""
     try:
-        manifest = load_any_manifest(path)
+        manifest = load_any_manifest(path, "UnlearningRequest" if want is Manifest else "UnlearningCalibration")
     except SpecError as error:
         message = str(error)
     else:
