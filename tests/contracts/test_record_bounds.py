@@ -146,10 +146,18 @@ def test_an_ordinary_record_is_not_shortened() -> None:
             "input_model": InputModel(uri="pvc://models/digits/digits-mlp.pt2", sha256="a" * 64),
             "output_model": OutputModel(uri="pvc://models/v/m-v2.pt2", sha256="b" * 64, format="exported"),
             "request_name": "r" * MAX_REQUEST_NAME_LENGTH,
+            "calibration": CalibrationUsed(
+                name="team/digits-mlp",
+                uri="pvc://banks/digits/digits-mlp-0a1b2c3d/bank.npz",
+                sha256="c" * 64,
+                calibrated=True,
+                note="the bank was made for this very model file",
+            ),
         }
     )
     parsed = CompactRecord.model_validate(json.loads(compact(record)))
     assert parsed.truncated == []
+    assert parsed.calibration == record.calibration
     assert not parsed.reasons_truncated
     assert parsed.reasons == ["miaAuc 0.710 > maxMiaAuc 0.600"]
 
