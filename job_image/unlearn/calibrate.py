@@ -78,6 +78,7 @@ from torch import nn
 import unlearn
 from unlearn import bank as bank_format
 from unlearn import fit as checks
+from unlearn import scratch
 from unlearn.bank import BankError, FoldOutputs, LogitTable
 from unlearn.data import LoadedData, load_data
 from unlearn.draft import failed_calibration, failed_fold, json_bytes, now, one_line
@@ -571,8 +572,9 @@ def run_fold(manifest: CalibrationManifest, options: CalibrateOptions, fold: int
     """One index of the Indexed Job; never raises (the record's exitCode says what happened)."""
     started_at = now()
     try:
-        return do_fold(prepare(manifest, options), fold, started_at)
-    except InvalidInputError as error:
+        with scratch.guard():  # as unlearn run: stop before the kubelet evicts the pod for its /tmp
+            return do_fold(prepare(manifest, options), fold, started_at)
+    except (InvalidInputError, scratch.StorageLimitError) as error:
         record = failed_fold(manifest, fold, EXIT_INVALID_INPUT, one_line(error), started_at)
     except Exception as error:  # the retryable class: crash, OOM, a bug
         log.error("unexpected error:\n%s", traceback.format_exc())
@@ -751,9 +753,10 @@ def _merge(manifest: CalibrationManifest, options: CalibrateOptions, started_at:
 def _guarded(manifest: CalibrationManifest, options: CalibrateOptions, started_at: str, body: Any) -> CalibrationRecord:
     """Run ``body()`` -> record; invalid input and crashes become a failed record (and bank.failed.json)."""
     try:
-        done: CalibrationRecord = body()
+        with scratch.guard():
+            done: CalibrationRecord = body()
         return done
-    except InvalidInputError as error:
+    except (InvalidInputError, scratch.StorageLimitError) as error:
         failed = failed_calibration(manifest, EXIT_INVALID_INPUT, one_line(error), started_at, options.job_image)
     except Exception as error:  # the retryable class
         log.error("unexpected error:\n%s", traceback.format_exc())

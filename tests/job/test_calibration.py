@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -697,3 +698,20 @@ def test_a_fold_published_meanwhile_by_another_pod_is_kept(demo_root: Path, inde
     other = CalibrationManifest.model_validate(demo_calibration(demo_root, folder, seed=1))
     with pytest.raises(InvalidInputError, match="was made for another calibration"):
         calibrate.write_fold(calibrate.prepare(other, calibrate.CalibrateOptions(device="cpu")), mine, "")
+
+
+def test_a_fold_over_its_scratch_limit_ends_as_invalid_input(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As unlearn run: a pod's /tmp past its share of the limit stops the fold with exit 4 and a record."""
+    monkeypatch.setenv("UNLEARN_TMP_LIMIT", "1Ki")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "filler").write_bytes(b"\0" * 4096)
+    result = invoke(
+        capsys, tmp_path / "m", demo_calibration(demo_root, tmp_path / "out"), "calibrate-fold", "--fold", "0"
+    )
+    assert result.code == 4, result.err
+    assert result.termination is not None
+    assert "scratch space" in json.loads(result.termination)["error"]
+    assert not (tmp_path / "out" / "fold-0.npz").exists()
