@@ -20,8 +20,10 @@ How it runs (the operator and the job agree on exactly this):
   ``CalibrationRecord``) and its compact form to the termination message.
 * Locally, ``unlearn calibrate MANIFEST`` runs the folds one after another,
   then the merge, and writes the same files.
-* The output folder is ``spec.output.location``; every file is written under a
-  temporary name and renamed, and nothing in it is ever replaced: a second
+* The output folder is ``spec.output.location``; every file is published
+  under a temporary name and then linked into place, which never replaces
+  (a fold's npz and record, and the bank and its record, appear together),
+  and nothing in it is ever replaced but a failure record: a second
   calibration of a model writes to a new folder (the operator names it).
 
 This module is pydantic only, like the rest of the contracts package; the
@@ -31,13 +33,28 @@ bank's array format is documented with its reader and writer in the job
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from unlearning_contracts.record import InputModel, _Record
-from unlearning_contracts.spec import DataSpec, JobSpec, ModelSpec, OutputSpec, _Model
+from unlearning_contracts.api import API_GROUP_VERSION, CALIBRATION
+from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, InputModel, _Record, truncate_utf8
+from unlearning_contracts.spec import (
+    DataSpec,
+    JobSpec,
+    Manifest,
+    ModelSpec,
+    ObjectMeta,
+    OutputSpec,
+    SpecError,
+    _Model,
+    describe_validation_error,
+    parse_manifest,
+    read_manifest,
+)
 
 CALIBRATION_SCHEMA_VERSION = 1
 
@@ -125,6 +142,66 @@ class UnlearningCalibrationSpec(_Model):
     job: JobSpec = Field(default_factory=JobSpec, description="Job resources and placement (cluster only).")
 
 
+class CalibrationManifest(_Model):
+    """A whole UnlearningCalibration object as written in a YAML file (what ``unlearn calibrate`` reads).
+
+    Read like a request's manifest (``spec.read_manifest``: bounded, strict, every key once) and
+    validated as strictly: unknown fields are refused at every level, the metadata is bounded.
+    """
+
+    api_version: str = Field(description=API_GROUP_VERSION)
+    kind: Literal["UnlearningCalibration"] = Field(description=CALIBRATION.kind)
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Object metadata.")
+    spec: UnlearningCalibrationSpec
+    status: dict[str, Any] | None = Field(default=None, description="Ignored: what the operator reported.")
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version(cls, value: str) -> str:
+        if value != API_GROUP_VERSION:
+            raise ValueError(f"apiVersion must be {API_GROUP_VERSION}, got {value}")
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    @property
+    def calibration_id(self) -> str:
+        """``namespace/name``: how records and requests name the calibration."""
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_calibration_manifest(raw: Any) -> CalibrationManifest:
+    """Parse a whole calibration manifest or raise SpecError."""
+    if not isinstance(raw, dict):
+        raise SpecError("manifest: expected a YAML mapping with apiVersion, kind, metadata and spec")
+    try:
+        return CalibrationManifest.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(describe_validation_error(error, prefix="manifest")) from None
+
+
+def parse_any_manifest(raw: Any) -> Manifest | CalibrationManifest:
+    """A request or a calibration, by its ``kind`` (anything else is parsed, and refused, as a request)."""
+    if isinstance(raw, dict) and raw.get("kind") == CALIBRATION.kind:
+        return parse_calibration_manifest(raw)
+    return parse_manifest(raw)
+
+
+def load_any_manifest(
+    path: Path, expected: str = "UnlearningRequest or UnlearningCalibration"
+) -> Manifest | CalibrationManifest:
+    """Read a manifest file of either kind; the caller says what it does with the other kind.
+
+    ``expected``: the kind the caller wants, for the message about an empty file."""
+    return parse_any_manifest(read_manifest(path, expected))
+
+
 class ReferenceLikeness(_Record):
     """How alike one reference model is to the original (a bank is only as good as this)."""
 
@@ -149,6 +226,9 @@ class BankFile(_Record):
 class FoldRecord(_Record):
     """What one index of the Indexed Job did (``fold-<k>.json`` and its termination message)."""
 
+    # As CalibrationRecord: a newer job may add fields an older operator has not heard of.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
     schema_version: int = CALIBRATION_SCHEMA_VERSION
     calibration: str = Field(description="namespace/name of the UnlearningCalibration.")
     fold: int
@@ -159,6 +239,17 @@ class FoldRecord(_Record):
     started_at: str
     finished_at: str
     device: str = ""
+
+
+class Likeness(_Record):
+    """The references against the original, summarised over the K references (percent)."""
+
+    test_accuracy_mean: float
+    test_accuracy_min: float
+    fold_accuracy_mean: float
+    fold_accuracy_min: float
+    agreement_mean: float
+    agreement_min: float
 
 
 class CalibrationRecord(_Record):
@@ -177,6 +268,7 @@ class CalibrationRecord(_Record):
     error: str | None = None
     bank: BankFile | None = None
     original_test_accuracy: float | None = None
+    likeness: Likeness | None = Field(default=None, description="The references' likeness, over all K.")
     references: list[ReferenceLikeness] = Field(default_factory=list)
     cost: dict[str, float] = Field(
         default_factory=dict,
@@ -187,3 +279,69 @@ class CalibrationRecord(_Record):
     finished_at: str
     job_image: str = ""
     code_version: str = ""
+
+
+# What the compact records may shorten, in order, when every string is at its bound: what the operator
+# knows without the record (it wrote the manifest and chose the image), never a digest, the bank's or a
+# fold file's uri (where the operator finds them), the exit code or the numbers.
+_SHORTENED: tuple[tuple[str, ...], ...] = (
+    ("error",),
+    ("jobImage",),
+    ("inputModel", "uri"),
+    ("device",),
+    ("calibration",),
+    ("model",),
+)
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def _fit(payload: dict[str, Any], limit: int, droppable: tuple[str, ...]) -> str:
+    """Compact JSON (UTF-8) of ``payload`` within ``limit`` bytes: drop ``droppable`` keys (marking
+    ``<key>Truncated``), then shorten the strings of ``_SHORTENED`` (named in ``truncated``), as
+    ``record.compact`` does for a request."""
+
+    def size() -> int:
+        return len(_dumps(payload).encode())
+
+    for key in droppable:
+        if size() <= limit:
+            break
+        if payload.pop(key, None) is not None:
+            payload[f"{key}Truncated"] = True
+    truncated: list[str] = []
+    for path in _SHORTENED:
+        if size() <= limit:
+            break
+        *parents, leaf = path
+        holder = payload
+        for part in parents:
+            holder = holder.get(part) or {}
+        value = holder.get(leaf)
+        if not isinstance(value, str) or not value:
+            continue
+        truncated.append(".".join(path))
+        payload["truncated"] = truncated
+        keep = len(value.encode())
+        while keep > 0 and size() > limit:
+            keep = max(0, keep - (size() - limit))
+            holder[leaf] = truncate_utf8(value, keep)
+    text = _dumps(payload)
+    if len(text.encode()) > limit:
+        raise ValueError(f"compact calibration record is {len(text.encode())} bytes, over {limit}")
+    return text
+
+
+def compact_fold(record: FoldRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """A fold's termination message: the whole record, its strings shortened (``_SHORTENED``) when needed."""
+    return _fit(record.dump(), limit, ())
+
+
+def compact_calibration(record: CalibrationRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The merge's termination message: the record without its recipe; the per-reference list goes
+    when it does not fit (up to 32 references), the ``likeness`` summary always stays."""
+    payload = record.dump()
+    payload.pop("recipe", None)
+    return _fit(payload, limit, ("references",))

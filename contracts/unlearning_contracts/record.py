@@ -368,6 +368,22 @@ class InputModel(_Record):
     sha256: str
 
 
+MAX_CALIBRATION_NOTE_BYTES = 500
+"""The job bounds ``calibration.note`` to this many bytes of UTF-8 (the name, uri and sha256 are bounded by
+what ``unlearn run`` accepts for ``--calibration-*``)."""
+
+
+class CalibrationUsed(_Record):
+    """The reference bank a run used, or why it used none (the compact record keeps it; the note and the uri
+    are the last things shortened when every other string is at its bound)."""
+
+    name: str = Field(default="", description="namespace/name of the UnlearningCalibration, when one was given.")
+    uri: str = Field(default="", description="Where the bank file was read (bank.npz).")
+    sha256: str = Field(default="", description="sha256 of the bank file, verified before use.")
+    calibrated: bool = Field(default=False, description="True when the run loaded and verified the bank.")
+    note: str = Field(default="", max_length=500, description="Why the run is (un)calibrated, in words.")
+
+
 class _Common(_Record):
     """The fields of the full record that its compact form keeps as they are."""
 
@@ -394,6 +410,10 @@ class _Common(_Record):
     duration_seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
     input_model: InputModel | None = None
     output_model: OutputModel | None = None
+    calibration: CalibrationUsed = Field(
+        default_factory=lambda: CalibrationUsed(note="no calibration bank was given"),
+        description="The reference bank the run used, or why it used none.",
+    )
     started_at: str
     finished_at: str
     device: str = ""
@@ -440,7 +460,10 @@ def _dumps(payload: dict[str, Any]) -> str:
 # verdict or the numbers. A string is cut to what is left of the budget.
 _SHORTENED: tuple[tuple[str, ...], ...] = (
     ("error",),
+    ("calibration", "note"),
     ("inputModel", "uri"),
+    ("calibration", "uri"),
+    ("calibration", "name"),
     ("jobImage",),
     ("device",),
     ("requestName",),

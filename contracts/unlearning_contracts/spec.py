@@ -479,6 +479,29 @@ class JobSpec(_Model):
         return None if value is None else check_text(value, MAX_IMAGE_BYTES)
 
 
+CalibrationPolicy = Literal["IfAvailable", "Required", "Disabled"]
+
+
+class CalibrationUse(_Model):
+    """Whether the request uses a reference bank of its model (an UnlearningCalibration)."""
+
+    policy: CalibrationPolicy = Field(
+        default="IfAvailable",
+        description=(
+            "IfAvailable: use the newest Ready calibration of the model whose data equal this request's, and "
+            "run uncalibrated (the record says why) when there is none or it does not match; Required: wait "
+            "for one, and fail as invalid input when the bank does not match the model's data; Disabled: "
+            "never use one."
+        ),
+    )
+    name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=DNS_LABEL,
+        description="A specific UnlearningCalibration in the request's namespace (default: the newest Ready one).",
+    )
+
+
 class UnlearningRequestSpec(_Model):
     """Forget a set of training samples from a model, audit it, and write a new version."""
 
@@ -496,6 +519,9 @@ class UnlearningRequestSpec(_Model):
     audit: AuditSpec = Field(default_factory=AuditSpec, description="Audit sample bounds.")
     output: OutputSpec = Field(description="Where the new model version goes.")
     job: JobSpec = Field(default_factory=JobSpec, description="Job resources and placement (cluster only).")
+    calibration: CalibrationUse = Field(
+        default_factory=CalibrationUse, description="Whether the request uses its model's reference bank."
+    )
 
     @field_validator("request_id")
     @classmethod
@@ -615,12 +641,23 @@ def parse_manifest(raw: Any) -> Manifest:
         raise SpecError(describe_validation_error(error, prefix="manifest")) from None
 
 
-def load_manifest(path: Path) -> Manifest:
-    """Read a manifest file (see safe_yaml: bounded, one document, every key once) or raise SpecError."""
+def read_manifest(path: Path, kind: str = "UnlearningRequest") -> Any:
+    """The one YAML document in a manifest file (not yet parsed), read by safe_yaml (bounded, one
+    document, every key once); a SpecError names the file on failure.
+
+    Shared by every kind of the group: ``load_manifest`` parses a request,
+    ``unlearning_contracts.calibration`` a calibration or either kind (``kind`` only names what an
+    empty file should have held).
+    """
     try:
         document = load_document(read_text(path), str(path))
     except YamlInputError as error:
         raise SpecError(str(error)) from None
     if document is None:
-        raise SpecError(f"{path}: empty: expected one UnlearningRequest document")
-    return parse_manifest(document)
+        raise SpecError(f"{path}: empty: expected one {kind} document")
+    return document
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read a manifest file (see safe_yaml: bounded, one document, every key once) or raise SpecError."""
+    return parse_manifest(read_manifest(path))

@@ -1,9 +1,10 @@
-"""The ``unlearn`` command: ``run`` a request manifest, the ``demo``, and ``prepare-demo``.
+"""The ``unlearn`` command: ``run`` a request manifest, ``calibrate`` a model, the ``demo``, and ``prepare-demo``.
 
 In a pod the operator runs
 ``unlearn run /etc/unlearning/request.yaml --volume-root /volumes --require-claims --model-version N``
 with the allowed factory modules in ``UNLEARN_ALLOWED_FACTORY_MODULES``, and
-reads the compact record from ``/dev/termination-log``. The exit code says
+reads the compact record from ``/dev/termination-log``;
+``--calibration-bank/-sha256/-name`` name the model's reference bank when it has one. The exit code says
 what happened (see ``unlearning_contracts.record``): 0 Passed, 3 gates Failed, 4 invalid
 input (both never retried), anything else an unexpected, retryable error.
 
@@ -18,6 +19,9 @@ command data-parallel. The launcher validates the manifest and runs the
 preflight once, before any rank starts (a refusal costs no torch and starts
 no process); only rank 0 writes the outputs, the record, the termination
 message and the table.
+A calibration runs as ``unlearn calibrate-fold MANIFEST --fold K`` per index of
+an Indexed Job and ``unlearn calibrate-merge MANIFEST`` after them (0 done, 4
+invalid input, other retryable), or locally as ``unlearn calibrate MANIFEST``.
 """
 
 # Torch, matplotlib and the job load lazily, so `unlearn --help` and refusals stay instant.
@@ -32,9 +36,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from unlearn import preflight
-from unlearn.draft import RecordDraft, default_termination_log, write_json, write_refusal, write_termination_message
+from unlearn.draft import (
+    RecordDraft,
+    default_termination_log,
+    failed_calibration,
+    failed_fold,
+    now,
+    write_json,
+    write_refusal,
+    write_termination_message,
+)
 from unlearn.errors import InvalidInputError
 from unlearn.launch import (
     ENV_RANK_RECORD,
@@ -46,6 +60,14 @@ from unlearn.launch import (
     worker_place,
     write_rank_record,
 )
+from unlearning_contracts.calibration import (
+    CalibrationManifest,
+    CalibrationRecord,
+    FoldRecord,
+    compact_calibration,
+    compact_fold,
+    load_any_manifest,
+)
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, parse_allowed_modules
 from unlearning_contracts.record import (
     EXIT_CODE_MEANINGS,
@@ -55,7 +77,7 @@ from unlearning_contracts.record import (
     numbers,
     show,
 )
-from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, SpecError, load_manifest
+from unlearning_contracts.spec import DEFAULT_VOLUME_ROOT, Manifest, SpecError
 
 log = logging.getLogger("unlearn")
 
@@ -97,6 +119,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run as N data-parallel processes, one per GPU (default 1: this process alone)",
     )
+    run.add_argument(
+        "--calibration-bank",
+        default=None,
+        metavar="URI",
+        help="the model's reference bank (pvc://claim/path or a path)",
+    )
+    run.add_argument("--calibration-sha256", default=None, metavar="HEX", help="the bank's sha256 (verified)")
+    run.add_argument("--calibration-name", default="", metavar="NS/NAME", help="the UnlearningCalibration it came from")
+
+    calibrate = sub.add_parser(
+        "calibrate", help="train a model's reference bank locally (every fold, then the merge)", epilog=_fold_codes()
+    )
+    calibrate.formatter_class = argparse.RawDescriptionHelpFormatter
+    calibrate.add_argument("manifest", type=Path, help="an UnlearningCalibration YAML file")
+    _calibration_options(calibrate)
+    fold = sub.add_parser("calibrate-fold", help="train one reference model (one index of the Indexed Job)")
+    fold.add_argument("manifest", type=Path, help="an UnlearningCalibration YAML file")
+    fold.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="the fold K to hold out (default: $JOB_COMPLETION_INDEX, as an Indexed Job sets it)",
+    )
+    _calibration_options(fold)
+    merge = sub.add_parser("calibrate-merge", help="check the fold files and write bank.npz and bank.json")
+    merge.add_argument("manifest", type=Path, help="an UnlearningCalibration YAML file")
+    _calibration_options(merge)
 
     demo = sub.add_parser("demo", help="train (or reuse) the digits model and run the example request locally")
     demo.add_argument("--workdir", type=Path, default=None, help="cache folder (default: the user cache)")
@@ -134,6 +183,40 @@ def _run_options(parser: argparse.ArgumentParser, volume_root: bool = True) -> N
         help="allow model.architecture.factory modules under PREFIX "
         f"(repeatable; added to those in {ENV_ALLOWED_FACTORY_MODULES})",
     )
+
+
+def _calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--volume-root",
+        type=Path,
+        default=Path(DEFAULT_VOLUME_ROOT),
+        help="claims resolve to DIR/<claimName>/<path> (default /volumes, as in the Job)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", action="store_true", help="print the full record as JSON instead of a summary")
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        default=None,
+        help="compact record path (default: /dev/termination-log in a pod)",
+    )
+    parser.add_argument(
+        "--require-claims",
+        action="store_true",
+        help="refuse a location without claimName (the operator's Jobs pass it)",
+    )
+    parser.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="allow model.architecture.factory modules under PREFIX "
+        f"(repeatable; added to those in {ENV_ALLOWED_FACTORY_MODULES})",
+    )
+
+
+def _fold_codes() -> str:
+    return "exit codes:\n  0  the bank is written\n  4  invalid input\n  other  unexpected error (retryable)"
 
 
 def _exit_codes() -> str:
@@ -220,6 +303,23 @@ def _refuse(args: argparse.Namespace, message: str) -> int:
     return EXIT_INVALID_INPUT
 
 
+def _load(args: argparse.Namespace, path: Path, want: type[Any], *, report: bool = True) -> Any:
+    """The manifest at ``path`` if it is of kind ``want``; else None, and the error is printed and
+    written where the operator reads it if this process ``report``s (rank 0, or a single process)."""
+    try:
+        manifest = load_any_manifest(path, "UnlearningRequest" if want is Manifest else "UnlearningCalibration")
+    except SpecError as error:
+        message = str(error)
+    else:
+        if isinstance(manifest, want):
+            return manifest
+        command = "unlearn run" if isinstance(manifest, Manifest) else "unlearn calibrate"
+        message = f"{path}: a {manifest.kind} manifest: run it with `{command}`"
+    if report:
+        _refuse(args, message)
+    return None
+
+
 def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
     try:
         from_env = parse_allowed_modules(os.environ.get(ENV_ALLOWED_FACTORY_MODULES, ""))
@@ -230,6 +330,13 @@ def _allowed_factories(args: argparse.Namespace) -> tuple[str, ...]:
     except ValueError as error:
         raise InvalidInputError(f"--allow-factory: {error}") from None
     return from_env + from_flags
+
+
+def _bank_ref(args: argparse.Namespace) -> preflight.BankRef | None:
+    """The reference bank named on the command line (the operator names the model's newest Ready one)."""
+    if not getattr(args, "calibration_bank", None):
+        return None
+    return preflight.BankRef(args.calibration_bank, args.calibration_sha256, args.calibration_name)
 
 
 def _check_run_id(run_id: str | None) -> None:
@@ -254,10 +361,9 @@ def _run_manifest(
     other ranks only tell the launcher, by their exit code and rank record, whether they failed."""
     place = place or WorkerPlace()
     reports = place.rank == 0
-    try:
-        manifest = load_manifest(manifest_path)
-    except SpecError as error:
-        return _refuse(args, str(error)) if reports else EXIT_INVALID_INPUT
+    manifest: Manifest | None = _load(args, manifest_path, Manifest, report=reports)
+    if manifest is None:
+        return EXIT_INVALID_INPUT
     if workdir is not None:
         from unlearn.demo import clear_previous_output
 
@@ -269,6 +375,7 @@ def _run_manifest(
         progress=sys.stderr.isatty() and reports,
         require_claims=getattr(args, "require_claims", False),
         run_id=getattr(args, "run_id", None),
+        calibration=_bank_ref(args),
     )
     draft = RecordDraft(manifest, options, place.world_size)
     plan: preflight.Plan | None = None
@@ -309,16 +416,16 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     torch import and starts no process, and its record is written once. The version the check
     settled is passed to the ranks, so that all of them (and a failure record) name the same one."""
     world = args.nproc_per_node
-    try:
-        manifest = load_manifest(args.manifest)
-    except SpecError as error:
-        return _refuse(args, str(error))
+    manifest: Manifest | None = _load(args, args.manifest, Manifest)
+    if manifest is None:
+        return EXIT_INVALID_INPUT
     options = preflight.RunOptions(
         volume_root=args.volume_root,
         device=args.device,
         model_version=args.model_version,
         require_claims=args.require_claims,
         run_id=args.run_id,
+        calibration=_bank_ref(args),
     )
     draft = RecordDraft(manifest, options, world)
     try:
@@ -353,12 +460,108 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return _run_manifest(args, args.manifest, args.volume_root, args.model_version, place=place)
 
 
+def format_calibration(record: CalibrationRecord) -> str:
+    """The references' likeness to the original, the cost, and where the bank is."""
+    lines = [f"{'reference':>10}{'rows':>8}{'held out':>10}{'test acc %':>12}{'fold acc %':>12}{'agreement %':>13}"]
+    for r in record.references:
+        lines.append(
+            f"{r.fold:>10}{r.train_rows:>8}{r.held_out_rows:>10}{r.test_accuracy:>12.2f}"
+            f"{r.fold_accuracy:>12.2f}{r.agreement:>13.2f}"
+        )
+    if record.original_test_accuracy is not None:
+        lines.append(f"{'original':>10}{'':>8}{'':>10}{record.original_test_accuracy:>12.2f}")
+    cost = record.cost
+    lines.append("")
+    lines.append(
+        f"cost {cost.get('retrainEquivalents', 0):.2f} retrain-equivalents, {cost.get('deviceSeconds', 0):.1f} "
+        f"device-seconds, {cost.get('wallSeconds', 0):.1f} s wall"
+    )
+    if record.bank is not None:
+        lines.append(f"bank {record.bank.uri} (sha256 {record.bank.sha256[:12]}...)")
+    return "\n".join(lines)
+
+
+def _calibration(args: argparse.Namespace) -> int:
+    """calibrate, calibrate-fold and calibrate-merge: the manifest and the checks before torch (as ``run``
+    does), then the run; the compact record goes where the operator reads it."""
+    manifest: CalibrationManifest | None = _load(args, args.manifest, CalibrationManifest)
+    if manifest is None:
+        return EXIT_INVALID_INPUT
+    termination = _termination_log(args)
+    started_at = now()
+    fold = args.fold if args.command == "calibrate-fold" else None
+    try:
+        if args.command == "calibrate-fold" and fold is None:
+            index = os.environ.get("JOB_COMPLETION_INDEX", "")
+            if not index.isdigit():
+                raise InvalidInputError("--fold: give the fold, or run as an Indexed Job ($JOB_COMPLETION_INDEX)")
+            fold = int(index)
+        if fold is not None and not 0 <= fold < manifest.spec.folds:
+            raise InvalidInputError(f"--fold {fold}: the calibration has folds 0..{manifest.spec.folds - 1}")
+        allowed = _allowed_factories(args)
+        # The merge reads only the output folder; the folds (and a local run) read the model and the data too.
+        preflight.check_calibration(
+            manifest, allowed, args.require_claims, args.volume_root, inputs=args.command != "calibrate-merge"
+        )
+    except InvalidInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        refusal: FoldRecord | CalibrationRecord = (
+            failed_fold(manifest, fold if fold is not None else -1, EXIT_INVALID_INPUT, str(error), started_at)
+            if args.command == "calibrate-fold"
+            else failed_calibration(
+                manifest, EXIT_INVALID_INPUT, str(error), started_at, os.environ.get("UNLEARN_JOB_IMAGE", "")
+            )
+        )
+        if termination is not None:
+            compacted = compact_fold(refusal) if isinstance(refusal, FoldRecord) else compact_calibration(refusal)
+            termination.write_text(compacted, encoding="utf-8")
+        return EXIT_INVALID_INPUT
+
+    from unlearn.calibrate import CalibrateOptions, run_calibration, run_fold, run_merge  # torch from here on
+
+    options = CalibrateOptions(
+        volume_root=args.volume_root,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+        allowed_factories=allowed,
+        require_claims=args.require_claims,
+    )
+    if fold is not None:
+        fold_record = run_fold(manifest, options, fold)
+        if termination is not None:
+            termination.write_text(compact_fold(fold_record), encoding="utf-8")
+        if args.json:
+            print(json.dumps(fold_record.dump(), indent=2, sort_keys=True))
+        elif fold_record.error:
+            print(f"error: {fold_record.error}", file=sys.stderr)
+        elif fold_record.reference is not None:
+            r = fold_record.reference
+            print(
+                f"fold {fold}: test accuracy {r.test_accuracy:.2f}%, fold accuracy {r.fold_accuracy:.2f}%, "
+                f"agreement {r.agreement:.2f}%"
+            )
+        return fold_record.exit_code
+    run = run_calibration if args.command == "calibrate" else run_merge
+    record = run(manifest, options)
+    if termination is not None:
+        termination.write_text(compact_calibration(record), encoding="utf-8")
+    if args.json:
+        print(json.dumps(record.dump(), indent=2, sort_keys=True))
+    elif record.error:
+        print(f"error: {record.error}", file=sys.stderr)
+    else:
+        print(format_calibration(record))
+    return record.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args, argv)
     _setup_logging(args.verbose)
+    if args.command in ("calibrate", "calibrate-fold", "calibrate-merge"):
+        return _calibration(args)
     if args.command == "prepare-demo":
         import torch
 

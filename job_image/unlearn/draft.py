@@ -24,6 +24,7 @@ from typing import Any, Literal
 import unlearn
 from unlearn.files import atomic_write
 from unlearn.preflight import RunOptions
+from unlearning_contracts.calibration import CalibrationManifest, CalibrationRecord, FoldRecord
 from unlearning_contracts.record import ResultRecord, compact, truncate_utf8
 from unlearning_contracts.spec import MAX_ERROR_BYTES, MAX_IMAGE_BYTES, Manifest
 
@@ -119,3 +120,38 @@ def default_termination_log() -> Path | None:
     """``/dev/termination-log`` in a pod (it exists and is writable there), else nothing."""
     path = DEFAULT_TERMINATION_LOG
     return path if path.exists() and os.access(path, os.W_OK) else None
+
+
+# -- calibrations (``unlearn calibrate``, ``calibrate-fold``, ``calibrate-merge``) -------------------------------
+
+
+def failed_fold(manifest: CalibrationManifest, fold: int, code: int, error: str, started_at: str) -> FoldRecord:
+    """The record of a fold that ended on ``error`` (refused before torch, invalid input, or a crash)."""
+    return FoldRecord(
+        calibration=manifest.calibration_id,
+        fold=fold,
+        exit_code=code,
+        error=one_line(error),
+        started_at=started_at,
+        finished_at=now(),
+    )
+
+
+def failed_calibration(
+    manifest: CalibrationManifest, code: int, error: str, started_at: str, job_image: str
+) -> CalibrationRecord:
+    """The record of a calibration (or its merge) that ended on ``error``."""
+    spec = manifest.spec
+    return CalibrationRecord(
+        calibration=manifest.calibration_id,
+        model=spec.model.name,
+        folds=spec.folds,
+        seed=spec.seed,
+        exit_code=code,
+        error=one_line(error),
+        recipe=spec.recipe.model_dump(mode="json", by_alias=True),
+        started_at=started_at,
+        finished_at=now(),
+        job_image=bounded(job_image, MAX_IMAGE_BYTES),
+        code_version=unlearn.__version__,
+    )

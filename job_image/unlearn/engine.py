@@ -234,6 +234,41 @@ def _run_epochs(
         stage.close()
 
 
+def fit(
+    module: nn.Module,
+    data: TensorSet,
+    *,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch: int,
+    ctx: Context,
+    name: str,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Cross-entropy training with a given optimiser: the loop under ``descend`` and the reference bank's folds.
+
+    ``schedule`` steps once per optimiser step; ``augment`` transforms each batch
+    of samples on the device before the forward pass.
+    """
+    if epochs <= 0 or len(data) == 0:
+        return
+    set_mode(module, True)
+
+    def step(b: Batch) -> torch.Tensor:
+        x, y = data.batch(b.index)
+        if augment is not None:
+            x = augment(x)
+        with ctx.autocast():
+            loss = _mean(F.cross_entropy(module(x), y, reduction="sum"), b)
+        _update(optimizer, loss, ctx)
+        if schedule is not None:
+            schedule.step()
+        return loss
+
+    _run_epochs(name, epochs, len(data), batch, ctx=ctx, step=step)
+
+
 def descend(
     module: nn.Module,
     data: TensorSet,
@@ -244,19 +279,10 @@ def descend(
     ctx: Context,
     name: str,
 ) -> None:
-    """Plain cross-entropy training (retain fine-tuning, retraining, and training originals)."""
+    """Plain cross-entropy training with Adam (retain fine-tuning, retraining, and training originals)."""
     if epochs <= 0 or len(data) == 0:
         return
-    opt = _adam(module, lr)
-    set_mode(module, True)
-
-    def step(b: Batch) -> torch.Tensor:
-        with ctx.autocast():
-            loss = _ce(module, data, b)
-        _update(opt, loss, ctx)
-        return loss
-
-    _run_epochs(name, epochs, len(data), batch, ctx=ctx, step=step)
+    fit(module, data, optimizer=_adam(module, lr), epochs=epochs, batch=batch, ctx=ctx, name=name)
 
 
 def _fine_tune(module: nn.Module, retain: TensorSet, h: Hyper, ctx: Context) -> None:

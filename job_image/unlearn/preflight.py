@@ -29,6 +29,14 @@ In order, each with the reason it comes where it does:
    Passed, version N, the model's uri and sha256 matching the file) and
    reported again instead of refused or redone (``own_published``). Anything
    else at that name stays refused.
+6. **The bank** (``--calibration-*``, set by the operator): a well-formed
+   location (a claim under ``require_claims``), a sha256 of 64 hex digits and
+   a ``namespace/name``. Whether the file is there and fits is decided after
+   the data are loaded (``unlearn.bank.use_bank``), by the request's policy.
+
+``check_calibration`` does the same for an UnlearningCalibration (``unlearn
+calibrate``, ``calibrate-fold``, ``calibrate-merge``): allow-list, claims,
+inputs, and the output folder the fold files and the bank go to.
 """
 
 from __future__ import annotations
@@ -45,15 +53,34 @@ from pydantic import ValidationError
 from unlearn import fit, tuning
 from unlearn.errors import InvalidInputError
 from unlearn.files import OutputFolder, Place, resolve
+from unlearning_contracts.calibration import CalibrationManifest
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES, factory_allowed, factory_module
 from unlearning_contracts.record import ResultRecord
-from unlearning_contracts.spec import Location, Manifest, ModelFormat
+from unlearning_contracts.spec import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    Location,
+    Manifest,
+    ModelFormat,
+    describe_validation_error,
+)
 
 EXPORTED_SUFFIX = ".pt2"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+CALIBRATION_NAME = re.compile(rf"^{DNS_LABEL[1:-1]}/{DNS_SUBDOMAIN[1:-1]}$")
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 """A published full record is read back (``own_published``) up to this size; it is a few KiB per attempt."""
 MAX_RUN_ID_BYTES = 128
 VERSION_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)\.(pt2|pt|pth|safetensors|ts|json)$")
+
+
+@dataclass(frozen=True)
+class BankRef:
+    """The reference bank a request was given (``unlearn run --calibration-*``); ``unlearn.bank`` reads it."""
+
+    uri: str
+    sha256: str | None = None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,8 @@ class RunOptions:
     run_id: str | None = None
     """Who this run is, across the Job's retries (the operator passes the request's uid); kept in the record's
     config, so that a retry recognises the version an earlier attempt of the same run published."""
+    calibration: BankRef | None = None
+    """The bank the operator resolved for the model (``--calibration-*``); None: no bank given."""
 
 
 @dataclass(frozen=True)
@@ -129,12 +158,46 @@ def _claimed(location: Location | None, field_name: str, require: bool) -> None:
         )
 
 
+def _factory(manifest: Manifest | CalibrationManifest, allowed: tuple[str, ...]) -> None:
+    arch = manifest.spec.model.architecture
+    if arch is not None and arch.factory is not None and not factory_allowed(arch.factory, allowed):
+        raise refuse_factory(arch.factory)
+
+
+def _inputs(manifest: Manifest | CalibrationManifest, root: Path) -> Place:
+    """The model file and the data, each where it should be (rule 4); the model's place."""
+    spec = manifest.spec
+    model = resolve(spec.model.source, root, "model.source")
+    model.require_file()
+    for name, location in (("data.train", spec.data.train), ("data.test", spec.data.test)):
+        if location is not None:
+            place = resolve(location, root, name)
+            if spec.data.source == "npz":
+                place.require_file()
+            else:
+                place.require_folder()
+    return model
+
+
+def bank_location(ref: BankRef, require_claims: bool) -> Location:
+    """``--calibration-*`` checked (rule 6): the bank's location, parsed and bounded like a spec location."""
+    try:
+        location = Location.from_uri(ref.uri)
+    except ValidationError as error:
+        message = describe_validation_error(error, prefix="--calibration-bank")
+        raise InvalidInputError(f"{message} (pvc://<claim>/<path> or a path)") from None
+    _claimed(location, "--calibration-bank", require_claims)
+    if ref.sha256 is not None and not SHA256_HEX.match(ref.sha256):
+        raise InvalidInputError("--calibration-sha256: expected 64 lowercase hex digits (the bank's sha256)")
+    if ref.name and (len(ref.name) > 63 + 1 + 253 or not CALIBRATION_NAME.match(ref.name)):
+        raise InvalidInputError("--calibration-name: expected namespace/name of an UnlearningCalibration")
+    return location
+
+
 def check(manifest: Manifest, options: RunOptions) -> Plan:
     """Run the checks of the module doc in order; the first problem is an InvalidInputError (exit 4)."""
     spec = manifest.spec
-    arch = spec.model.architecture
-    if arch is not None and arch.factory is not None and not factory_allowed(arch.factory, options.allowed_factories):
-        raise refuse_factory(arch.factory)
+    _factory(manifest, options.allowed_factories)
 
     hyper = tuning.resolve(spec.method)
     idle = tuning.idle_reason(hyper)
@@ -151,17 +214,11 @@ def check(manifest: Manifest, options: RunOptions) -> Plan:
     for name, location in locations.items():
         _claimed(location, name, options.require_claims)
 
+    if options.calibration is not None:
+        bank_location(options.calibration, options.require_claims)
+
     root = options.volume_root
-    model = resolve(spec.model.source, root, "model.source")
-    model.require_file()
-    for name in ("data.train", "data.test"):
-        location = locations[name]
-        if location is not None:
-            place = resolve(location, root, name)
-            if spec.data.source == "npz":
-                place.require_file()
-            else:
-                place.require_folder()
+    model = _inputs(manifest, root)
     if spec.forget.indices_file is not None:
         resolve(spec.forget.indices_file, root, "forget.indicesFile").require_file()
 
@@ -233,3 +290,40 @@ def _in_output(output: OutputFolder, name: str) -> Place:
     """A file in the output folder as a Place of its own (same claim, confined the same way)."""
     place = output.place
     return dataclasses.replace(place, uri=f"{place.uri.rstrip('/')}/{name}", path=place.path / name)
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """What the checks of a calibration settled: the model's place and the output folder."""
+
+    model: Place | None
+    output: OutputFolder
+
+
+def check_calibration(
+    manifest: CalibrationManifest,
+    allowed_factories: tuple[str, ...],
+    require_claims: bool,
+    volume_root: Path,
+    *,
+    inputs: bool = True,
+) -> CalibrationPlan:
+    """The checks of the module doc for a calibration, in the same order (InvalidInputError: exit 4).
+
+    ``inputs``: check the model and the data too (the folds and a local run read them; the merge reads
+    only the output folder, and its plan's ``model`` is then None).
+    """
+    spec = manifest.spec
+    _factory(manifest, allowed_factories)
+    locations = {
+        "model.source": spec.model.source,
+        "data.train": spec.data.train,
+        "data.test": spec.data.test,
+        "output.location": spec.output.location,
+    }
+    for name, location in locations.items():
+        _claimed(location, name, require_claims)
+    model = _inputs(manifest, volume_root) if inputs else None
+    output = OutputFolder(resolve(spec.output.location, volume_root, "output.location"))
+    output.check()
+    return CalibrationPlan(model=model, output=output)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from unlearn import audit, fit, gates, preflight, scratch, tuning
+from unlearn.bank import Bank, data_digest, use_bank
 from unlearn.data import load_data, load_forget_indices
 from unlearn.distributed import RankError, Ranks, device_for, joined
 from unlearn.draft import RecordDraft, json_bytes, one_line
@@ -149,6 +150,8 @@ class Inputs:
     """The bounded samples the audit evaluates: forget, retain, heldout."""
     labels: dict[str, npt.NDArray[np.int64]]
     """Their labels on the host (the audit is numpy)."""
+    bank: Bank | None = None
+    """The model's reference bank, loaded and verified (None: the run is uncalibrated; the record says why)."""
 
 
 @dataclass
@@ -219,6 +222,9 @@ class Recipe:
             "tuning": spec.tuning.model_dump(mode="json", by_alias=True),
             "audit": spec.audit.model_dump(mode="json", by_alias=True),
             "output": spec.output.location.uri,
+            "calibration": {"policy": spec.calibration.policy, "bank": options.calibration.uri}
+            if options.calibration is not None
+            else {"policy": spec.calibration.policy},
             "volumeRoot": str(options.volume_root),
             "device": str(device),
             "modelVersion": plan.version,
@@ -254,6 +260,20 @@ class Recipe:
         for name, part in (("data.train", data.train), ("data.test", data.test)):
             fit.check_labels(name, int(part.y.max()), outputs)
         ctx.num_classes = outputs
+        bank, self.fields["calibration"], problem = use_bank(
+            spec.calibration.policy,
+            options.calibration,
+            volume_root=options.volume_root,
+            digest=lambda: data_digest((data.train.x, data.train.y), (data.test.x, data.test.y)),
+            train_rows=len(data.train),
+            test_rows=len(data.test),
+            classes=outputs,
+            input_sha256=self.fields["input_model"].sha256,
+            require_claims=options.require_claims,
+        )
+        if problem is not None:
+            raise InvalidInputError(problem)
+        log.info("calibration: %s", self.fields["calibration"].note)
         if loaded.format != "state-dict" or loaded.build is not None:
             ctx.reinitialise = lambda: reinitialise(loaded)
         retain_mask = np.ones(len(data.train), dtype=bool)
@@ -280,7 +300,7 @@ class Recipe:
             "heldout": test.take(torch.from_numpy(_bounded(len(test), limit, rng)).to(device)),
         }
         labels = {k: v.y.cpu().numpy() for k, v in audited.items()}
-        return Inputs(loaded, module, plan.model.where, hyper, ctx, forget, retain, audited, labels)
+        return Inputs(loaded, module, plan.model.where, hyper, ctx, forget, retain, audited, labels, bank)
 
     # -- attempts -----------------------------------------------------------------------------------
     def audit(self, inputs: Inputs, tag: str) -> AuditMetrics:

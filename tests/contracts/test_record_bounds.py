@@ -14,8 +14,10 @@ import json
 import pytest
 
 from unlearning_contracts.record import (
+    MAX_CALIBRATION_NOTE_BYTES,
     TERMINATION_MESSAGE_LIMIT,
     AuditMetrics,
+    CalibrationUsed,
     CompactRecord,
     InputModel,
     OutputModel,
@@ -99,6 +101,13 @@ def _worst(char: str, error: bool) -> ResultRecord:
         ),
         started_at="2026-01-01T00:00:00+00:00",
         finished_at="2026-01-01T00:00:00+00:00",
+        calibration=CalibrationUsed(
+            name=f"{'s' * 63}/{'n' * 253}",
+            uri=Location(claim_name=claim, path=path).uri,
+            sha256="c" * 64,
+            calibrated=not error,
+            note=char * (MAX_CALIBRATION_NOTE_BYTES // len(char.encode())),
+        ),
         device=char * (64 // len(char.encode())),
         job_image=char * (MAX_IMAGE_BYTES // len(char.encode())),
         code_version="0.1.0",
@@ -124,6 +133,8 @@ def test_the_worst_record_the_spec_allows_still_fits(char: str, error: bool) -> 
     assert parsed.post.forget_accuracy == round(-123456.789012, 4)  # the numbers always stay
     assert parsed.truncated  # and says what it shortened
     assert "outputModel.uri" not in parsed.truncated
+    assert parsed.calibration.sha256 == record.calibration.sha256  # which bank, whole
+    assert parsed.calibration.calibrated == record.calibration.calibrated
 
 
 def test_an_ordinary_record_is_not_shortened() -> None:
@@ -135,10 +146,18 @@ def test_an_ordinary_record_is_not_shortened() -> None:
             "input_model": InputModel(uri="pvc://models/digits/digits-mlp.pt2", sha256="a" * 64),
             "output_model": OutputModel(uri="pvc://models/v/m-v2.pt2", sha256="b" * 64, format="exported"),
             "request_name": "r" * MAX_REQUEST_NAME_LENGTH,
+            "calibration": CalibrationUsed(
+                name="team/digits-mlp",
+                uri="pvc://banks/digits/digits-mlp-0a1b2c3d/bank.npz",
+                sha256="c" * 64,
+                calibrated=True,
+                note="the bank was made for this very model file",
+            ),
         }
     )
     parsed = CompactRecord.model_validate(json.loads(compact(record)))
     assert parsed.truncated == []
+    assert parsed.calibration == record.calibration
     assert not parsed.reasons_truncated
     assert parsed.reasons == ["miaAuc 0.710 > maxMiaAuc 0.600"]
 
