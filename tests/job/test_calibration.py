@@ -366,7 +366,12 @@ def test_folds_then_merge_write_the_same_bank_as_a_local_run(
     assert local.code == 0, local.err
     cluster_bank, local_bank = load_bank(folder / "bank.npz"), load_bank(tmp_path / "local" / "bank.npz")
     for name, array in cluster_bank.arrays().items():
-        np.testing.assert_array_equal(array, local_bank.arrays()[name], err_msg=name)
+        if np.issubdtype(array.dtype, np.floating):
+            # Two trainings of the same fold agree to float rounding, not always to the bit: the CPU's
+            # GEMM kernels may sum in another order depending on how a buffer happens to be aligned.
+            np.testing.assert_allclose(array, local_bank.arrays()[name], rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(array, local_bank.arrays()[name], err_msg=name)
     assert {k: v for k, v in cluster_bank.meta.items() if k != "createdAt"} == {
         k: v for k, v in local_bank.meta.items() if k != "createdAt"
     }
