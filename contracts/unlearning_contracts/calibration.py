@@ -58,6 +58,12 @@ from unlearning_contracts.spec import (
 
 CALIBRATION_SCHEMA_VERSION = 1
 
+# The folds Job is "<name>-<8 hex>" and the Job controller names each index's
+# pod host "<job>-<index>" (a DNS label, at most 63 characters, index up to
+# MAX_FOLDS - 1); the merge Job "<name>-<8 hex>-merge" is a label value too.
+# 48 keeps both within 63, as for requests.
+MAX_CALIBRATION_NAME_LENGTH = 48
+
 # Reference models are only as good as their likeness to the original, and a
 # bank needs at least two folds for every row to have an OUT model; past 32
 # the cost (K - 1 retrains' worth of steps) buys little (docs/calibration.md).
@@ -345,3 +351,11 @@ def compact_calibration(record: CalibrationRecord, limit: int = TERMINATION_MESS
     payload = record.dump()
     payload.pop("recipe", None)
     return _fit(payload, limit, ("references",))
+
+
+def parse_calibration_spec(raw: dict[str, Any]) -> UnlearningCalibrationSpec:
+    """Parse a calibration's spec dict (as stored in the API server) or raise SpecError naming the field."""
+    try:
+        return UnlearningCalibrationSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(describe_validation_error(error)) from None

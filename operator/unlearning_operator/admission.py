@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from unlearning_contracts.calibration import UnlearningCalibrationSpec
 from unlearning_contracts.factories import factory_allowed
 from unlearning_contracts.spec import Location, ModelSpec, UnlearningRequestSpec
 
@@ -74,6 +75,16 @@ def request_locations(spec: UnlearningRequestSpec) -> list[tuple[str, Location |
     ]
 
 
+def calibration_locations(spec: UnlearningCalibrationSpec) -> list[tuple[str, Location | None]]:
+    """Every location a calibration names, with its field path."""
+    return [
+        ("spec.model.source", spec.model.source),
+        ("spec.data.train", spec.data.train),
+        ("spec.data.test", spec.data.test),
+        ("spec.output.location", spec.output.location),
+    ]
+
+
 def claim_problems(locations: Iterable[tuple[str, Location | None]]) -> list[str]:
     return [
         f"{field}: {location.path} names no claimName: in a cluster every location is a path inside a "
@@ -83,15 +94,17 @@ def claim_problems(locations: Iterable[tuple[str, Location | None]]) -> list[str
     ]
 
 
-def admit(spec: UnlearningRequestSpec, settings: OperatorSettings) -> Admitted | Refusal:
-    """The image to run, or the first failing check's reason with all of its messages."""
+def admit(spec: UnlearningRequestSpec | UnlearningCalibrationSpec, settings: OperatorSettings) -> Admitted | Refusal:
+    """The image to run, or the first failing check's reason with all of its messages (a request's or a
+    calibration's: both run a tenant's Jobs, under the same rules)."""
+    locations = request_locations(spec) if isinstance(spec, UnlearningRequestSpec) else calibration_locations(spec)
     try:
         image = resolve_image(spec, settings)
     except ImageNotAllowedError as error:
         return Refusal(states.REASON_IMAGE_NOT_ALLOWED, str(error))
     checks = (
         (states.REASON_FACTORY_NOT_ALLOWED, factory_problems(spec.model, settings)),
-        (states.REASON_CLAIM_REQUIRED, claim_problems(request_locations(spec))),
+        (states.REASON_CLAIM_REQUIRED, claim_problems(locations)),
         (states.REASON_PLACEMENT_NOT_ALLOWED, placement_problems(spec.job, settings)),
     )
     for reason, problems in checks:

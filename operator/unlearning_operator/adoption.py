@@ -40,15 +40,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
+from unlearning_contracts.api import API_GROUP_VERSION, CALIBRATION, REQUEST
 from unlearning_contracts.record import CompactRecord
 
 from .audit_configmap import OUTCOME_KEY
+from .calibration_jobs import CalibrationRef
 from .jobs import CONTAINER_NAME, BuiltFrom, RequestRef, built_from
 from .labels import (
+    ANNOTATION_CALIBRATION_UID,
     ANNOTATION_MODEL_VERSION,
     ANNOTATION_REQUEST_UID,
     ANNOTATION_SPEC_GENERATION,
+    LABEL_CALIBRATION,
     LABEL_MANAGED_BY,
     LABEL_MODEL,
     LABEL_REQUEST,
@@ -87,6 +90,28 @@ def marks_problem(obj: Mapping[str, Any], ref: RequestRef, *, owned: bool) -> st
     controllers = [o for o in owners if o.get("controller")]
     if len(controllers) != 1 or not _is_request(controllers[0], ref):
         return f"{what} is not controlled by request {ref.name} (uid {ref.uid})"
+    return None
+
+
+def calibration_marks_problem(obj: Mapping[str, Any], ref: CalibrationRef) -> str | None:
+    """Why ``obj`` (a Job, ConfigMap or NetworkPolicy of a calibration) lacks the marks of one the operator
+    made for ``ref`` (None: it has them all): our labels, the calibration's uid, one controller owner, it."""
+    metadata = _metadata(obj)
+    labels = metadata.get("labels") or {}
+    annotations = metadata.get("annotations") or {}
+    what = _describe(obj)
+    if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or labels.get(LABEL_CALIBRATION) != ref.name:
+        return f"{what} does not carry the operator's labels for calibration {ref.name}"
+    if annotations.get(ANNOTATION_CALIBRATION_UID) != ref.uid:
+        return f"{what} was not made for this calibration object (its {ANNOTATION_CALIBRATION_UID} differs)"
+    controllers = [o for o in metadata.get("ownerReferences") or [] if o.get("controller")]
+    if len(controllers) != 1 or not (
+        controllers[0].get("uid") == ref.uid
+        and controllers[0].get("kind") == CALIBRATION.kind
+        and controllers[0].get("apiVersion") == API_GROUP_VERSION
+        and controllers[0].get("name") == ref.name
+    ):
+        return f"{what} is not controlled by calibration {ref.name} (uid {ref.uid})"
     return None
 
 

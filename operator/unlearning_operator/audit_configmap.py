@@ -25,12 +25,23 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from unlearning_contracts.calibration import CalibrationRecord, UnlearningCalibrationSpec
 from unlearning_contracts.record import CompactRecord
 from unlearning_contracts.spec import UnlearningRequestSpec
 
+from . import calibration_status as cal
+from .calibration_jobs import CalibrationRef
 from .jobs import RequestRef
-from .labels import ANNOTATION_REQUEST_UID, COMPONENT_AUDIT, LABEL_AUDIT, request_labels
-from .names import audit_configmap_name
+from .labels import (
+    ANNOTATION_CALIBRATION_UID,
+    ANNOTATION_REQUEST_UID,
+    COMPONENT_AUDIT,
+    COMPONENT_CALIBRATION_RECORD,
+    LABEL_AUDIT,
+    calibration_labels,
+    request_labels,
+)
+from .names import audit_configmap_name, calibration_record_name
 from .status import COMPLETE, get_condition
 
 RECORD_KEY = "record.json"
@@ -124,6 +135,68 @@ def build_audit_configmap(
             "namespace": ref.namespace,
             "labels": labels,
             "annotations": {ANNOTATION_REQUEST_UID: ref.uid},
+        },
+        "immutable": True,
+        "data": data,
+    }
+
+
+CALIBRATION_KEY = "calibration.json"
+BANK_KEY = "bank.json"
+
+
+def build_calibration_record_configmap(
+    ref: CalibrationRef,
+    spec: UnlearningCalibrationSpec,
+    status: dict[str, Any],
+    record: CalibrationRecord | None,
+) -> dict[str, Any]:
+    """The immutable record of one calibration: how the bank was made, and where it is.
+
+    Requests' audit records name a bank by location and sha256; this record
+    (like theirs: immutable, no owner reference, labelled by model) keeps
+    the rest after the calibration object is deleted: the spec as run (the
+    recipe and folds), the outcome, and the bank's compact record (likeness
+    of every reference model, cost, data digest, the original's sha256).
+    """
+    labels = calibration_labels(calibration=ref.name, component=COMPONENT_CALIBRATION_RECORD, model=spec.model.name)
+    labels[LABEL_AUDIT] = "true"
+    ready = cal.get_ready_condition(status) or {}
+    outcome = {
+        "calibration": ref.name,
+        "namespace": ref.namespace,
+        "uid": ref.uid,
+        "model": spec.model.name,
+        "phase": status.get("phase"),
+        "reason": ready.get("reason"),
+        "message": status.get("message"),
+        "jobName": status.get("jobName"),
+        "mergeJobName": status.get("mergeJobName"),
+        "folds": status.get("folds"),
+        "foldsDone": status.get("foldsDone"),
+        "output": status.get("output"),
+        "bank": status.get("bank"),
+        "cost": status.get("cost"),
+        "likeness": status.get("likeness"),
+        "startTime": status.get("startTime"),
+        "completionTime": status.get("completionTime"),
+    }
+    data = {
+        OUTCOME_KEY: json.dumps(outcome, indent=1, sort_keys=True),
+        CALIBRATION_KEY: json.dumps(
+            spec.model_dump(mode="json", by_alias=True, exclude_none=True), indent=1, sort_keys=True
+        ),
+    }
+    if record is not None:
+        data[BANK_KEY] = json.dumps(record.dump(), indent=1, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": calibration_record_name(ref.name, ref.uid),
+            "namespace": ref.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_CALIBRATION_UID: ref.uid},
         },
         "immutable": True,
         "data": data,

@@ -6,8 +6,11 @@ What each piece does, and where:
 * views.py: the index values (a request's parsed spec, or why it is invalid);
 * runtime.py: API calls on named thread pools, per-request locks, the status
   cache, Events, background tasks;
-* scheduling.py: which request starts (this module coalesces the passes);
-* launching.py / completion.py: the two long operations;
+* scheduling.py: which request or calibration starts (this module coalesces
+  the passes over both kinds: they share the caps);
+* banks.py: which reference bank a request uses (or whether it waits);
+* launching.py / completion.py: the two long operations of a request;
+* calibrating.py: everything of an UnlearningCalibration but its scheduling;
 * admission.py, placement.py, adoption.py, status.py, failures.py, jobs.py,
   lineage.py, metrics.py: the pure decisions.
 
@@ -42,17 +45,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import completion, failures, launching
+from unlearning_contracts.api import CALIBRATION as CALIBRATION_KIND
+from unlearning_contracts.spec import UnlearningRequestSpec
+
+from . import banks, completion, failures, launching
 from . import status as states
 from .admission import Admitted, admit
+from .calibrating import Calibrations
 from .k8s import Kube
 from .launching import ADOPT_ONLY_OURS, LaunchFailedError
 from .metrics import Metrics
 from .results import JOB_RUNNING, job_outcome
 from .runtime import Runtime
-from .scheduling import Candidate, Caps, decide
+from .scheduling import CALIBRATION, Candidate, Caps, decide
 from .settings import OperatorSettings
-from .views import JobView, Key, RequestView, job_view, parse_time, request_view, values
+from .views import CalibrationView, JobView, Key, RequestView, job_view, parse_time, request_view, values
 
 log = logging.getLogger("unlearning_operator")
 
@@ -77,18 +84,34 @@ class Controller:
     ticker: asyncio.Task[None] | None = None
     pass_requested: bool = False
     rt: Runtime = field(init=False)
+    calibrations: Calibrations = field(init=False)
 
     def __post_init__(self) -> None:
         self.rt = Runtime(settings=self.settings, kube=self.kube, metrics=self.metrics, clock=self.clock)
+        self.calibrations = Calibrations(
+            settings=self.settings,
+            kube=self.kube,
+            metrics=self.metrics,
+            rt=self.rt.sibling(CALIBRATION_KIND.plural),
+            schedule=self.schedule,
+            clock=self.clock,
+        )
 
     # ---- plumbing -------------------------------------------------------------
     @property
     def tasks(self) -> set[asyncio.Task[None]]:
-        return self.rt.tasks
+        return self.rt.tasks | self.calibrations.rt.tasks
 
-    def bind(self, requests: Mapping[Any, Any], jobs: Mapping[Any, Any]) -> None:
+    def bind(
+        self,
+        requests: Mapping[Any, Any],
+        jobs: Mapping[Any, Any],
+        calibrations: Mapping[Any, Any] | None = None,
+        calibration_jobs: Mapping[Any, Any] | None = None,
+    ) -> None:
         self.requests = requests
         self.jobs = jobs
+        self.calibrations.bind(calibrations, calibration_jobs)
 
     def start(self) -> None:
         self.ticker = asyncio.create_task(self._tick_forever())
@@ -97,6 +120,7 @@ class Controller:
         if self.ticker is not None:
             self.ticker.cancel()
             await asyncio.gather(self.ticker, return_exceptions=True)
+        await self.calibrations.rt.cancel_tasks()
         await self.rt.stop()
 
     def view(self, key: Key) -> RequestView | None:
@@ -230,6 +254,7 @@ class Controller:
             return
         candidates: list[Candidate] = []
         views: dict[Key, RequestView] = {}
+        offers: list[banks.Offer] | None = None
         for key in list(self.requests.keys()):
             view = self.view(key)
             if view is None or view.deleting:
@@ -243,6 +268,16 @@ class Controller:
             job = self.job_of(view)
             # Only a Job the status names holds a slot: one a tenant made under the name never does.
             named = job is not None and job.name == self.rt.current_status(view).get("jobName")
+            blocked = None
+            required = view.spec is not None and view.spec.calibration.policy == "Required"
+            if phase in (states.PENDING, states.QUEUED) and view.spec is not None and required:
+                offers = self.calibrations.offers() if offers is None else offers
+                choice = self.bank_choice(view, view.spec, offers)
+                if choice.action == banks.REJECT:
+                    self.rt.spawn(self._reject(view, choice.reason, choice.message), "reject")
+                    continue
+                if choice.action == banks.WAIT:
+                    blocked = (choice.reason, choice.message)
             candidates.append(
                 Candidate(
                     namespace=view.namespace,
@@ -251,10 +286,21 @@ class Controller:
                     created=view.created,
                     phase=phase,
                     job_active=named and job is not None and job.outcome == JOB_RUNNING,
+                    blocked=blocked,
                 )
             )
+        calibrations: dict[Key, CalibrationView] = {}
+        for candidate, calibration in self.calibrations.candidates():
+            candidates.append(candidate)
+            calibrations[calibration.key] = calibration
         for decision in decide(candidates, Caps.of(self.settings)):
             key = (decision.namespace, decision.name)
+            if decision.kind == CALIBRATION:
+                if decision.start:
+                    self.calibrations.start(calibrations[key])
+                else:
+                    self.calibrations.queue(calibrations[key], decision.reason, decision.message)
+                continue
             view = views[key]
             if decision.start:
                 self.launched[key] = view.uid
@@ -264,6 +310,33 @@ class Controller:
                 self.queued_messages[key] = decision.message
                 self.rt.spawn(self._queue(view, decision.reason, decision.message), "queue")
 
+    def bank_choice(
+        self, view: RequestView, spec: UnlearningRequestSpec, offers: list[banks.Offer] | None = None
+    ) -> banks.BankChoice:
+        """The bank this request would use now, or why it runs without one, waits or is rejected."""
+        created = parse_time(view.created)
+        waited = (self.clock() - created).total_seconds() if created is not None else 0.0
+        return banks.choose(
+            spec.calibration,
+            namespace=view.namespace,
+            model=spec.model.name,
+            data=spec.data,
+            offers=self.calibrations.offers() if offers is None else offers,
+            waited_seconds=waited,
+        )
+
+    async def _reject(self, view: RequestView, reason: str, message: str) -> None:
+        async with self.rt.lock(view.key):
+            status = self.rt.current_status(view)
+            if states.phase_of(status) in (states.PENDING, states.QUEUED):
+                await self._reject_locked(view, status, reason, message)
+
+    async def _reject_locked(self, view: RequestView, status: dict[str, Any], reason: str, message: str) -> None:
+        self.launched.pop(view.key, None)
+        rejected = states.rejected(status, reason, message, view.generation, self.clock())
+        if await self.rt.write_status(view, rejected, self.rt.api_pool):
+            await self.rt.event(view, "Warning", "Rejected", message)
+
     async def _queue(self, view: RequestView, reason: str, message: str) -> None:
         async with self.rt.lock(view.key):
             status = self.rt.current_status(view)
@@ -272,8 +345,11 @@ class Controller:
                 or self.launched.get(view.key) == view.uid
             ):
                 return
-            queued = states.queued(status, reason, message, view.generation, self.clock())
-            await self.rt.write_status(view, queued, self.rt.api_pool)
+            if reason == states.REASON_WAITING_FOR_CALIBRATION:
+                new = states.waiting_for_calibration(status, reason, message, view.generation, self.clock())
+            else:
+                new = states.queued(status, reason, message, view.generation, self.clock())
+            await self.rt.write_status(view, new, self.rt.api_pool)
 
     async def _launch(self, view: RequestView) -> None:
         async with self.rt.lock(view.key):
@@ -292,8 +368,20 @@ class Controller:
         image = await self._admit(view, pool)
         if image is None:
             return
+        choice = self.bank_choice(view, view.spec)
+        if choice.action == banks.REJECT:
+            await self._reject_locked(view, status, choice.reason, choice.message)
+            return
+        if choice.action == banks.WAIT:
+            # The bank went away between the pass and now: wait again (the next pass decides).
+            self.launched.pop(view.key, None)
+            waiting = states.waiting_for_calibration(
+                status, choice.reason, choice.message, view.generation, self.clock()
+            )
+            await self.rt.write_status(view, waiting, pool)
+            return
         try:
-            await launching.launch(self.rt, view, view.spec, image)
+            await launching.launch(self.rt, view, view.spec, image, choice)
         except LaunchFailedError as failed:
             await self._launch_failed(view, failed)
 
@@ -357,11 +445,18 @@ class Controller:
             return []
         return [v for key in list(self.requests.keys()) if (v := self.view(key)) is not None]
 
+    async def on_calibration(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        await self.calibrations.on_calibration(event_type, body)
+
+    async def on_calibration_job(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        await self.calibrations.on_job(event_type, body)
+
     async def tick(self) -> None:
-        """Phase gauges, the oldest wait, the retries (see the module docstring), pending-pod alerts, and a
-        scheduler pass."""
+        """Phase gauges, the oldest wait, bank ages, the retries (see the module docstring), pending-pod alerts,
+        and a scheduler pass."""
         if self.requests is None:
             return
+        await self.calibrations.tick(self.clock())
         counts: dict[str, int] = {}
         oldest: dict[str, float] = {}
         now = self.clock()

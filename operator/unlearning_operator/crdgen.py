@@ -47,10 +47,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST, Kind
+from unlearning_contracts.api import API_GROUP, API_VERSION, CALIBRATION, REQUEST, Kind
+from unlearning_contracts.calibration import MAX_CALIBRATION_NAME_LENGTH, UnlearningCalibrationSpec
 from unlearning_contracts.record import AuditMetrics, SummaryMetrics, columns, numbers
 from unlearning_contracts.spec import MAX_REQUEST_NAME_LENGTH, UnlearningRequestSpec
 
+from .calibration_status import CalibrationStatus
 from .labels import APP_NAME, LABEL_PART_OF
 from .status import RequestStatus
 
@@ -355,13 +357,78 @@ REQUEST_CRD = CustomResource(
         {"name": "Method", "type": "string", "jsonPath": ".spec.method.name"},
         *metric_columns(),
         {"name": "Verdict", "type": "string", "jsonPath": ".status.verdict"},
+        {"name": "Calibrated", "type": "boolean", "jsonPath": ".status.calibration.calibrated"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ),
     rules=REQUEST_RULES,
     root_rules=REQUEST_ROOT_RULES,
 )
 
-RESOURCES: tuple[CustomResource, ...] = (REQUEST_CRD,)
+# CEL rules of UnlearningCalibration: the model, data and locations as for requests, and the recipe's validators.
+CALIBRATION_RULES: dict[str, list[Rule]] = {
+    "spec.model": REQUEST_RULES["spec.model"],
+    "spec.model.architecture": REQUEST_RULES["spec.model.architecture"],
+    "spec.data": REQUEST_RULES["spec.data"],
+    "Location": REQUEST_RULES["Location"],
+    "spec.recipe": [
+        {
+            "rule": "!has(self.augmentations) || self.augmentations.size() < 2 "
+            "|| self.augmentations[0] != self.augmentations[1]",
+            "message": "recipe.augmentations: list each augmentation once",
+        }
+    ],
+    "spec.recipe.optimizer": [
+        {
+            "rule": "(has(self.name) && self.name == 'sgd') || ((!has(self.momentum) || self.momentum == 0.0) "
+            "&& (!has(self.nesterov) || !self.nesterov))",
+            "message": "recipe.optimizer.momentum and nesterov apply to sgd only",
+        },
+        {
+            "rule": "!has(self.nesterov) || !self.nesterov || (has(self.momentum) && self.momentum > 0.0)",
+            "message": "recipe.optimizer.nesterov needs a momentum above 0",
+        },
+    ],
+    "spec.recipe.schedule": [
+        {
+            "rule": "!has(self.name) || self.name != 'step' || has(self.stepEpochs)",
+            "message": "recipe.schedule.stepEpochs is required for schedule step",
+        }
+    ],
+}
+
+CALIBRATION_ROOT_RULES = (
+    {
+        "rule": f"self.metadata.name.size() <= {MAX_CALIBRATION_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_CALIBRATION_NAME_LENGTH} characters "
+        "(the Job and pod names are derived from it)",
+    },
+    {
+        "rule": "!has(oldSelf.status) || !has(oldSelf.status.jobName) || self.spec == oldSelf.spec",
+        "message": "spec is immutable once the folds Job has started: create a new UnlearningCalibration instead",
+    },
+)
+
+CALIBRATION_CRD = CustomResource(
+    kind=CALIBRATION,
+    description=(
+        "Reference models for a model, trained once with its recipe, each without one fold of the data: "
+        "the bank that tells every unlearning request of the model how far to forget."
+    ),
+    spec=UnlearningCalibrationSpec,
+    status=CalibrationStatus,
+    columns=(
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+        {"name": "Folds", "type": "string", "jsonPath": ".status.display.folds"},
+        {"name": "Agreement", "type": "string", "jsonPath": ".status.display.agreement"},
+        {"name": "Cost", "type": "string", "jsonPath": ".status.display.cost"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ),
+    rules=CALIBRATION_RULES,
+    root_rules=CALIBRATION_ROOT_RULES,
+)
+
+RESOURCES: tuple[CustomResource, ...] = (REQUEST_CRD, CALIBRATION_CRD)
 
 
 # Plain scalars that YAML 1.1 reads as booleans. The API server (sigs.k8s.io/yaml) parses YAML 1.1, where a

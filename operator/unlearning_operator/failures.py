@@ -17,8 +17,17 @@ from typing import Any
 
 from unlearning_contracts.record import EXIT_CODE_MEANINGS
 
+from . import calibration_status as cal
 from . import status as states
-from .results import container_status, latest_terminated_pod, terminated, true_condition
+from .results import (
+    MalformedResultError,
+    completion_index,
+    container_status,
+    latest_terminated_pod,
+    parse_fold_record,
+    terminated,
+    true_condition,
+)
 from .views import JobView, parse_time
 
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
@@ -76,6 +85,68 @@ def explain_failure(job: dict[str, Any], pods: list[dict[str, Any]], container: 
             states.REASON_ERROR, f"the Job failed: {failed.get('reason')}: {failed.get('message', '')}".strip()
         )
     return Explanation(states.REASON_ERROR, "the Job failed without a pod result")
+
+
+def explain_calibration_failure(job: dict[str, Any], pods: list[dict[str, Any]], folds: int) -> Explanation:
+    """Why a calibration's folds Job or merge Job failed, naming the fold and what to change.
+
+    For the folds Job the pods are narrowed to the first failed index (the
+    Job's ``failedIndexes``): that fold's attempts are the story, the
+    others' successes are not. A fold's own record (exit 4, invalid input)
+    says best what is wrong; otherwise an OOM kill, the deadline, an image
+    that cannot be pulled, or the exit code with the log's last line.
+    """
+    spec = job.get("spec") or {}
+    indexed = spec.get("completionMode") == "Indexed"
+    failed_indexes = sorted(cal.expand_indexes((job.get("status") or {}).get("failedIndexes")))
+    what = "the merge"
+    if indexed:
+        index = failed_indexes[0] if failed_indexes else None
+        if index is not None:
+            pods = [p for p in pods if completion_index(p) == index]
+            what = f"fold {index} of {folds}"
+        else:
+            what = "the folds Job"
+    attempts = sum(1 for p in pods if terminated(p) is not None)
+    after = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts > 1 else ""
+    reason = cal.REASON_FOLD_FAILED if indexed else cal.REASON_MERGE_FAILED
+    failed = true_condition(job, "Failed") or {}
+    if failed.get("reason") == "DeadlineExceeded":
+        return Explanation(
+            reason,
+            f"{what}: the Job ran longer than its deadline ({spec.get('activeDeadlineSeconds')} s) and was stopped: "
+            "raise spec.job.activeDeadlineSeconds, or train more folds at once (UNLEARNING_CALIBRATION_PARALLELISM)",
+        )
+    for pod in pods:
+        state = terminated(pod)
+        if state and state.get("reason") == "OOMKilled":
+            limit = _memory_limit(pod, "unlearn")
+            return Explanation(
+                reason,
+                f"{what} ran out of memory (limit {limit}) and was killed: raise spec.job.memory "
+                "or lower recipe.batchSize",
+            )
+        waiting = (container_status(pod, "unlearn").get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in IMAGE_PULL_REASONS:
+            pulled = _image_pull(pod, waiting, "unlearn")
+            return Explanation(reason, f"{what}: {pulled.message}")
+    last = latest_terminated_pod(pods)
+    state = terminated(last) if last else None
+    if state is None:
+        detail = f"{failed.get('reason')}: {failed.get('message', '')}".strip() if failed else "no pod result"
+        return Explanation(reason, f"{what} failed: {detail}")
+    code = int(state.get("exitCode", -1))
+    if indexed:
+        try:
+            fold = parse_fold_record(state.get("message"))
+        except MalformedResultError:
+            fold = None
+        if fold is not None and fold.error:
+            return Explanation(reason, f"{what} failed{after} (exit code {fold.exit_code}): {fold.error}")
+    meaning = EXIT_CODE_MEANINGS.get(code)
+    detail = _tail(state.get("message"))
+    text = f"{what} failed{after} with exit code {code}" + (f" ({meaning})" if meaning and code != 0 else "")
+    return Explanation(reason, text + (f": {detail}" if detail else ""))
 
 
 def _tail(message: str | None) -> str:

@@ -52,11 +52,14 @@ from typing import Any
 import yaml
 
 from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
+from unlearning_contracts.calibration import UnlearningCalibrationSpec
 from unlearning_contracts.factories import ENV_ALLOWED_FACTORY_MODULES
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
 from unlearning_contracts.spec import Location, UnlearningRequestSpec
 
+from .banks import BankUse
 from .labels import (
+    ANNOTATION_BANK,
     ANNOTATION_INPUT_MODEL,
     ANNOTATION_MODEL_VERSION,
     ANNOTATION_OUTPUT_LOCATION,
@@ -73,7 +76,7 @@ from .labels import (
 )
 from .lineage import Version
 from .names import job_name, network_policy_name, spec_configmap_name
-from .placement import resolve_placement
+from .placement import Placement, resolve_placement
 from .settings import OperatorSettings, where_set
 
 CONTAINER_NAME = "unlearn"
@@ -113,7 +116,7 @@ class ImageNotAllowedError(ValueError):
     """spec.job.image is not on the operator's allow-list."""
 
 
-def resolve_image(spec: UnlearningRequestSpec, settings: OperatorSettings) -> str:
+def resolve_image(spec: UnlearningRequestSpec | UnlearningCalibrationSpec, settings: OperatorSettings) -> str:
     image = spec.job.image
     if image is None:
         return settings.job_image
@@ -167,14 +170,15 @@ def build_spec_configmap(ref: RequestRef, spec: UnlearningRequestSpec, current: 
     }
 
 
-def claims(spec: UnlearningRequestSpec) -> tuple[list[str], list[str]]:
+def claims(spec: UnlearningRequestSpec, bank: BankUse | None = None) -> tuple[list[str], list[str]]:
     """(read-only input claims, read-write output claims), sorted, without duplicates.
 
     Takes the effective spec, so the model's current version (possibly on
-    the output claim) decides what is mounted.
+    the output claim) decides what is mounted; a bank's claim is an input.
     """
     inputs: set[str] = set()
-    for location in (spec.model.source, spec.data.train, spec.data.test, spec.forget.indices_file):
+    bank_location = Location.from_uri(bank.uri) if bank is not None else None
+    for location in (spec.model.source, spec.data.train, spec.data.test, spec.forget.indices_file, bank_location):
         if location is not None and location.claim_name is not None:
             inputs.add(location.claim_name)
     outputs = {spec.output.location.claim_name} - {None}
@@ -188,67 +192,52 @@ def processes(gpus: int) -> int:
     return max(1, gpus)
 
 
-def build_job(
-    ref: RequestRef,
-    spec: UnlearningRequestSpec,
-    settings: OperatorSettings,
-    current: Version,
-    image: str,
-    *,
-    generation: int = 1,
-) -> dict[str, Any]:
-    """The batch/v1 Job for one request at ``generation``, running ``image`` (admitted: admission.py)."""
-    effective = effective_spec(spec, current)
-    placement = resolve_placement(spec.job, settings)
-    output_version = current.version + 1
-    name = job_name(ref.name, ref.uid)
-    labels = request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name)
-    job_labels = dict(labels)
-    if placement.queue_name:
-        job_labels[LABEL_KUEUE_QUEUE] = placement.queue_name
+def resources(placement: Placement, settings: OperatorSettings, *, gpus: int | None = None) -> dict[str, Any]:
+    """Requests and limits (equal, for predictable scheduling), local disk included; the GPU limit only
+    when GPUs are asked for. ``gpus`` overrides the placement's (a calibration's merge Job needs none)."""
+    count = placement.gpus if gpus is None else gpus
+    storage = settings.job_ephemeral_storage
+    limits: dict[str, Any] = {"cpu": placement.cpu, "memory": placement.memory, "ephemeral-storage": storage}
+    if count > 0:
+        limits[GPU_RESOURCE] = str(count)
+    return {
+        "requests": {"cpu": placement.cpu, "memory": placement.memory, "ephemeral-storage": storage},
+        "limits": limits,
+    }
 
+
+def spec_and_claim_volumes(
+    configmap: str, read_only: list[str], read_write: list[str], settings: OperatorSettings
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): the manifest ConfigMap, a bounded /tmp, and each claim at ``<volume root>/<claim>``."""
     root = settings.job_volume_root
     volumes: list[dict[str, Any]] = [
-        {"name": "request-spec", "configMap": {"name": spec_configmap_name(ref.name, ref.uid)}},
+        {"name": "request-spec", "configMap": {"name": configmap}},
         {"name": "tmp", "emptyDir": {"sizeLimit": settings.job_tmp_size}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "request-spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    read_only, read_write = claims(effective)
     for index, (claim, ro) in enumerate([(c, True) for c in read_only] + [(c, False) for c in read_write]):
         volume = f"pvc-{index}"
         volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": ro}})
         mounts.append({"name": volume, "mountPath": f"{root}/{claim}", "readOnly": ro})
+    return volumes, mounts
 
-    gpus = placement.gpus
-    command = [
-        "unlearn",
-        "run",
-        SPEC_PATH,
-        "--volume-root",
-        root,
-        # Defence in depth beside the operator's own check: in a pod a plain path is the container's disk.
-        "--require-claims",
-        "--model-version",
-        str(output_version),
-        # The same across the Job's retries: a pod killed after publishing its version and before
-        # reporting it leaves a retry that recognises that version as its own (job: preflight).
-        "--run-id",
-        ref.uid,
-    ]
-    if processes(gpus) > 1:
-        command += ["--nproc-per-node", str(processes(gpus))]
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.job_shm_size}})
-        mounts.append({"name": "dshm", "mountPath": SHM_MOUNT_PATH})
-    cpu, memory = placement.cpu, placement.memory
-    storage = settings.job_ephemeral_storage
-    limits: dict[str, Any] = {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}
-    if gpus > 0:
-        limits[GPU_RESOURCE] = str(gpus)
 
-    container: dict[str, Any] = {
+def restricted_container(
+    *,
+    image: str,
+    command: list[str],
+    resources: dict[str, Any],
+    mounts: list[dict[str, Any]],
+    settings: OperatorSettings,
+    env: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The job container under the restricted Pod Security profile, read-only root filesystem included,
+    told the admin's factory allow-list and its /tmp limit."""
+    return {
         "name": CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
@@ -258,8 +247,9 @@ def build_job(
             {"name": ENV_ALLOWED_FACTORY_MODULES, "value": ",".join(settings.allowed_factory_modules)},
             {"name": "HOME", "value": "/tmp"},
             {"name": ENV_TMP_LIMIT, "value": settings.job_tmp_size},
+            *(env or []),
         ],
-        "resources": {"requests": {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}, "limits": limits},
+        "resources": resources,
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -274,7 +264,10 @@ def build_job(
         },
     }
 
-    pod_spec: dict[str, Any] = {
+
+def pod_spec(container: dict[str, Any], volumes: list[dict[str, Any]], placement: Placement) -> dict[str, Any]:
+    """The pod: no API token, no service links, non-root; placed where ``placement`` says."""
+    spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -289,35 +282,115 @@ def build_job(
         "volumes": volumes,
     }
     if placement.node_selector:
-        pod_spec["nodeSelector"] = placement.node_selector
+        spec["nodeSelector"] = placement.node_selector
     if placement.tolerations:
-        pod_spec["tolerations"] = placement.tolerations
+        spec["tolerations"] = placement.tolerations
     if placement.affinity:
-        pod_spec["affinity"] = placement.affinity
+        spec["affinity"] = placement.affinity
     if placement.priority_class:
-        pod_spec["priorityClassName"] = placement.priority_class
+        spec["priorityClassName"] = placement.priority_class
+    return spec
 
+
+def failure_policy(action: str, codes: tuple[int, ...]) -> dict[str, Any]:
+    """``action`` (FailJob, or FailIndex for an Indexed Job) at once on ``codes``; disruptions ignored.
+
+    Retrying a non-retryable exit gives the same answer and burns GPU hours;
+    a preempted or drained node is not the job's fault and must not eat into
+    the backoff limit.
+    """
+    return {
+        "rules": [
+            {
+                "action": action,
+                "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": list(codes)},
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def bank_arguments(bank: BankUse) -> list[str]:
+    """``unlearn run``'s flags that hand it the bank (the job verifies the digest itself)."""
+    return [
+        "--calibration-bank",
+        bank.uri,
+        "--calibration-sha256",
+        bank.sha256,
+        "--calibration-name",
+        bank.name,
+    ]
+
+
+def build_job(
+    ref: RequestRef,
+    spec: UnlearningRequestSpec,
+    settings: OperatorSettings,
+    current: Version,
+    image: str,
+    *,
+    generation: int = 1,
+    bank: BankUse | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job for one request at ``generation``, running ``image`` (admitted: admission.py).
+
+    ``bank``: the reference bank chosen for it (banks.py), passed with
+    ``--calibration-*`` and its claim mounted read-only (read-write only when
+    it is the output claim too: one mount per claim).
+    """
+    effective = effective_spec(spec, current)
+    placement = resolve_placement(spec.job, settings)
+    output_version = current.version + 1
+    name = job_name(ref.name, ref.uid)
+    labels = request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name)
+    job_labels = dict(labels)
+    if placement.queue_name:
+        job_labels[LABEL_KUEUE_QUEUE] = placement.queue_name
+
+    read_only, read_write = claims(effective, bank)
+    volumes, mounts = spec_and_claim_volumes(spec_configmap_name(ref.name, ref.uid), read_only, read_write, settings)
+    command = [
+        "unlearn",
+        "run",
+        SPEC_PATH,
+        "--volume-root",
+        settings.job_volume_root,
+        # Defence in depth beside the operator's own check: in a pod a plain path is the container's disk.
+        "--require-claims",
+        "--model-version",
+        str(output_version),
+        # The same across the Job's retries: a pod killed after publishing its version and before
+        # reporting it leaves a retry that recognises that version as its own (job: preflight).
+        "--run-id",
+        ref.uid,
+    ]
+    if processes(placement.gpus) > 1:
+        command += ["--nproc-per-node", str(processes(placement.gpus))]
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.job_shm_size}})
+        mounts.append({"name": "dshm", "mountPath": SHM_MOUNT_PATH})
+    if bank is not None:
+        command += bank_arguments(bank)
+    container = restricted_container(
+        image=image, command=command, resources=resources(placement, settings), mounts=mounts, settings=settings
+    )
     job_spec: dict[str, Any] = {
         "backoffLimit": settings.job_backoff_limit,
         "activeDeadlineSeconds": placement.deadline_seconds,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER_NAME,
-                        "operator": "In",
-                        "values": list(NON_RETRYABLE_EXIT_CODES),
-                    },
-                },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]
-        },
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "podFailurePolicy": failure_policy("FailJob", NON_RETRYABLE_EXIT_CODES),
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec(container, volumes, placement)},
     }
     if placement.queue_name:
         # Kueue admits the Job by unsuspending it once quota is free.
         job_spec["suspend"] = True
+    annotations = {
+        ANNOTATION_REQUEST_UID: ref.uid,
+        ANNOTATION_SPEC_GENERATION: str(generation),
+        ANNOTATION_MODEL_VERSION: str(output_version),
+        ANNOTATION_INPUT_MODEL: current.uri,
+        ANNOTATION_OUTPUT_LOCATION: spec.output.location.uri,
+    }
+    if bank is not None:
+        annotations[ANNOTATION_BANK] = bank.annotation()
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -325,17 +398,16 @@ def build_job(
             "name": name,
             "namespace": ref.namespace,
             "labels": job_labels,
-            "annotations": {
-                ANNOTATION_REQUEST_UID: ref.uid,
-                ANNOTATION_SPEC_GENERATION: str(generation),
-                ANNOTATION_MODEL_VERSION: str(output_version),
-                ANNOTATION_INPUT_MODEL: current.uri,
-                ANNOTATION_OUTPUT_LOCATION: spec.output.location.uri,
-            },
+            "annotations": annotations,
             "ownerReferences": [ref.owner_reference()],
         },
         "spec": job_spec,
     }
+
+
+def model_version_of(job: dict[str, Any], default: int) -> int:
+    """The output model version a Job writes (its annotation), or ``default`` when it carries none."""
+    return int((job["metadata"].get("annotations") or {}).get(ANNOTATION_MODEL_VERSION, default))
 
 
 @dataclass(frozen=True)
@@ -381,14 +453,19 @@ def job_pod_selector(ref: RequestRef) -> dict[str, str]:
     return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: COMPONENT_JOB, LABEL_REQUEST: ref.name}
 
 
-def build_network_policy(ref: RequestRef, spec: UnlearningRequestSpec, settings: OperatorSettings) -> dict[str, Any]:
-    """The request's NetworkPolicy: its Job pod may receive nothing and send nothing but settings.job_egress.
-
-    Owned by the request (deleted with it) and created before the Job, so the
-    pod never runs unisolated on a CNI that enforces policies.
-    """
+def isolation_policy(
+    *,
+    name: str,
+    namespace: str,
+    selector: dict[str, str],
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    owner: dict[str, Any],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """A NetworkPolicy that lets the selected pods receive nothing and send nothing but settings.job_egress."""
     policy_spec: dict[str, Any] = {
-        "podSelector": {"matchLabels": job_pod_selector(ref)},
+        "podSelector": {"matchLabels": selector},
         # Both types with no ingress rule and (by default) no egress rule: deny all.
         "policyTypes": ["Ingress", "Egress"],
     }
@@ -398,13 +475,30 @@ def build_network_policy(ref: RequestRef, spec: UnlearningRequestSpec, settings:
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {
-            "name": network_policy_name(ref.name, ref.uid),
-            "namespace": ref.namespace,
-            "labels": request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name),
-            # The marks adoption checks (adoption.network_policy_problem): a policy under this name that
-            # the operator did not make for this request object is a conflict, never adopted.
-            "annotations": {ANNOTATION_REQUEST_UID: ref.uid},
-            "ownerReferences": [ref.owner_reference()],
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner],
         },
         "spec": policy_spec,
     }
+
+
+def build_network_policy(ref: RequestRef, spec: UnlearningRequestSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """The request's NetworkPolicy: its Job pod may receive nothing and send nothing but settings.job_egress.
+
+    Owned by the request (deleted with it) and created before the Job, so the
+    pod never runs unisolated on a CNI that enforces policies.
+    """
+    return isolation_policy(
+        name=network_policy_name(ref.name, ref.uid),
+        namespace=ref.namespace,
+        selector=job_pod_selector(ref),
+        labels=request_labels(request=ref.name, component=COMPONENT_JOB, model=spec.model.name),
+        # The marks adoption checks (adoption.network_policy_problem): a policy under this name that
+        # the operator did not make for this request object is a conflict, never adopted.
+        annotations={ANNOTATION_REQUEST_UID: ref.uid},
+        owner=ref.owner_reference(),
+        settings=settings,
+    )

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode
 
 from kubernetes import client
 
-from unlearning_contracts.api import API_GROUP_VERSION, REQUEST
+from unlearning_contracts.api import API_GROUP_VERSION
 
 from .status import timestamp
 
@@ -162,9 +162,10 @@ class Kube:
         path = f"{_collection(obj)}/{quote(obj['metadata']['name'])}"
         return self._request("PUT", path, body=obj)
 
-    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
-        """Merge-patch status; the request as it is now, or None when it is gone (deleted meanwhile)."""
-        path = f"/apis/{API_GROUP_VERSION}/namespaces/{namespace}/{REQUEST.plural}/{quote(name)}/status"
+    def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status of one of our objects (``plural``: unlearningrequests or
+        unlearningcalibrations); the object as it is now, or None when it is gone (deleted meanwhile)."""
+        path = f"/apis/{API_GROUP_VERSION}/namespaces/{namespace}/{plural}/{quote(name)}/status"
         try:
             return self._request("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
         except ApiError as error:
@@ -194,7 +195,7 @@ class Kube:
         return self._request("PUT", path, body=body)
 
     def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str, now: datetime) -> None:
-        """A core/v1 Event on the request (what `kubectl describe` shows)."""
+        """A core/v1 Event on one of our objects (what `kubectl describe` shows)."""
         stamp = timestamp(now)
         body = {
             "apiVersion": "v1",

@@ -15,6 +15,9 @@ MANAGED_BY = "unlearning-operator"
 COMPONENT_JOB = "unlearning-job"
 COMPONENT_AUDIT = "audit-record"
 COMPONENT_LINEAGE = "lineage"
+COMPONENT_CALIBRATION_FOLDS = "calibration-folds"
+COMPONENT_CALIBRATION_MERGE = "calibration-merge"
+COMPONENT_CALIBRATION_RECORD = "calibration-record"
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -23,6 +26,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_REQUEST = "unlearn.dev/request"
 LABEL_MODEL = "unlearn.dev/model"
+LABEL_CALIBRATION = "unlearn.dev/calibration"
 LABEL_AUDIT = "unlearn.dev/audit"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
@@ -36,6 +40,10 @@ ANNOTATION_INPUT_MODEL = "unlearn.dev/input-model"
 """On a Job: the uri of the model version it starts from."""
 ANNOTATION_OUTPUT_LOCATION = "unlearn.dev/output-location"
 """On a Job: the uri of the folder its new version must be written under."""
+ANNOTATION_CALIBRATION_UID = "unlearn.dev/calibration-uid"
+"""On a calibration's Jobs and record: the uid of the UnlearningCalibration it belongs to."""
+ANNOTATION_BANK = "unlearn.dev/calibration-bank"
+"""On a request's Job: JSON {name, uri, sha256} of the bank it was given (a restarted operator reads it back)."""
 
 
 def common_labels(*, instance: str, component: str, model: str, request: str | None = None) -> dict[str, str]:
@@ -49,6 +57,13 @@ def common_labels(*, instance: str, component: str, model: str, request: str | N
     }
     if request is not None:
         labels[LABEL_REQUEST] = request
+    return labels
+
+
+def calibration_labels(*, calibration: str, component: str, model: str) -> dict[str, str]:
+    """Labels of an object that belongs to one calibration (its Jobs, manifest and record)."""
+    labels = common_labels(instance=calibration, component=component, model=model)
+    labels[LABEL_CALIBRATION] = calibration
     return labels
 
 

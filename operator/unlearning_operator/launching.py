@@ -38,8 +38,10 @@ from unlearning_contracts.spec import UnlearningRequestSpec
 
 from . import adoption, lineage
 from . import status as states
+from .banks import USE, BankChoice, BankUse
 from .jobs import build_job, build_network_policy, build_spec_configmap
 from .k8s import ApiError
+from .labels import ANNOTATION_BANK
 from .names import job_name
 from .runtime import Runtime
 from .views import RequestView, parse_time
@@ -87,18 +89,39 @@ async def current_lineage(
         raise LaunchFailedError(states.REASON_LINEAGE_BROKEN, str(error)) from None
 
 
-async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str) -> None:
-    """Steps 1-4 for a request the scheduler chose (phase Pending or Queued)."""
+async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str, choice: BankChoice) -> None:
+    """Steps 1-4 for a request the scheduler chose (phase Pending or Queued).
+
+    ``choice`` is the bank the Job is given (``USE``), or why it runs without
+    one; both are recorded in status with the Job (``calibration``, condition
+    CalibrationReady) before anything is created, so a resumed launch gives
+    the Job the same bank.
+    """
     pool = rt.launch_pool
     current = (await current_lineage(rt, view, spec, pool)).current
+    now = rt.clock()
     intent = states.launching(
         rt.current_status(view),
         job_name=job_name(view.name, view.uid),
         model_version=current.version + 1,
         input_model={"uri": current.uri, "sha256": current.sha256},
         generation=view.generation,
-        now=rt.clock(),
+        now=now,
     )
+    if choice.action == USE and choice.bank is not None:
+        message = f"uses the bank of {choice.bank.name} (sha256 {choice.bank.sha256[:12]})"
+        intent = states.with_calibration(
+            intent,
+            bank=choice.bank.dump(),
+            found=True,
+            reason=states.REASON_CALIBRATION_FOUND,
+            message=message,
+            now=now,
+        )
+    else:
+        intent = states.with_calibration(
+            intent, bank=None, found=False, reason=choice.reason, message=choice.message, now=now
+        )
     # The record and the spec ConfigMap together: one round trip less in a burst. The ConfigMap is inert
     # (no Job reads it yet) and owned by the request, so one made for a launch that fails is harmless.
     config_map = build_spec_configmap(view.ref, spec, current)
@@ -119,7 +142,7 @@ async def launch(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, im
     if isinstance(made, BaseException):
         raise made
     _check_spec_configmap(view, config_map, *made)
-    await _create_job(rt, view, spec, image, current, first_try=True)
+    await _create_job(rt, view, spec, image, current, first_try=True, bank=recorded_bank(rt.current_status(view)))
 
 
 async def resume(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, image: str) -> None:
@@ -141,7 +164,15 @@ async def resume(rt: Runtime, view: RequestView, spec: UnlearningRequestSpec, im
     )
     config_map = build_spec_configmap(view.ref, spec, current)
     _check_spec_configmap(view, config_map, *await _create_checked(rt, config_map))
-    await _create_job(rt, view, spec, image, current, first_try=False)
+    await _create_job(rt, view, spec, image, current, first_try=False, bank=recorded_bank(status))
+
+
+def recorded_bank(status: dict[str, Any]) -> BankUse | None:
+    """The bank status recorded for the Job at launch (None: it runs without one)."""
+    found = status.get("calibration") or {}
+    if not (found.get("name") and found.get("uri") and found.get("sha256")):
+        return None
+    return BankUse(name=str(found["name"]), uri=str(found["uri"]), sha256=str(found["sha256"]))
 
 
 async def _create_checked(rt: Runtime, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -170,8 +201,9 @@ async def _create_job(
     current: lineage.Version,
     *,
     first_try: bool,
+    bank: BankUse | None,
 ) -> None:
-    """The Job, once its spec ConfigMap exists; then status says it is created."""
+    """The Job, once its spec ConfigMap exists, given ``bank``; then status says it is created."""
     pool = rt.launch_pool
     ref = view.ref
     if rt.settings.job_network_policy:
@@ -180,7 +212,7 @@ async def _create_job(
         found, made = await _create_checked(rt, policy)
         if not made and (problem := adoption.network_policy_problem(found, policy, ref)) is not None:
             raise LaunchFailedError(states.REASON_NAME_CONFLICT, f"{problem}: {ADOPT_ONLY_OURS}")
-    manifest = build_job(ref, spec, rt.settings, current, image, generation=view.generation)
+    manifest = build_job(ref, spec, rt.settings, current, image, generation=view.generation, bank=bank)
     job, created = await _create_checked(rt, manifest)
     status = rt.current_status(view)
     if not created:
@@ -202,6 +234,14 @@ async def _create_job(
         generation=view.generation,
         now=now,
     )
+    # What the Job was given decides: an adopted Job (a resumed launch) keeps the bank it was created with.
+    given = BankUse.from_annotation((job["metadata"].get("annotations") or {}).get(ANNOTATION_BANK))
+    if given != bank:
+        what = f"the bank of {given.name}" if given is not None else "no bank"
+        raise LaunchFailedError(
+            states.REASON_NAME_CONFLICT,
+            f"Job {new['jobName']} was given {what}, not the one recorded: {ADOPT_ONLY_OURS}",
+        )
     if not await rt.write_status(view, new, pool):
         return
     log.info(
@@ -218,4 +258,6 @@ async def _create_job(
             rt.metrics.queue_wait.observe(max(0.0, (now - created_at).total_seconds()))
         # Posted in the background: an Event must not delay the next state change.
         message = f"created Job {new['jobName']} from model version {current.version}"
+        if given is not None:
+            message += f" with the bank of {given.name}"
         rt.spawn(rt.event(view, "Normal", "JobCreated", message), "event")

@@ -30,16 +30,23 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
+from unlearning_contracts.api import API_GROUP, API_VERSION, CALIBRATION, REQUEST
 
 from .controller import Controller
 from .health import Health
 from .k8s import Kube
-from .labels import LABEL_MANAGED_BY, MANAGED_BY
+from .labels import LABEL_CALIBRATION, LABEL_MANAGED_BY, LABEL_REQUEST, MANAGED_BY
 from .leader import Elector, Timing
 from .metrics import Metrics, build_registry, serve
 from .settings import OperatorSettings, SettingsError, load_settings
-from .views import job_view, request_view
+from .views import calibration_view, job_view, request_view
+
+# A request's Job carries unlearn.dev/request, a calibration's unlearn.dev/calibration (labels.py).
+REQUEST_JOBS: dict[str, Any] = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_REQUEST: kopf.PRESENT}
+CALIBRATION_JOBS: dict[str, Any] = {
+    LABEL_MANAGED_BY: MANAGED_BY,
+    LABEL_CALIBRATION: kopf.PRESENT,
+}
 
 log = logging.getLogger("unlearning_operator")
 # Exit status of a leader that lost its Lease: the kubelet restarts it as a standby.
@@ -87,16 +94,35 @@ async def request_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {view.key: view}
 
 
-@kopf.index("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+@kopf.index("batch", "v1", "jobs", labels=REQUEST_JOBS)
 async def job_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     view = job_view(body)
     return {(view.namespace, view.request): view}
 
 
+@kopf.index(API_GROUP, API_VERSION, CALIBRATION.plural)
+async def calibration_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    view = calibration_view(body)
+    return {view.key: view}
+
+
+@kopf.index("batch", "v1", "jobs", labels=CALIBRATION_JOBS)
+async def calibration_job_index(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    view = job_view(body)
+    return {(view.namespace, view.request): view}
+
+
+def _bound(memo: kopf.Memo, kwargs: dict[str, Any]) -> Controller:
+    controller: Controller = memo["controller"]
+    controller.bind(
+        kwargs["request_index"], kwargs["job_index"], kwargs["calibration_index"], kwargs["calibration_job_index"]
+    )
+    return controller
+
+
 @kopf.on.event(API_GROUP, API_VERSION, REQUEST.plural)
 async def request_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    controller: Controller = memo["controller"]
-    controller.bind(kwargs["request_index"], kwargs["job_index"])
+    controller = _bound(memo, kwargs)
     try:
         await controller.on_request(event.get("type"), body)
     except Exception:
@@ -104,14 +130,33 @@ async def request_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Me
         raise
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+@kopf.on.event("batch", "v1", "jobs", labels=REQUEST_JOBS)
 async def job_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    controller: Controller = memo["controller"]
-    controller.bind(kwargs["request_index"], kwargs["job_index"])
+    controller = _bound(memo, kwargs)
     try:
         await controller.on_job(event.get("type"), body)
     except Exception:
         controller.metrics.handler_errors.labels(handler="job").inc()
+        raise
+
+
+@kopf.on.event(API_GROUP, API_VERSION, CALIBRATION.plural)
+async def calibration_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    controller = _bound(memo, kwargs)
+    try:
+        await controller.on_calibration(event.get("type"), body)
+    except Exception:
+        controller.metrics.handler_errors.labels(handler="calibration").inc()
+        raise
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CALIBRATION_JOBS)
+async def calibration_job_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    controller = _bound(memo, kwargs)
+    try:
+        await controller.on_calibration_job(event.get("type"), body)
+    except Exception:
+        controller.metrics.handler_errors.labels(handler="calibration-job").inc()
         raise
 
 

@@ -2,8 +2,11 @@
 
 Nothing is registered at import: tests build as many registries as they
 like, and importing the package never opens a port. Labels are bounded sets
-only (phase, verdict, method, reason, gate, handler, result): a request or
-model name as a label would grow a time series per request forever.
+only (phase, verdict, method, reason, gate, handler, result, age,
+calibrated): a request or model name as a label would grow a time series per
+request forever. That is why the bank age "per model" is two numbers that do
+not name models (model names are the tenants' choice): the stalest model's
+bank age, and how many models fall in each of four age bands.
 
 Every bounded label set exists from start-up, at 0 (``create_label_sets``).
 A labelled counter or histogram otherwise appears at its first
@@ -36,6 +39,7 @@ from prometheus_client.process_collector import ProcessCollector
 from unlearning_contracts.record import CompactRecord
 from unlearning_contracts.spec import METHODS, GatesSpec
 
+from . import calibration_status as cal
 from . import status as states
 from .views import parse_time
 
@@ -45,6 +49,13 @@ QUEUE_BUCKETS = (0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0
 AUC_BUCKETS = (0.45, 0.5, 0.52, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 GAP_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.5)
 DROP_BUCKETS = (-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+# A fold retrains the model from scratch: seconds (the digits demo) to many hours.
+FOLD_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 57600.0, 86400.0)
+
+DAY = 86400.0
+BANK_AGES: tuple[tuple[str, float], ...] = (("under_1d", DAY), ("1d_to_7d", 7 * DAY), ("7d_to_30d", 30 * DAY))
+"""The age label's values (each bound is exclusive), then "over_30d": four series whatever the number of models."""
+OLDEST_AGE = "over_30d"
 
 # The bounded label values, each created at 0 by build_registry().
 # "Error": the job ended without a record (OOM, deadline, deleted, malformed).
@@ -72,10 +83,23 @@ GATES = tuple(info.alias or name for name, info in GatesSpec.model_fields.items(
 OTHER_GATE = "other"
 # The operator's handlers and background tasks (main.py's kopf handlers, Runtime.spawn names, the tick,
 # and the tick's retries: resume a launch, finish a request, a Job's TTL, a deleted request's audit record).
-HANDLERS = ("request", "job", "launch", "queue", "event", "pending", "tick", "resume", "finish", "ttl", "audit")
+HANDLERS = (
+    *("request", "job", "launch", "queue", "event", "pending", "tick", "resume", "finish", "ttl", "audit"),
+    *("calibration", "calibration-job", "reject"),
+)
 AUDIT_WRITTEN = "written"
 AUDIT_FAILED = "failed"
 WAITING_PHASES = (states.PENDING, states.QUEUED)
+CALIBRATION_RESULTS = (cal.READY, cal.FAILED)
+# Every reason a failed calibration's Ready condition can carry.
+CALIBRATION_FAILURE_REASONS = (
+    cal.REASON_FOLD_FAILED,
+    cal.REASON_MERGE_FAILED,
+    cal.REASON_JOB_DELETED,
+    cal.REASON_BAD_RECORD,
+    cal.REASON_NAME_CONFLICT,
+    cal.REASON_ERROR,
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,8 @@ class Completion:
     seconds: float | None
     """Job creation to completion; None when no Job ran."""
     gpu_seconds: float
+    calibrated: bool | None = None
+    """From the record's calibration (None when the run left no record)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +140,32 @@ class Metrics:
     audit_unwritten: Gauge
     oldest_waiting: Gauge
     leader: Gauge
+    calibrations: Gauge
+    calibrations_completed: Counter
+    calibration_failures: Counter
+    fold_duration: Histogram
+    calibration_gpu_seconds: Counter
+    oldest_bank_age: Gauge
+    models_by_bank_age: Gauge
+    requests_calibrated: Counter
+
+    def set_calibration_counts(self, counts: dict[str, int]) -> None:
+        """Every calibration phase always present (0 when empty)."""
+        for phase in cal.PHASES:
+            self.calibrations.labels(phase=phase).set(counts.get(phase, 0))
+
+    def set_bank_ages(self, ages: list[float]) -> None:
+        """Ages (seconds) of each model's newest Ready bank: the oldest, and how many models per age band."""
+        self.oldest_bank_age.set(max(ages, default=0.0))
+        for label, count in bank_age_counts(ages).items():
+            self.models_by_bank_age.labels(age=label).set(count)
+
+    def observe_calibration(self, done: CalibrationCompletion) -> None:
+        self.calibrations_completed.labels(result=done.result).inc()
+        if done.failure_reason is not None:
+            self.calibration_failures.labels(reason=done.failure_reason).inc()
+        if done.gpu_seconds:
+            self.calibration_gpu_seconds.inc(done.gpu_seconds)
 
     def set_phase_counts(self, counts: dict[str, int]) -> None:
         """Every phase always present (0 when empty) so dashboards do not show gaps."""
@@ -143,6 +195,14 @@ class Metrics:
             self.audit_writes.labels(result=result)
         self.set_phase_counts({})
         self.set_oldest_waiting({})
+        for result in CALIBRATION_RESULTS:
+            self.calibrations_completed.labels(result=result)
+        for reason in CALIBRATION_FAILURE_REASONS:
+            self.calibration_failures.labels(reason=reason)
+        for calibrated in ("true", "false"):
+            self.requests_calibrated.labels(calibrated=calibrated)
+        self.set_calibration_counts({})
+        self.set_bank_ages([])
 
     def observe(self, done: Completion) -> None:
         """Count one finished request (what to count is decided by ``completion``)."""
@@ -162,6 +222,37 @@ class Metrics:
             self.job_duration.labels(method=method).observe(done.seconds)
         if done.gpu_seconds:
             self.gpu_seconds.labels(method=method).inc(done.gpu_seconds)
+        if done.calibrated is not None:
+            self.requests_calibrated.labels(calibrated="true" if done.calibrated else "false").inc()
+
+
+@dataclass(frozen=True)
+class CalibrationCompletion:
+    """What one finished calibration adds to the metrics."""
+
+    result: str
+    """Ready or Failed."""
+    failure_reason: str | None
+    gpu_seconds: float
+
+
+def bank_age_counts(ages: list[float]) -> dict[str, int]:
+    """How many models' newest bank falls in each age band (every band present). Pure."""
+    counts = {label: 0 for label, _ in BANK_AGES} | {OLDEST_AGE: 0}
+    for age in ages:
+        label = next((label for label, bound in BANK_AGES if age < bound), OLDEST_AGE)
+        counts[label] += 1
+    return counts
+
+
+def calibration_completion(status: dict[str, Any]) -> CalibrationCompletion:
+    """What a calibration that reached ``status`` (Ready or Failed) adds to the metrics. Pure."""
+    phase = str(status.get("phase"))
+    reason = None
+    if phase != cal.READY:
+        reason = (cal.get_ready_condition(status) or {}).get("reason", cal.REASON_ERROR)
+    gpu = float((status.get("cost") or {}).get("gpuSeconds") or 0.0)
+    return CalibrationCompletion(result=phase, failure_reason=reason, gpu_seconds=gpu)
 
 
 def build_registry() -> Metrics:
@@ -253,6 +344,47 @@ def build_registry() -> Metrics:
             "1 in the replica that reconciles (holds the leader-election Lease), 0 in a standby.",
             registry=registry,
         ),
+        calibrations=Gauge("unlearning_calibrations", "UnlearningCalibrations by phase.", ["phase"], registry=registry),
+        calibrations_completed=Counter(
+            "unlearning_calibrations_completed",
+            "Calibrations that ended, by result (Ready or Failed).",
+            ["result"],
+            registry=registry,
+        ),
+        calibration_failures=Counter(
+            "unlearning_calibration_failures",
+            "Calibrations that failed, by reason (a status condition reason).",
+            ["reason"],
+            registry=registry,
+        ),
+        fold_duration=Histogram(
+            "unlearning_calibration_fold_duration_seconds",
+            "Run time of each reference model's training (one index of the folds Job).",
+            buckets=FOLD_BUCKETS,
+            registry=registry,
+        ),
+        calibration_gpu_seconds=Counter(
+            "unlearning_calibration_gpu_seconds",
+            "GPU-seconds used by calibrations' fold pods (GPUs x run time, retries included).",
+            registry=registry,
+        ),
+        oldest_bank_age=Gauge(
+            "unlearning_calibration_oldest_bank_age_seconds",
+            "Age of the stalest bank: over models with a Ready calibration, the oldest newest bank (0: none).",
+            registry=registry,
+        ),
+        models_by_bank_age=Gauge(
+            "unlearning_calibration_models_by_bank_age",
+            "Models by the age of their newest Ready bank (under_1d, 1d_to_7d, 7d_to_30d, over_30d).",
+            ["age"],
+            registry=registry,
+        ),
+        requests_calibrated=Counter(
+            "unlearning_requests_calibrated",
+            "Finished requests whose record says whether they ran with a reference bank.",
+            ["calibrated"],
+            registry=registry,
+        ),
     )
     metrics.create_label_sets()
     return metrics
@@ -296,6 +428,7 @@ def completion(
         failed_gates=tuple(gate_labels(record)) if record is not None else (),
         seconds=seconds,
         gpu_seconds=gpus * seconds if seconds is not None else 0.0,
+        calibrated=record.calibration.calibrated if record is not None else None,
     )
 
 

@@ -7,16 +7,17 @@ Nothing on Secrets. Checked against kopf 1.45 with ``standalone=True``
   resources it serves (cluster-wide mode; with explicit namespaces the
   operator disables scanning, see main.py, so this rule is then unused).
 * kopf lists and watches every resource with a handler or index:
-  unlearningrequests and jobs. Pods are never watched: the operator lists
+  unlearningrequests, unlearningcalibrations and jobs. Pods are never watched: the operator lists
   one Job's pods (by the job-name label) when that Job ends or waits.
 * kopf posts core/v1 ``events`` (create) for kopf.event() and handler errors.
 * The operator creates Jobs, ConfigMaps (spec, audit, lineage) and each
   Job's NetworkPolicy, reads them back on 409 to adopt, updates lineage
-  ConfigMaps, lists a Job's pods and patches requests' status. It patches a
-  Job once, to set its ``ttlSecondsAfterFinished`` after its result is
-  recorded. It never deletes anything: garbage collection removes a
-  request's Job, spec ConfigMap and NetworkPolicy through owner references,
-  the TTL controller a finished Job.
+  ConfigMaps, lists a Job's pods and patches requests' and calibrations'
+  status. It patches a request's Job once, to set its
+  ``ttlSecondsAfterFinished`` after its result is recorded. It never deletes
+  anything: garbage collection removes a request's (or a calibration's) Jobs,
+  spec ConfigMap and NetworkPolicy through owner references, the TTL
+  controller a finished Job.
 
 The integration tests run the operator as a user bound to exactly these
 rules, so a missing verb fails them.
@@ -30,17 +31,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from unlearning_contracts.api import API_GROUP, REQUEST
+from unlearning_contracts.api import API_GROUP, CALIBRATION, REQUEST
 
 RULES: list[dict[str, Any]] = [
     # kopf: resource discovery watch (cluster-wide mode only; list + watch, no get).
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
-    # kopf: the request watch and index.
-    {"apiGroups": [API_GROUP], "resources": [REQUEST.plural], "verbs": ["list", "watch"]},
+    # kopf: the request and calibration watches and indexes.
+    {"apiGroups": [API_GROUP], "resources": [REQUEST.plural, CALIBRATION.plural], "verbs": ["list", "watch"]},
     # Status patches (merge patch on the status subresource).
-    {"apiGroups": [API_GROUP], "resources": [f"{REQUEST.plural}/status"], "verbs": ["patch"]},
+    {
+        "apiGroups": [API_GROUP],
+        "resources": [f"{REQUEST.plural}/status", f"{CALIBRATION.plural}/status"],
+        "verbs": ["patch"],
+    },
     # kopf: the Job watch and index; the operator creates Jobs, reads one back on 409 or to check it exists,
-    # and patches one's ttlSecondsAfterFinished once its result is recorded.
+    # and patches a request Job's ttlSecondsAfterFinished once its result is recorded.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # A Job's pods: termination messages and pending reasons (listed by job-name label, never watched).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},

@@ -8,11 +8,14 @@ there is no usable record is failures.py.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from unlearning_contracts.calibration import CalibrationRecord, FoldRecord
 from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, CompactRecord
+
+M = TypeVar("M", bound=BaseModel)
 
 JOB_RUNNING = "Running"
 JOB_SUCCEEDED = "Succeeded"
@@ -71,6 +74,29 @@ def latest_terminated_pod(pods: list[dict[str, Any]], container: str = "unlearn"
 
 def parse_record(message: str | None) -> CompactRecord:
     """Parse a termination message; raise MalformedResultError saying what is wrong with it."""
+    return _parse(message, CompactRecord)
+
+
+def parse_calibration_record(message: str | None) -> CalibrationRecord:
+    """The merge Job's termination message: the bank's compact record."""
+    return _parse(message, CalibrationRecord)
+
+
+def parse_fold_record(message: str | None) -> FoldRecord:
+    """A fold pod's termination message: its compact FoldRecord."""
+    return _parse(message, FoldRecord)
+
+
+def completion_index(pod: dict[str, Any]) -> int | None:
+    """The index an Indexed Job's pod runs (the Job controller's annotation), or None."""
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _parse(message: str | None, model: type[M]) -> M:
     if not message:
         raise MalformedResultError("the pod ended without a termination message (no result record)")
     size = len(message.encode())
@@ -82,7 +108,7 @@ def parse_record(message: str | None) -> CompactRecord:
         head = message.strip().splitlines()[-1][:200] if message.strip() else ""
         raise MalformedResultError(f"the termination message is not a result record: {head!r}") from None
     try:
-        return CompactRecord.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -25,13 +25,35 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from unlearning_contracts.api import REQUEST
 
 from . import status as states
-from .k8s import ApiError, Kube
+from .k8s import ApiError, Kube, ObjectRef
 from .metrics import AUDIT_FAILED, AUDIT_WRITTEN, Metrics
 from .settings import OperatorSettings
-from .views import Key, RequestView
+from .views import Key
+
+
+class Viewed(Protocol):
+    """What the runtime needs of an object's view (a RequestView or a CalibrationView)."""
+
+    @property
+    def key(self) -> Key: ...
+    @property
+    def uid(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def status(self) -> dict[str, Any]: ...
+    @property
+    def object_ref(self) -> ObjectRef: ...
+
 
 log = logging.getLogger("unlearning_operator")
 
@@ -66,6 +88,8 @@ class Runtime:
     """(request, what) retries the periodic check has in flight, so a slow one is not started twice."""
     unwritten_audits: set[Key] = field(default_factory=set)
     """Finished requests whose audit ConfigMap the last attempt could not write."""
+    plural: str = REQUEST.plural
+    """The kind whose status this runtime writes (one runtime per kind: the caches are keyed by name)."""
 
     async def call(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -87,31 +111,29 @@ class Runtime:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def current_status(self, view: RequestView) -> dict[str, Any]:
+    def current_status(self, view: Viewed) -> dict[str, Any]:
         cached = self.statuses.get(view.key)
         if cached is not None and cached[0] == view.uid:
             return cached[1]
         return view.status
 
-    async def write_status(self, view: RequestView, new: dict[str, Any], pool: ThreadPoolExecutor) -> bool:
-        """Patch only what changed; remember what we wrote (we are the only writer). False: the request is gone."""
+    async def write_status(self, view: Viewed, new: dict[str, Any], pool: ThreadPoolExecutor) -> bool:
+        """Patch only what changed; remember what we wrote (we are the only writer). False: the object is gone."""
         return await self.write_status_reading(view, new, pool) is not None
 
-    async def write_status_reading(
-        self, view: RequestView, new: dict[str, Any], pool: ThreadPoolExecutor
-    ) -> int | None:
-        """``write_status``, returning the request's metadata.generation as the API server answered it
-        (the view's when there was nothing to write), or None when the request is gone."""
+    async def write_status_reading(self, view: Viewed, new: dict[str, Any], pool: ThreadPoolExecutor) -> int | None:
+        """``write_status``, returning the object's metadata.generation as the API server answered it
+        (the view's when there was nothing to write), or None when the object is gone."""
         patch = states.status_patch(self.current_status(view), new)
         if patch is None:
             return view.generation
-        answer = await self.call(pool, self.kube.patch_request_status, view.namespace, view.name, patch)
+        answer = await self.call(pool, self.kube.patch_status, self.plural, view.namespace, view.name, patch)
         if answer is None:
             return None
         self.statuses[view.key] = (view.uid, new)
         return int((answer.get("metadata") or {}).get("generation") or view.generation)
 
-    async def event(self, view: RequestView, type_: str, reason: str, message: str) -> None:
+    async def event(self, view: Viewed, type_: str, reason: str, message: str) -> None:
         try:
             await self.call(self.api_pool, self.kube.post_event, view.object_ref, type_, reason, message, self.clock())
         except ApiError as error:
@@ -153,9 +175,24 @@ class Runtime:
 
         self.spawn(once(), what)
 
-    async def stop(self) -> None:
+    def sibling(self, plural: str) -> Runtime:
+        """A runtime for another kind: the same pools, client and metrics, its own caches and locks."""
+        return Runtime(
+            settings=self.settings,
+            kube=self.kube,
+            metrics=self.metrics,
+            clock=self.clock,
+            api_pool=self.api_pool,
+            launch_pool=self.launch_pool,
+            plural=plural,
+        )
+
+    async def cancel_tasks(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.cancel_tasks()
         self.api_pool.shutdown(wait=False, cancel_futures=True)
         self.launch_pool.shutdown(wait=False, cancel_futures=True)

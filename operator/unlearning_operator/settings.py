@@ -303,6 +303,11 @@ class OperatorSettings:
         ),
     )
     """Cap on one namespace's unfinished Jobs (0: only the global cap), so one tenant cannot hold every slot."""
+    calibration_parallelism: int = field(
+        default=2, metadata=env("UNLEARNING_CALIBRATION_PARALLELISM", _integer(1, 32), "job.calibrationParallelism")
+    )
+    """Folds of one calibration trained at once, each holding one slot of the cap: half the default
+    cap, so that a calibration never holds every slot and requests keep running beside it."""
     pending_alert_seconds: int = field(
         default=120, metadata=env("UNLEARNING_PENDING_ALERT_SECONDS", _integer(1, 7 * 24 * 3600))
     )

@@ -65,7 +65,9 @@ COMPLETE = "Complete"
 """The run ended (True with Succeeded or Failed; the reason says how)."""
 GATES_PASSED = "GatesPassed"
 """The audit's acceptance gates held (set only when a result record was read)."""
-CONDITION_TYPES = (ACCEPTED, JOB_CREATED, POD_PENDING, COMPLETE, GATES_PASSED)
+CALIBRATION_READY = "CalibrationReady"
+"""A reference bank was found for the run (False: waiting for one, or why it runs without one)."""
+CONDITION_TYPES = (ACCEPTED, JOB_CREATED, POD_PENDING, COMPLETE, GATES_PASSED, CALIBRATION_READY)
 
 # Condition reasons (CamelCase, as metav1.Condition requires).
 REASON_VALID = "SpecValid"
@@ -101,6 +103,11 @@ REASON_LAUNCH_REFUSED = "LaunchRefused"
 """The API server refused the Job or its spec ConfigMap for good (invalid, forbidden, over quota)."""
 REASON_REQUEST_DELETED = "RequestDeleted"
 """Only in an audit record: the request was deleted while its Job ran."""
+REASON_CALIBRATION_FOUND = "CalibrationFound"
+REASON_NO_CALIBRATION = "NoCalibration"
+REASON_CALIBRATION_DISABLED = "CalibrationDisabled"
+REASON_WAITING_FOR_CALIBRATION = "WaitingForCalibration"
+REASON_CALIBRATION_MISSING = "CalibrationMissing"
 
 _DATE_TIME: JsonDict = {"format": "date-time"}
 _INT64: JsonDict = {"format": "int64"}
@@ -131,6 +138,18 @@ class ModelRef(_Shape):
     uri: str | None = Field(default=None, description="pvc://<claim>/<path> of the model file.")
     sha256: str | None = Field(default=None, description="sha256 of the model file.")
     format: str | None = Field(default=None, description="exported, state-dict or torchscript.")
+
+
+class CalibrationState(_Shape):
+    """The reference bank of the run: chosen at launch, confirmed by the job's record."""
+
+    name: str | None = Field(default=None, description="namespace/name of the UnlearningCalibration.")
+    uri: str | None = Field(default=None, description="pvc://<claim>/<path>/bank.npz.")
+    sha256: str | None = Field(default=None, description="sha256 of the bank file.")
+    calibrated: bool | None = Field(
+        default=None, description="Whether the run used the bank (from the job's record; unset until it ends)."
+    )
+    note: str | None = Field(default=None, description="Why it ran uncalibrated, or what to know of the bank.")
 
 
 def _display_schema() -> dict[str, Any]:
@@ -185,6 +204,9 @@ class RequestStatus(_Shape):
     verdict: Literal["Passed", "Failed"] | None = Field(default=None, description="The acceptance gates' verdict.")
     reasons: list[str] | None = Field(default=None, description="Why gates failed (empty when Passed).")
     audit_config_map: str | None = Field(default=None, description="Name of the immutable audit ConfigMap.")
+    calibration: CalibrationState | None = Field(
+        default=None, description="The reference bank given to the job, and whether the run used it."
+    )
 
 
 def timestamp(now: datetime) -> str:
@@ -358,6 +380,31 @@ def running(
     return new
 
 
+def waiting_for_calibration(
+    status: dict[str, Any] | None, reason: str, message: str, generation: int, now: datetime
+) -> dict[str, Any]:
+    """Accepted, but spec.calibration.policy Required and no Ready bank yet: stays Pending."""
+    new = _base(status, generation)
+    new["phase"] = PENDING
+    new["message"] = message
+    _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
+    _with(new, CALIBRATION_READY, False, reason, message, now=now)
+    return new
+
+
+def with_calibration(
+    status: dict[str, Any], *, bank: dict[str, str] | None, found: bool, reason: str, message: str, now: datetime
+) -> dict[str, Any]:
+    """The bank chosen at launch (or why there is none) in status and the CalibrationReady condition."""
+    new = _base(status, int(status.get("observedGeneration", 1)))
+    if bank is not None:
+        new["calibration"] = dict(bank)
+    else:
+        new.pop("calibration", None)
+    _with(new, CALIBRATION_READY, found, reason, message, now=now)
+    return new
+
+
 def pod_pending(status: dict[str, Any], reason: str, message: str, now: datetime) -> dict[str, Any]:
     """The pod has waited too long; say why (the question batch users ask most)."""
     new = _base(status, int(status.get("observedGeneration", 1)))
@@ -398,6 +445,7 @@ def finished(status: dict[str, Any], record: CompactRecord, now: datetime) -> di
     if record.output_model is not None:
         new["outputModel"] = record.output_model.dump()
     new["worldSize"] = record.world_size
+    new["calibration"] = record.calibration.dump()
     new["completionTime"] = timestamp(now)
     if passed:
         reason, message = REASON_PASSED, "the model forgot and passed every acceptance gate"

@@ -47,6 +47,16 @@ REQUIRED_ROWS = {
         "unlearning_gate_failures_total",
     },
     "GPU-hours": {"unlearning_gpu_seconds_total"},
+    "Calibrations": {
+        "unlearning_calibrations",
+        "unlearning_calibrations_completed_total",
+        "unlearning_calibration_failures_total",
+        "unlearning_calibration_fold_duration_seconds_bucket",
+        "unlearning_calibration_oldest_bank_age_seconds",
+        "unlearning_calibration_models_by_bank_age",
+        "unlearning_requests_calibrated_total",
+        "unlearning_calibration_gpu_seconds_total",
+    },
 }
 
 pytestmark = pytest.mark.unit

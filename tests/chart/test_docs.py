@@ -9,6 +9,8 @@ import pytest
 from pydantic import BaseModel
 
 from unlearning_contracts.record import Attempt, AuditMetrics, CompactRecord, ResultRecord
+from unlearning_operator import calibration_status as cal
+from unlearning_operator.calibration_status import CalibrationStatus
 from unlearning_operator.settings import ENV_VARS
 from unlearning_operator.status import RequestStatus
 
@@ -35,6 +37,16 @@ def test_operator_doc_explains_every_status_field() -> None:
     section = text[text.index("## Status reference") : text.index("### Conditions")]
     missing = sorted(a for a in aliases(RequestStatus) if f"`{a}`" not in section)
     assert not missing, f"docs/operator.md's status reference does not explain {missing}"
+
+
+def test_operator_doc_explains_the_calibration_status_and_its_reasons() -> None:
+    text = (DOCS / "operator.md").read_text()
+    section = text[text.index("## Calibrations (UnlearningCalibration)") : text.index("## Metrics")]
+    status = section[section.index("### Status reference") : section.index("### Calibration conditions")]
+    missing = sorted(a for a in aliases(CalibrationStatus) if f"`{a}`" not in status)
+    assert not missing, f"docs/operator.md's calibration status reference does not explain {missing}"
+    words = sorted(w for w in (*cal.PHASES, *cal.CONDITION_TYPES, *cal.REASONS) if f"`{w}`" not in section)
+    assert not words, f"docs/operator.md's calibration section does not name {words}"
 
 
 def test_operator_doc_lists_exactly_the_settings() -> None:

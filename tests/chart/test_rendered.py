@@ -326,7 +326,10 @@ def test_helm_test_hook_checks_health_and_crd(render: Render) -> None:
 
 def test_crds_are_packaged_and_equal_the_generated_copy(offline_helm: Helm) -> None:
     chart_crds = sorted((CHART / "crds").glob("*.yaml"))
-    assert [p.name for p in chart_crds] == ["unlearningrequests.unlearn.dev.yaml"]
+    assert [p.name for p in chart_crds] == [
+        "unlearningcalibrations.unlearn.dev.yaml",
+        "unlearningrequests.unlearn.dev.yaml",
+    ]
     for path in chart_crds:
         assert path.read_bytes() == (CHART.parents[1] / "crds" / path.name).read_bytes(), (
             f"{path} differs from crds/{path.name}: run `make crds`"
@@ -334,7 +337,10 @@ def test_crds_are_packaged_and_equal_the_generated_copy(offline_helm: Helm) -> N
     done = offline_helm(*template_args(), "--include-crds")
     assert done.returncode == 0, done.stderr
     crds = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "CustomResourceDefinition"]
-    assert [c["metadata"]["name"] for c in crds] == ["unlearningrequests.unlearn.dev"]
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "unlearningcalibrations.unlearn.dev",
+        "unlearningrequests.unlearn.dev",
+    ]
 
 
 def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:

@@ -25,12 +25,14 @@ from kubernetes import client
 from tests.chart.conftest import CHART, RELEASE, ROOT, VALUES, VALUES_FILES, template_args
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
-from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
+from unlearning_contracts.api import API_GROUP, API_VERSION, CALIBRATION, REQUEST
+from unlearning_contracts.calibration import parse_calibration_spec
 from unlearning_contracts.spec import load_manifest
 
 pytestmark = pytest.mark.cluster
 
 EXAMPLES = sorted((ROOT / "examples" / "requests").glob("*.yaml"))
+CALIBRATION_EXAMPLES = sorted((ROOT / "examples" / "calibrations").glob("*.yaml"))
 CRD_NAME = REQUEST.crd_name
 PLURAL = REQUEST.plural
 # Namespaces the values files name (watchNamespaces, the dashboard's namespace).
@@ -42,7 +44,8 @@ MONITORING_CRDS = ("servicemonitors", "podmonitors")
 def crd(control_plane: ControlPlane) -> str:
     """The chart's CRD, applied the way docs/upgrade.md tells users to."""
     control_plane.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
-    control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    for name in (CRD_NAME, CALIBRATION.crd_name):
+        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return CRD_NAME
 
 
@@ -109,6 +112,82 @@ def test_example_is_valid_for_the_crd_and_the_spec(
     applied = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(example), check=False)
     assert applied.returncode == 0, applied.stderr
     assert "created (server dry run)" in applied.stdout
+
+
+@pytest.mark.parametrize("example", CALIBRATION_EXAMPLES, ids=[p.stem for p in CALIBRATION_EXAMPLES])
+def test_calibration_example_is_valid_for_the_crd_and_the_spec(
+    control_plane: ControlPlane, crd: str, namespace: str, example: Path
+) -> None:
+    raw = yaml.safe_load(example.read_text())
+    assert raw["kind"] == CALIBRATION.kind
+    assert parse_calibration_spec(raw["spec"]).model.name
+    applied = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(example), check=False)
+    assert applied.returncode == 0, applied.stderr
+    assert "created (server dry run)" in applied.stdout
+
+
+def _calibration(name: str = "cal", **spec: Any) -> dict[str, Any]:
+    raw = yaml.safe_load(CALIBRATION_EXAMPLES[0].read_text())
+    raw["metadata"]["name"] = name
+    raw["spec"]["recipe"].update(spec.pop("recipe", {}))
+    raw["spec"].update(spec)
+    return dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "words"),
+    [
+        (
+            _calibration(folds=33),
+            "spec.folds: Invalid value: 33: spec.folds in body should be less than or equal to 32",
+        ),
+        (_calibration(folds=1), "spec.folds in body should be greater than or equal to 2"),
+        (_calibration("c" * 49), "metadata.name must be at most 48 characters"),
+        (
+            _calibration(recipe={"optimizer": {"name": "adam", "lr": 0.001, "momentum": 0.9}}),
+            "recipe.optimizer.momentum and nesterov apply to sgd only",
+        ),
+        (
+            _calibration(recipe={"optimizer": {"name": "sgd", "lr": 0.1, "nesterov": True}}),
+            "recipe.optimizer.nesterov needs a momentum above 0",
+        ),
+        (
+            _calibration(recipe={"schedule": {"name": "step"}}),
+            "recipe.schedule.stepEpochs is required for schedule step",
+        ),
+        (
+            _calibration(recipe={"augmentations": ["random-crop", "random-crop"]}),
+            "recipe.augmentations: list each augmentation once",
+        ),
+        (_calibration(recipe={"augmentations": ["mixup"]}), 'Unsupported value: "mixup"'),
+        (
+            _calibration(output={"location": {"claimName": "models", "path": "../../etc"}}),
+            "path must not contain '..'",
+        ),
+    ],
+)
+def test_the_calibration_crd_refuses_what_the_spec_refuses(
+    control_plane: ControlPlane, crd: str, namespace: str, manifest: dict[str, Any], words: str
+) -> None:
+    applied = dry_run(control_plane, yaml.safe_dump(manifest), namespace)
+    assert applied.returncode != 0
+    assert words in applied.stderr, applied.stderr
+
+
+def test_calibration_spec_is_immutable_once_its_folds_job_exists(
+    control_plane: ControlPlane, crd: str, namespace: str
+) -> None:
+    """No operator here: the API server's CEL transition rule alone enforces it."""
+    api = client.CustomObjectsApi(control_plane.api_client())
+    args = (API_GROUP, API_VERSION, namespace, CALIBRATION.plural)
+    api.create_namespaced_custom_object(*args, _calibration("frozen"))
+    api.patch_namespaced_custom_object(*args, "frozen", {"spec": {"seed": 1}})  # before launch: fine
+    api.patch_namespaced_custom_object_status(*args, "frozen", {"status": {"phase": "Running", "jobName": "frozen-1"}})
+    with pytest.raises(client.ApiException) as refused:
+        api.patch_namespaced_custom_object(*args, "frozen", {"spec": {"seed": 2}})
+    assert refused.value.status == 422
+    assert "spec is immutable once the folds Job has started" in str(refused.value.body)
+    assert api.get_namespaced_custom_object(*args, "frozen")["spec"]["seed"] == 1
 
 
 def test_server_dry_run_refuses_an_invalid_request(control_plane: ControlPlane, crd: str, namespace: str) -> None:

@@ -542,11 +542,17 @@ class PodWorker(threading.Thread):
         return paths
 
     # ---- containers -----------------------------------------------------------
+    @property
+    def hostname(self) -> str:
+        """The pod's host name as the kubelet sets it: spec.hostname when set (an Indexed Job's pods get
+        ``<job>-<index>``), else the pod's name, cut to a DNS label."""
+        return str(self.pod["spec"].get("hostname") or self.pod_name)[:63]
+
     def _env(self, spec: dict[str, Any], image_env: dict[str, str] | None = None) -> dict[str, str]:
         """The container's environment: the image's ENV (the venv's for the fast path), what the
         kubelet injects, then the pod's ``envFrom`` and ``env``."""
         injected = {
-            "HOSTNAME": self.pod_name,
+            "HOSTNAME": self.hostname,
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
@@ -664,7 +670,7 @@ class PodWorker(threading.Thread):
         if self.net is not None:
             return self.net.hosts
         hosts = self.dir / "etc-hosts"
-        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.0.1\t{self.pod_name}\n")
+        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.0.1\t{self.hostname}\n")
         return hosts
 
     def _spawn_image(self, run: ContainerRun, volumes: dict[str, Path]) -> None:
@@ -692,7 +698,7 @@ class PodWorker(threading.Thread):
             argv = [_expand(a, env) for a in oci.command_line(image_config, spec)]
             config_json = oci.runtime_spec(
                 image_config=image_config, layers=pulled.layers, argv=argv, env=env, pod=self.pod, container=spec,
-                mounts=mounts, rootfs=bundle / "rootfs", hostname=self.pod_name,
+                mounts=mounts, rootfs=bundle / "rootfs", hostname=self.hostname,
                 cgroup=f"/unlearning-harness/{cid}", netns=self.net.netns_path if self.net is not None else None,
             )  # fmt: skip
         except oci.ConfigError as exc:

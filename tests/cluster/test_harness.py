@@ -569,3 +569,103 @@ def test_node_lease_is_renewed_and_node_stays_ready(control_plane: ControlPlane,
     assert not node.spec.taints
     assert node.status.allocatable["nvidia.com/gpu"] == str(gpu_node.gpus)
     assert "heartbeat failed" not in gpu_node.log.read_text()
+
+
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+FAILURES_ANNOTATION = "batch.kubernetes.io/job-index-failure-count"
+
+
+def indexed_job(name: str, code: str, completions: int, **spec: Any) -> dict[str, Any]:
+    """An Indexed Job whose pods run ``python -c code <index>``: the index passed as the operator passes it,
+    through ``$(JOB_COMPLETION_INDEX)`` declared from the pod's completion-index annotation."""
+    pod = python_pod("unused", code)["spec"]
+    container = pod["containers"][0]
+    container["command"] = [*container["command"], "$(JOB_COMPLETION_INDEX)"]
+    container["env"] = [
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}},
+        },
+        {
+            "name": "FAILURES",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{FAILURES_ANNOTATION}']"}},
+        },
+    ]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": completions,
+            "parallelism": 2,
+            "backoffLimitPerIndex": 1,
+            "maxFailedIndexes": 0,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailIndex", "onExitCodes": {"containerName": "main", "operator": "In", "values": [4]}}
+                ]
+            },
+            "template": {"spec": pod},
+            **spec,
+        },
+    }
+
+
+def job_condition(batch: Any, namespace: str, name: str) -> tuple[str, str] | None:
+    """(type, reason) of the Job's Complete or Failed condition once it has one."""
+    status = batch.read_namespaced_job(name, namespace).status
+    for condition in (status.conditions or []) if status else []:
+        if condition.type in ("Complete", "Failed") and condition.status == "True":
+            return condition.type, condition.reason or ""
+    return None
+
+
+def test_indexed_job_pods_get_their_index(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str) -> None:
+    """What the real Job controller sets on an Indexed pod reaches the process: the completion-index
+    annotation (and label), the JOB_COMPLETION_INDEX it injects from them, $(VAR) in the command, and
+    the host name <job>-<index>."""
+    code = (
+        "import json, os, sys; open('/dev/termination-log', 'w').write(json.dumps("
+        "{'argv': sys.argv[1], 'env': os.environ['JOB_COMPLETION_INDEX'], 'host': os.environ['HOSTNAME']}))"
+    )
+    batch: Any = client.BatchV1Api(control_plane.api_client())
+    batch.create_namespaced_job(namespace, indexed_job("folds", code, 3))
+    assert wait_for("indexed job folds", lambda: job_condition(batch, namespace, "folds"), timeout=120) == (
+        "Complete",
+        "CompletionsReached",
+    )
+    assert batch.read_namespaced_job("folds", namespace).status.completed_indexes == "0-2"
+    pods = core(control_plane).list_namespaced_pod(namespace, label_selector="job-name=folds").items
+    seen = {}
+    for pod in pods:
+        index = pod.metadata.annotations[INDEX_ANNOTATION]
+        assert pod.metadata.labels[INDEX_ANNOTATION] == index
+        assert pod.spec.hostname == f"folds-{index}"
+        seen[index] = json.loads(terminated(pod).message or "")
+    assert seen == {str(i): {"argv": str(i), "env": str(i), "host": f"folds-{i}"} for i in range(3)}
+
+
+def test_indexed_job_retries_one_index_alone_and_fails_an_index_at_once_on_exit_4(
+    control_plane: ControlPlane, gpu_node: GpuNode, namespace: str
+) -> None:
+    batch: Any = client.BatchV1Api(control_plane.api_client())
+    # Index 1 crashes on its first attempt (the controller counts an index's failures in an annotation).
+    flaky = "import os, sys; sys.exit(1 if sys.argv[1] == '1' and os.environ['FAILURES'] == '0' else 0)"
+    batch.create_namespaced_job(namespace, indexed_job("flaky", flaky, 3))
+    assert wait_for("job flaky", lambda: job_condition(batch, namespace, "flaky"), timeout=120)[0] == "Complete"
+    pods = core(control_plane).list_namespaced_pod(namespace, label_selector="job-name=flaky").items
+    runs: dict[str, list[int]] = {}
+    for pod in pods:
+        runs.setdefault(pod.metadata.annotations[INDEX_ANNOTATION], []).append(terminated(pod).exit_code)
+    assert {index: sorted(codes) for index, codes in runs.items()} == {"0": [0], "1": [0, 1], "2": [0]}
+
+    # Exit 4 on index 2 fails that index at once (no retry), and maxFailedIndexes 0 fails the Job.
+    invalid = "import sys; sys.exit(4 if sys.argv[1] == '2' else 0)"
+    batch.create_namespaced_job(namespace, indexed_job("invalid", invalid, 3, parallelism=3))
+    kind, reason = wait_for("job invalid", lambda: job_condition(batch, namespace, "invalid"), timeout=120)
+    assert (kind, reason) == ("Failed", "MaxFailedIndexesExceeded")
+    assert batch.read_namespaced_job("invalid", namespace).status.failed_indexes == "2"
+    pods = core(control_plane).list_namespaced_pod(namespace, label_selector="job-name=invalid").items
+    failed = [p for p in pods if p.metadata.annotations[INDEX_ANNOTATION] == "2"]
+    assert [terminated(p).exit_code for p in failed] == [4]

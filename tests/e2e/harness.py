@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
-from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
+from unlearning_contracts.api import API_GROUP, API_VERSION, CALIBRATION, REQUEST
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "unlearning-operator"
@@ -443,7 +443,8 @@ def diagnostics(cp: ControlPlane, api: Api, node: GpuNode, namespaces: list[str]
     """What a person needs to see when an e2e test fails: objects, statuses, pod logs."""
     parts = []
     for ns in namespaces:
-        listed = cp.kubectl("get", "unlearningrequests,jobs,pods,pvc,configmaps", "-n", ns, "-o", "wide", check=False)
+        kinds = "unlearningrequests,unlearningcalibrations,jobs,pods,pvc,configmaps"
+        listed = cp.kubectl("get", kinds, "-n", ns, "-o", "wide", check=False)
         parts.append(f"=== namespace {ns}\n{listed.stdout}{listed.stderr}")
         requests: dict[str, Any]
         try:
@@ -453,6 +454,13 @@ def diagnostics(cp: ControlPlane, api: Api, node: GpuNode, namespaces: list[str]
         for obj in requests.get("items", []):
             dumped = yaml.safe_dump(obj.get("status"), sort_keys=False)
             parts.append(f"--- request {obj['metadata']['name']} status:\n{dumped}")
+        try:
+            calibrations = api.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, ns, CALIBRATION.plural)
+        except client.ApiException as error:
+            calibrations = {"items": [], "error": str(error)}
+        for obj in calibrations.get("items", []):
+            dumped = yaml.safe_dump(obj.get("status"), sort_keys=False)
+            parts.append(f"--- calibration {obj['metadata']['name']} status:\n{dumped}")
         try:
             for pod in api.pods(ns, ""):
                 pod_status = pod.get("status") or {}

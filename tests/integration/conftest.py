@@ -27,11 +27,11 @@ from kubernetes import client, watch
 
 from tests.cluster.controlplane import ControlPlane, free_port
 from tests.cluster.fixtures import GpuNode, wait_for
-from unlearning_contracts.api import API_GROUP, API_VERSION, REQUEST
+from unlearning_contracts.api import API_GROUP, API_VERSION, CALIBRATION, REQUEST
 from unlearning_operator.permissions import RULES
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "unlearningrequests.unlearn.dev.yaml"
+CRDS = [ROOT / "crds" / f"{kind.crd_name}.yaml" for kind in (REQUEST, CALIBRATION)]
 GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, REQUEST.plural
 JOB_IMAGE = "unlearn-job:test"
 
@@ -116,8 +116,10 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def crd(control_plane: ControlPlane) -> None:
-    control_plane.kubectl("apply", "-f", str(CRD))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/unlearningrequests.unlearn.dev", "--timeout=60s")
+    """Both kinds' CRDs, as the chart installs them."""
+    for path, kind in zip(CRDS, (REQUEST, CALIBRATION), strict=True):
+        control_plane.kubectl("apply", "-f", str(path))
+        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{kind.crd_name}", "--timeout=60s")
 
 
 @pytest.fixture(scope="session")
@@ -203,9 +205,10 @@ def models_pvc(control_plane: ControlPlane, gpu_node: GpuNode, namespace: str, d
 class PhaseRecorder:
     """Every phase each request passed through, from a watch (polling would miss Pending)."""
 
-    def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
+    def __init__(self, api_client: client.ApiClient, namespace: str, plural: str = PLURAL) -> None:
         self.api = client.CustomObjectsApi(api_client)
         self.namespace = namespace
+        self.plural = plural
         self.phases: dict[str, list[str]] = {}
         self.watch = watch.Watch()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -214,7 +217,7 @@ class PhaseRecorder:
     def _run(self) -> None:
         with contextlib.suppress(Exception):
             for event in self.watch.stream(
-                self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, timeout_seconds=600
+                self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, self.plural, timeout_seconds=600
             ):
                 obj = event["object"]
                 phase = (obj.get("status") or {}).get("phase")

@@ -118,7 +118,10 @@ def test_request_runs_to_succeeded_and_deletion_keeps_the_audit_record(
         "JobCreated": "True",
         "Complete": "True",
         "GatesPassed": "True",
+        # No calibration of the model exists: it ran uncalibrated (policy IfAvailable), and the record says so.
+        "CalibrationReady": "False",
     }
+    assert status["calibration"]["calibrated"] is False
     assert status["startTime"] <= status["completionTime"]
     assert not done["metadata"].get("finalizers"), "the operator must not add finalizers"
     # The new model file exists where the record says.
@@ -419,7 +422,16 @@ def test_kubectl_explain_teaches_the_api(control_plane: ControlPlane, crd: None)
     assert "Loss-attack AUC, forget vs held-out rows of the same classes" in gates
     assert "two-sided" in gates
     listed = control_plane.kubectl("api-resources", "--categories=unlearning", "-o", "name").stdout.split()
-    assert listed == ["unlearningrequests.unlearn.dev"]
+    assert sorted(listed) == ["unlearningcalibrations.unlearn.dev", "unlearningrequests.unlearn.dev"]
+    use = control_plane.kubectl("explain", "ulr.spec.calibration.policy").stdout
+    assert "Required: wait" in use
+    recipe = control_plane.kubectl("explain", "unlearningcalibration.spec.recipe").stdout
+    assert "The training recipe of the original model." in recipe
+    assert "optimizer\t<Object> -required-" in recipe
+    folds = control_plane.kubectl("explain", "ulc.spec.folds").stdout
+    assert "Reference models (K)" in folds
+    bank = control_plane.kubectl("explain", "ulc.status.bank.sha256").stdout
+    assert "requests' records name it" in bank
 
 
 def test_spec_is_immutable_once_the_job_started(control_plane: ControlPlane, crd: None, namespace: str) -> None:

@@ -8,6 +8,13 @@ simulated. Every SCRAPE seconds the registry's text exposition
 (``generate_latest``) is parsed and stored per series, with the target labels
 a ServiceMonitor adds, to be fed to ``promtool test rules`` as input series.
 
+Three UnlearningCalibrations run beside the requests (``CALIBRATIONS``): one
+at the start, whose bank the later requests of its model use, and two after
+the last request, one Ready and one whose fold fails; their folds Jobs are
+driven as the Job controller would report an Indexed Job (completed indices,
+then Complete or Failed), so the calibration panels show real fold
+durations, phases, failures and bank ages.
+
 The timeline has two operator restarts: the pod is replaced (new pod name,
 so new series; the old ones go stale) and later its container restarts (same
 series, counters reset). What happened while the operator was down it sees
@@ -28,16 +35,19 @@ import kopf
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.operator.factories import raw_spec, record
+from tests.operator.factories import bank_record, raw_calibration, raw_spec, record
 from tests.operator.test_controller import FakeKube
+from unlearning_operator import calibration_status as cal
 from unlearning_operator import main
 from unlearning_operator import status as st
+from unlearning_operator.banks import BankUse
 from unlearning_operator.completion import AuditNotWrittenError
 from unlearning_operator.controller import Controller
 from unlearning_operator.k8s import ApiError
+from unlearning_operator.labels import ANNOTATION_BANK
 from unlearning_operator.metrics import Metrics, build_registry
 from unlearning_operator.settings import OperatorSettings
-from unlearning_operator.views import job_view, request_view
+from unlearning_operator.views import calibration_view, job_view, request_view
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 # spec.output.location of tests/operator/factories.BASE_SPEC, where every Job writes.
@@ -135,6 +145,39 @@ LIFECYCLES = (
 
 
 @dataclass(frozen=True)
+class CalibrationCycle:
+    """One UnlearningCalibration of K = 4 folds, two at a time (the operator's default parallelism).
+
+    ``fold``: seconds each fold takes; ``ending``: ``ready``, or ``fold-failed`` (fold 2 exits 1
+    three times: its retries used, the Indexed Job fails).
+    """
+
+    name: str
+    model: str
+    created: int
+    fold: int
+    ending: str
+    merge: int = 30
+    folds: int = 4
+    parallelism: int = 2
+
+    def fold_done(self, start: int, index: int) -> int:
+        """When fold ``index`` ends: the folds run ``parallelism`` at a time, in index order."""
+        return start + self.fold * (index // self.parallelism + 1)
+
+
+# c01 runs while the first requests arrive (its folds and merge end before r02
+# is created, so it never delays one: r01 finds a free slot beside its merge);
+# r02 and the later digits requests use its bank. c02 and c03 run after the
+# last request has ended.
+CALIBRATIONS = (
+    CalibrationCycle("c01", "digits", 0, 30, "ready"),
+    CalibrationCycle("c02", "cifar", _m(300), _m(5), "ready"),
+    CalibrationCycle("c03", "resnet", _m(330), _m(5), "fold-failed"),
+)
+
+
+@dataclass(frozen=True)
 class Outage:
     """No operator runs in [start, end). ``new_pod``: the pod was replaced, else its container restarted."""
 
@@ -159,6 +202,8 @@ class Completion:
     verdict: str
     method: str
     reason: str
+    calibrated: bool = False
+    """The record's word: the run used a verified bank."""
 
 
 @dataclass
@@ -177,6 +222,9 @@ class Run:
     launched: dict[str, int]
     # Times a new operator pod started: what it finished at start-up its first scrape already holds.
     new_pods: list[int]
+    # Each calibration's phase as it ended, with when, and every fold duration (seconds) that succeeded.
+    calibrations: dict[str, tuple[int, str]]
+    fold_durations: dict[str, list[int]]
 
     @property
     def last_completion(self) -> int:
@@ -196,12 +244,13 @@ class ClockedKube(FakeKube):
         obj["metadata"].setdefault("creationTimestamp", st.timestamp(self.now[0]))
         return super()._stamp(obj)
 
-    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
-        if name in self.requests:
+    def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        objects = self.calibrations if plural == "unlearningcalibrations" else self.requests
+        if name in objects:
             # Each write makes a new version of the object, as the API server's resourceVersion does.
             self.version += 1
-            self.requests[name]["metadata"]["resourceVersion"] = str(self.version)
-        return super().patch_request_status(namespace, name, patch)
+            objects[name]["metadata"]["resourceVersion"] = str(self.version)
+        return super().patch_status(plural, namespace, name, patch)
 
     def create_if_absent(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         kind, name = obj["kind"], obj["metadata"]["name"]
@@ -215,7 +264,7 @@ class ClockedKube(FakeKube):
         return super().create_if_absent(obj)
 
 
-def job_record(cycle: Lifecycle, version: int, input_uri: str) -> dict[str, Any]:
+def job_record(cycle: Lifecycle, version: int, input_uri: str, bank: BankUse | None = None) -> dict[str, Any]:
     """The compact record the job writes to its termination message: for the Job's model, version and input,
     its output in the request's output folder (the operator checks all four against the Job)."""
     pre = {"forgetAccuracy": 100.0, "retainAccuracy": 99.5, "testAccuracy": 97.0, "confidenceGap": 0.08, "miaAuc": 0.7}
@@ -236,6 +285,8 @@ def job_record(cycle: Lifecycle, version: int, input_uri: str) -> dict[str, Any]
         "pre": pre,
         "post": post,
     }
+    if bank is not None:
+        fields["calibration"] = {**bank.dump(), "calibrated": True, "note": "bank verified: data digest matches"}
     if cycle.ending.startswith("gates:"):
         values = {"forgetAccuracy": 60.0, "testAccuracyDrop": cycle.drop, "miaAuc": cycle.auc}
         gates = cycle.ending.removeprefix("gates:").split(",")
@@ -258,6 +309,8 @@ class Drive:
         self.settings = settings
         self.request_index: dict[tuple[str, str], list[Any]] = {}
         self.job_index: dict[tuple[str, str], list[Any]] = {}
+        self.calibration_index: dict[tuple[str, str], list[Any]] = {}
+        self.calibration_job_index: dict[tuple[str, str], list[Any]] = {}
         self.controller: Controller | None = None
         self.metrics: Metrics | None = None
         self.handler_errors: dict[str, int] = {}
@@ -267,18 +320,25 @@ class Drive:
 
     def sync(self) -> None:
         """Rebuild kopf's indexes from the API's objects (a view is reused while its object is unchanged)."""
-        self.request_index.clear()
-        self.job_index.clear()
+        for index in (self.request_index, self.job_index, self.calibration_index, self.calibration_job_index):
+            index.clear()
         for name, body in self.kube.requests.items():
             text = body["metadata"].get("resourceVersion", "")
             cached = self.views.get(name)
             if cached is None or cached[0] != text:
                 cached = self.views[name] = (text, request_view(body))
             self.request_index[cached[1].key] = [cached[1]]
+        for name, body in self.kube.calibrations.items():
+            text = body["metadata"].get("resourceVersion", "")
+            cached = self.views.get(name)
+            if cached is None or cached[0] != text:
+                cached = self.views[name] = (text, calibration_view(body))
+            self.calibration_index[cached[1].key] = [cached[1]]
         for (kind, _), body in self.kube.objects.items():
             if kind == "Job":
                 job = job_view(body)
-                self.job_index[(job.namespace, job.request)] = [job]
+                index = self.calibration_job_index if job.owner_kind == "UnlearningCalibration" else self.job_index
+                index.setdefault((job.namespace, job.request), []).append(job)
 
     async def start(self) -> None:
         """A fresh process: a new registry, empty caches, then kopf's initial listing."""
@@ -290,10 +350,20 @@ class Drive:
         for name, body in list(self.kube.requests.items()):
             self.delivered[name] = self.views[name][0]
             await self.deliver("request", None, body)
+        for name, body in list(self.kube.calibrations.items()):
+            self.delivered[name] = self.views[name][0]
+            await self.deliver("calibration", None, body)
         for (kind, _), body in list(self.kube.objects.items()):
             if kind == "Job":
-                await self.deliver("job", None, body)
+                await self.deliver(self.job_kind(body), None, body)
         await self.settle()
+
+    @staticmethod
+    def job_kind(body: dict[str, Any]) -> str:
+        return "calibration-job" if job_view(body).owner_kind == "UnlearningCalibration" else "job"
+
+    def objects_of(self, kind: str) -> dict[str, dict[str, Any]]:
+        return self.kube.calibrations if kind == "calibration" else self.kube.requests
 
     async def stop(self) -> None:
         assert self.controller is not None
@@ -304,7 +374,12 @@ class Drive:
     async def deliver(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
         """One watch event through main.py's handler; an error is logged and dropped, as kopf does."""
         assert self.controller is not None
-        handler = main.request_event if kind == "request" else main.job_event
+        handler = {
+            "request": main.request_event,
+            "job": main.job_event,
+            "calibration": main.calibration_event,
+            "calibration-job": main.calibration_job_event,
+        }[kind]
         try:
             await handler(
                 {"type": event_type},
@@ -312,6 +387,8 @@ class Drive:
                 kopf.Memo(controller=self.controller),
                 request_index=self.request_index,
                 job_index=self.job_index,
+                calibration_index=self.calibration_index,
+                calibration_job_index=self.calibration_job_index,
             )
         except (ApiError, AuditNotWrittenError):
             self.handler_errors[kind] = self.handler_errors.get(kind, 0) + 1
@@ -323,13 +400,14 @@ class Drive:
         for _ in range(20):
             self.sync()
             changed = [
-                (name, text)
+                (kind, name, text)
                 for name, (text, _) in self.views.items()
-                if name in self.kube.requests and self.delivered.get(name) != text
+                for kind in ("request", "calibration")
+                if name in self.objects_of(kind) and self.delivered.get(name) != text
             ]
-            for name, text in changed:
+            for kind, name, text in changed:
                 self.delivered[name] = text
-                await self.deliver("request", "MODIFIED", self.kube.requests[name])
+                await self.deliver(kind, "MODIFIED", self.objects_of(kind)[name])
             self.sync()
             self.controller.run_schedule()
             while self.controller.tasks:
@@ -337,12 +415,13 @@ class Drive:
             started = []
             for (kind, _), body in self.kube.objects.items():
                 if kind == "Job" and "status" not in body:
-                    # The Job controller creates the pod and it starts.
-                    body["status"] = {"active": 1, "ready": 1}
+                    # The Job controller creates the pods and they start.
+                    pods = int(body["spec"].get("parallelism") or 1)
+                    body["status"] = {"active": pods, "ready": pods}
                     started.append(body)
             self.sync()
             for body in started:
-                await self.deliver("job", "MODIFIED", body)
+                await self.deliver(self.job_kind(body), "MODIFIED", body)
             if not changed and not started:
                 self.sync()
                 if all(self.delivered.get(name) == text for name, (text, _) in self.views.items()):
@@ -364,6 +443,70 @@ class Drive:
         self.kube.requests[cycle.name] = body
         return body
 
+    def add_calibration(self, cycle: CalibrationCycle) -> dict[str, Any]:
+        body = {
+            "apiVersion": "unlearn.dev/v1alpha1",
+            "kind": "UnlearningCalibration",
+            "metadata": {
+                "name": cycle.name,
+                "namespace": NAMESPACE,
+                "uid": f"uid-{cycle.name}",
+                "creationTimestamp": st.timestamp(self.now[0]),
+                "generation": 1,
+            },
+            "spec": raw_calibration(**{"model.name": cycle.model, "folds": cycle.folds}),
+        }
+        self.kube.calibrations[cycle.name] = body
+        return body
+
+    def advance_calibration(self, cycle: CalibrationCycle, t: int) -> dict[str, Any] | None:
+        """The folds Job (or merge Job) of a running calibration as the Job controller reports it at ``t``;
+        its changed body (the watch event that follows), or None when nothing changed."""
+        status = self.kube.calibrations[cycle.name].get("status") or {}
+        if status.get("phase") == cal.MERGING:
+            merge = self.kube.objects[("Job", status["mergeJobName"])]
+            started = int((_time(merge["metadata"]["creationTimestamp"]) - T0).total_seconds())
+            if t < started + cycle.merge or "conditions" in merge["status"]:
+                return None
+            message = json.dumps(bank_record(calibration=f"{NAMESPACE}/{cycle.name}", model=cycle.model).dump())
+            self.kube.pods[merge["metadata"]["name"]] = [
+                _pod(merge["metadata"]["name"], 0, t - cycle.merge, t, message=message)
+            ]
+            merge["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+            return merge
+        if status.get("phase") != cal.RUNNING:
+            return None
+        job = self.kube.objects[("Job", status["jobName"])]
+        start = int((_time(status["startTime"]) - T0).total_seconds())
+        failing = 2 if cycle.ending == "fold-failed" else None
+        done = [k for k in range(cycle.folds) if k != failing and cycle.fold_done(start, k) <= t]
+        failed = failing is not None and cycle.fold_done(start, failing) <= t
+        text = _indexes(done)
+        if text == job["status"].get("completedIndexes", "") and not failed:
+            return None
+        name = job["metadata"]["name"]
+        pods = [
+            _pod(name, k, cycle.fold_done(start, k) - cycle.fold, cycle.fold_done(start, k), completion=k) for k in done
+        ]
+        new: dict[str, Any] = {"completedIndexes": text, "succeeded": len(done)}
+        if failed:
+            assert failing is not None
+            end = cycle.fold_done(start, failing)
+            crash = "RuntimeError: CUDA error: an illegal memory access was encountered"
+            pods += [
+                _pod(name, failing, end - cycle.fold, end, message=crash, completion=failing, code=1) for _ in range(3)
+            ]
+            new.update(failedIndexes=str(failing), conditions=[
+                {"type": "Failed", "status": "True", "reason": "MaxFailedIndexesExceeded"}
+            ])  # fmt: skip
+        elif len(done) == cycle.folds:
+            new["conditions"] = [{"type": "Complete", "status": "True"}]
+        else:
+            new["active"] = min(cycle.parallelism, cycle.folds - len(done))
+        self.kube.pods[name] = pods
+        job["status"] = new
+        return job
+
     def end_job(self, cycle: Lifecycle) -> tuple[str, dict[str, Any]]:
         """Put the Job and its pod in the state the ending leaves; the watch event that follows."""
         status = self.kube.requests[cycle.name]["status"]
@@ -374,8 +517,11 @@ class Drive:
         state: dict[str, Any] = {"exitCode": 0, "finishedAt": st.timestamp(self.now[0])}
         condition = {"type": "Complete", "status": "True"}
         failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
+        bank = BankUse.from_annotation(job["metadata"].get("annotations", {}).get(ANNOTATION_BANK))
         if cycle.ending in ("passed", "audit-fails-10m"):
-            state["message"] = json.dumps(job_record(cycle, int(status["modelVersion"]), status["inputModel"]["uri"]))
+            state["message"] = json.dumps(
+                job_record(cycle, int(status["modelVersion"]), status["inputModel"]["uri"], bank)
+            )
         elif cycle.ending.startswith("gates:") or cycle.ending == "invalid-input":
             result = job_record(cycle, int(status["modelVersion"]), status["inputModel"]["uri"])
             state.update(exitCode=result["exitCode"], message=json.dumps(result))
@@ -417,6 +563,41 @@ class Drive:
         return "MODIFIED", job
 
 
+def _indexes(done: list[int]) -> str:
+    """Indices as the Job controller writes completedIndexes: ranges of consecutive ones ("0-2,4")."""
+    parts: list[str] = []
+    for index in sorted(done):
+        if parts and parts[-1].split("-")[-1] == str(index - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{index}"
+        else:
+            parts.append(str(index))
+    return ",".join(parts)
+
+
+def _pod(
+    job: str, index: int, start: int, end: int, *, message: str = "", completion: int | None = None, code: int = 0
+) -> Any:
+    """A finished pod of a calibration's Job (an Indexed one's carries its completion index)."""
+    state: dict[str, Any] = {
+        "exitCode": code,
+        "reason": "Completed" if code == 0 else "Error",
+        "startedAt": st.timestamp(T0 + timedelta(seconds=start)),
+        "finishedAt": st.timestamp(T0 + timedelta(seconds=end)),
+    }
+    if message:
+        state["message"] = message
+    metadata: dict[str, Any] = {"name": f"{job}-{index}-x"}
+    if completion is not None:
+        metadata["annotations"] = {"batch.kubernetes.io/job-completion-index": str(completion)}
+    return {
+        "metadata": metadata,
+        "spec": {"containers": [{"name": "unlearn", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+        "status": {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [
+            {"name": "unlearn", "state": {"terminated": state}}
+        ]},
+    }  # fmt: skip
+
+
 _LINES: dict[str, tuple[str, dict[str, str], float]] = {}
 
 
@@ -444,12 +625,18 @@ def drive(
     lifecycles: tuple[Lifecycle, ...] = LIFECYCLES,
     outages: tuple[Outage, ...] = OUTAGES,
     end: int = END,
+    calibrations: tuple[CalibrationCycle, ...] = CALIBRATIONS,
 ) -> Run:
     """Run the timeline; what Prometheus would have stored, scraping every SCRAPE seconds."""
-    return asyncio.run(_drive(lifecycles, outages, end))
+    return asyncio.run(_drive(lifecycles, outages, end, calibrations))
 
 
-async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...], end: int) -> Run:
+async def _drive(
+    lifecycles: tuple[Lifecycle, ...],
+    outages: tuple[Outage, ...],
+    end: int,
+    calibrations: tuple[CalibrationCycle, ...] = CALIBRATIONS,
+) -> Run:
     world = Drive(OperatorSettings(max_concurrent_jobs=3))
     # The first Job creation of r05 fails: a launch error, retried by the next scheduler pass.
     world.kube.fail_creates[("Job", "r05-")] = 1
@@ -461,6 +648,7 @@ async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...],
     pod = 0
     restarts = 0
     new_pods = [0]
+    calibration_ends: dict[str, tuple[int, str]] = {}
     await world.start()
 
     for step in range(steps):
@@ -485,6 +673,11 @@ async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...],
         for cycle in lifecycles:
             if cycle.created == t:
                 events.append(("request", "ADDED", world.add(cycle)))
+        for calibration in calibrations:
+            if calibration.created == t:
+                events.append(("calibration", "ADDED", world.add_calibration(calibration)))
+            elif calibration.name in world.kube.calibrations and (job := world.advance_calibration(calibration, t)):
+                events.append(("calibration-job", "MODIFIED", job))
         for cycle in lifecycles:
             status = world.kube.requests.get(cycle.name, {}).get("status") or {}
             if cycle.name in ended or status.get("phase") != st.RUNNING:
@@ -513,7 +706,13 @@ async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...],
             done = {c.name for c in completions}
             if status.get("phase") in (st.SUCCEEDED, st.FAILED) and cycle.name not in done:
                 reason = str((st.get_condition(status, st.COMPLETE) or {}).get("reason"))
-                completions.append(Completion(t, cycle.name, status.get("verdict") or "Error", cycle.method, reason))
+                calibrated = bool((status.get("calibration") or {}).get("calibrated"))
+                verdict = status.get("verdict") or "Error"
+                completions.append(Completion(t, cycle.name, verdict, cycle.method, reason, calibrated))
+        for calibration in calibrations:
+            status = world.kube.calibrations.get(calibration.name, {}).get("status") or {}
+            if cal.is_terminal(status) and calibration.name not in calibration_ends:
+                calibration_ends[calibration.name] = (t, str(status["phase"]))
 
         target = {**TARGET, "pod": PODS[pod], "instance": f"{POD_IPS[pod]}:8080"}
         ksm = {"job": "kube-state-metrics", "namespace": TARGET["namespace"], "pod": PODS[pod], "container": "operator"}
@@ -531,7 +730,8 @@ async def _drive(lifecycles: tuple[Lifecycle, ...], outages: tuple[Outage, ...],
 
     if world.controller is not None:
         await world.stop()
-    return Run(steps, series, completions, dict(world.handler_errors), launched, new_pods)
+    folds = {c.name: [c.fold] * (c.folds - (c.ending == "fold-failed")) for c in calibrations}
+    return Run(steps, series, completions, dict(world.handler_errors), launched, new_pods, calibration_ends, folds)
 
 
 def _store(series: dict[Labels, list[Value]], steps: int, step: int, labels: dict[str, str], value: float) -> Labels:

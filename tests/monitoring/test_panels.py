@@ -26,7 +26,7 @@ import pytest
 from tests.monitoring import grafana
 from tests.monitoring.lifecycles import JOB, LIFECYCLES, TARGET, Run
 from tests.monitoring.promtool import Result, evaluate
-from unlearning_operator.metrics import DURATION_BUCKETS, QUEUE_BUCKETS
+from unlearning_operator.metrics import DURATION_BUCKETS, FOLD_BUCKETS, QUEUE_BUCKETS
 
 pytestmark = pytest.mark.unit
 
@@ -57,10 +57,15 @@ def values_by(result: Result, label: str) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def results(promtool: Path, series: list[dict[str, str]], run: Run) -> dict[tuple[str, int], Result]:
     """Every panel's query at BUSY and at late(run), plus the times the number checks read."""
-    times = [BUSY, late(run), 10 * 60, 65 * 60, 78 * 60, (136 + 30) * 60]
+    times = [BUSY, late(run), 10 * 60, 65 * 60, 78 * 60, (136 + 30) * 60, *calibration_times(run)]
     exprs = [grafana.substitute(q.expr, VALUES) for q in QUERIES]
     exprs += ["count by (job) (unlearning_requests)", "count by (namespace) (unlearning_requests)"]
     return evaluate(promtool, series, [(e, t) for e in exprs for t in times])
+
+
+def calibration_times(run: Run) -> list[int]:
+    """Five minutes after each calibration ended (within the hour its end is counted in)."""
+    return [at + 300 for at, _ in run.calibrations.values()]
 
 
 def result(results: dict[tuple[str, int], Result], title: str, at: int, ref: str = "A") -> Result:
@@ -174,6 +179,44 @@ def test_gpu_hours_in_range_add_up(results: dict[tuple[str, int], Result], run: 
     assert shown == pytest.approx(expected, rel=0.01)
 
 
+def test_calibration_panels_show_what_the_calibrations_did(results: dict[tuple[str, int], Result], run: Run) -> None:
+    at = late(run)
+    # Two banks written, one calibration failed on its fold; none left running.
+    phases = values_by(result(results, "Calibrations by phase", at), "phase")
+    assert phases == {"Pending": 0, "Queued": 0, "Running": 0, "Merging": 0, "Ready": 2, "Failed": 1, "Rejected": 0}
+    for name, (ended, phase) in run.calibrations.items():
+        shown = values_by(result(results, "Calibrations ended (1h)", ended + 300), "result")
+        assert shown[phase] == 1, (name, shown)
+        reasons = values_by(result(results, "Calibrations ended (1h)", ended + 300, "B"), "reason")
+        assert {r: n for r, n in reasons.items() if n} == ({"FoldFailed": 1.0} if phase == "Failed" else {}), name
+    # Fold run times: c01's 30 s folds in the window at BUSY, c02's and c03's 5 min ones long after.
+    for when, names in ((BUSY, ("c01",)), (at, ("c02", "c03"))):
+        (p95,) = result(results, "Fold duration p95 ($window)", when).numbers
+        longest = max(d for name in names for d in run.fold_durations[name])
+        assert _bucket(p95.value, FOLD_BUCKETS) == _bucket(longest, FOLD_BUCKETS), (when, p95.value)
+    # The stalest bank is c01's (digits, written at 1.5 min): its age, and both banks under a day old.
+    ready_at = {name: ended for name, (ended, phase) in run.calibrations.items() if phase == "Ready"}
+    (stalest,) = result(results, "Bank age", at).numbers
+    # The gauge is set at each periodic pass, so it may lag the scrape by up to one pass.
+    assert at - ready_at["c01"] - 60 <= stalest.value <= at - ready_at["c01"]
+    bands = values_by(result(results, "Bank age", at, "B"), "age")
+    assert bands == {"under_1d": 2.0, "1d_to_7d": 0.0, "7d_to_30d": 0.0, "over_30d": 0.0}
+
+
+def test_requests_run_calibrated_are_counted_by_the_records_word(
+    results: dict[tuple[str, int], Result], run: Run
+) -> None:
+    assert any(c.calibrated for c in run.completions), "no request used c01's bank"
+    for at in (BUSY, 78 * 60, (136 + 30) * 60):
+        shown = values_by(result(results, "Requests run calibrated (1h)", at), "calibrated")
+        # Only runs that left a record say (an OOM kill, a deadline or a deleted Job leave none).
+        expected = counted(run, at - 3600, at, lambda c: str(c.calibrated).lower() if c.verdict != "Error" else "")
+        expected.pop("", None)
+        assert {k: v for k, v in shown.items() if v} == dict(expected), f"at {at / 60:.0f} min"
+    (gpu,) = result(results, "Calibration GPU-hours per hour", BUSY).numbers
+    assert gpu.value == 0  # c01 ended at 1.5 min, long before the hour before BUSY
+
+
 def _seconds(duration: str) -> int:
     return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[duration[-1]]
 
@@ -210,6 +253,11 @@ MUTATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
         "Queue wait p95 ($window)",
         lambda e: e.replace("[$window]", "[$__rate_interval]"),
     ),
+    "fold quantile over the rate interval": (
+        "Fold duration p95 ($window)",
+        lambda e: e.replace("[$window]", "[$__rate_interval]"),
+    ),
+    "fold quantile without le": ("Fold duration p95 ($window)", lambda e: e.replace("by (le)", "")),
     "quantile by method over the rate interval (defect 1)": (
         "Job duration p95 by method ($window)",
         lambda e: e.replace("[$window]", "[$__rate_interval]"),

@@ -1,12 +1,14 @@
-"""Small factories for requests, records, Jobs and pods (table-driven tests build on these)."""
+"""Small factories for requests, calibrations, records, Jobs and pods (table-driven tests build on these)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
+from unlearning_contracts.calibration import CalibrationRecord, UnlearningCalibrationSpec, parse_calibration_spec
 from unlearning_contracts.record import SUMMARY_KEYS, CompactRecord
 from unlearning_contracts.spec import UnlearningRequestSpec, parse_spec
+from unlearning_operator.calibration_jobs import CalibrationRef
 from unlearning_operator.jobs import RequestRef
 from unlearning_operator.lineage import Version
 
@@ -103,3 +105,69 @@ def pod(
             "containerStatuses": [{"name": "unlearn", "state": state}],
         },
     }
+
+
+# ---- calibrations ---------------------------------------------------------------------
+
+CAL_SPEC: dict[str, Any] = {
+    "model": {"name": "digits-mlp", "format": "exported", "source": {"claimName": "models", "path": "digits/m.pt2"}},
+    "data": {"source": "digits"},
+    "recipe": {"epochs": 150, "batchSize": 64, "optimizer": {"name": "adam", "lr": 0.001}},
+    "folds": 4,
+    "output": {"location": {"claimName": "banks", "path": "digits"}},
+}
+
+CAL_REF = CalibrationRef(name="digits-cal", namespace="team-a", uid="7c6b5a49-aaaa-bbbb-cccc-123456789abc")
+
+
+def raw_calibration(**overrides: Any) -> dict[str, Any]:
+    """CAL_SPEC with dotted-path overrides, as ``raw_spec``."""
+    spec = copy.deepcopy(CAL_SPEC)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = spec
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return spec
+
+
+def calibration(**overrides: Any) -> UnlearningCalibrationSpec:
+    return parse_calibration_spec(raw_calibration(**overrides))
+
+
+def reference(fold: int, **values: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "fold": fold,
+        "trainRows": 1010,
+        "heldOutRows": 337,
+        "testAccuracy": 96.0 + fold * 0.2,
+        "foldAccuracy": 95.5 + fold * 0.2,
+        "agreement": 97.0 + fold * 0.5,
+        "durationSeconds": 12.0,
+    }
+    return raw | values
+
+
+def bank_record(**overrides: Any) -> CalibrationRecord:
+    raw: dict[str, Any] = {
+        "schemaVersion": 1,
+        "calibration": "team-a/digits-cal",
+        "model": "digits-mlp",
+        "inputModel": {"uri": "pvc://models/digits/m.pt2", "sha256": "11" * 32},
+        "dataDigest": "dd" * 32,
+        "folds": 4,
+        "seed": 0,
+        "exitCode": 0,
+        "bank": {"uri": "pvc://banks/digits/digits-cal-7c6b5a49/bank.npz", "sha256": "ba" * 32},
+        "originalTestAccuracy": 97.1,
+        "references": [reference(k) for k in range(4)],
+        "cost": {"wallSeconds": 61.0, "deviceSeconds": 48.5, "retrainEquivalents": 3.0},
+        "startedAt": "2026-01-01T12:00:00Z",
+        "finishedAt": "2026-01-01T12:01:01Z",
+    }
+    raw.update(overrides)
+    return CalibrationRecord.model_validate(raw)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.operator.factories import raw_spec, record
+from tests.operator.factories import raw_calibration, raw_spec, record
 from unlearning_operator import lineage as lin
 from unlearning_operator import status as st
 from unlearning_operator.adoption import LABEL_CONTROLLER_UID
@@ -27,7 +27,7 @@ from unlearning_operator.k8s import ApiError, ObjectRef
 from unlearning_operator.metrics import build_registry
 from unlearning_operator.names import audit_configmap_name, job_name
 from unlearning_operator.settings import OperatorSettings
-from unlearning_operator.views import job_view, request_view
+from unlearning_operator.views import calibration_view, job_view, request_view
 
 pytestmark = pytest.mark.unit
 
@@ -46,6 +46,7 @@ class FakeKube:
 
     def __init__(self) -> None:
         self.requests: dict[str, dict[str, Any]] = {}
+        self.calibrations: dict[str, dict[str, Any]] = {}
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[str, list[dict[str, Any]]] = {}
         self.events: list[tuple[str, str, str]] = []
@@ -101,19 +102,20 @@ class FakeKube:
         self.objects[key] = self._stamp(copy.deepcopy(obj))
         return copy.deepcopy(self.objects[key])
 
-    def patch_request_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+    def patch_status(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         self._fail("patch status")
         if self.before_status_patch is not None:
             self.before_status_patch(name, patch)
-        if name not in self.requests:
+        objects = self.calibrations if plural == "unlearningcalibrations" else self.requests
+        if name not in objects:
             return None
-        status = self.requests[name].setdefault("status", {})
+        status = objects[name].setdefault("status", {})
         for key, value in patch.items():
             if value is None:
                 status.pop(key, None)
             else:
                 status[key] = copy.deepcopy(value)
-        return copy.deepcopy(self.requests[name])
+        return copy.deepcopy(objects[name])
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         self._fail("patch Job")
@@ -135,25 +137,32 @@ class World:
         self.kube = kube or FakeKube()
         self.request_index: dict[tuple[str, str], list[Any]] = {}
         self.job_index: dict[tuple[str, str], list[Any]] = {}
+        self.calibration_index: dict[tuple[str, str], list[Any]] = {}
+        self.calibration_job_index: dict[tuple[str, str], list[Any]] = {}
         self.controller = Controller(
             settings=settings or OperatorSettings(),
             kube=self.kube,
             metrics=build_registry(),
             clock=lambda: NOW,  # type: ignore[arg-type]
         )
-        self.controller.bind(self.request_index, self.job_index)
+        self.controller.bind(self.request_index, self.job_index, self.calibration_index, self.calibration_job_index)
 
     def sync(self) -> None:
-        self.request_index.clear()
-        self.job_index.clear()
+        """The kopf indexes, from the fake API (main.py's index handlers do the same)."""
+        for index in (self.request_index, self.job_index, self.calibration_index, self.calibration_job_index):
+            index.clear()
         for body in self.kube.requests.values():
             view = request_view(body)
             self.request_index[view.key] = [view]
+        for body in self.kube.calibrations.values():
+            cview = calibration_view(body)
+            self.calibration_index[cview.key] = [cview]
         for (kind, _), body in self.kube.objects.items():
             if kind == "Job" and body["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by"):
-                view = job_view(body)
+                job = job_view(body)
+                index = self.calibration_job_index if job.owner_kind == "UnlearningCalibration" else self.job_index
                 # kopf keeps every value under a key: several Jobs may claim one request.
-                self.job_index.setdefault((view.namespace, view.request), []).append(view)
+                index.setdefault((job.namespace, job.request), []).append(job)
 
     def add(self, name: str, created: str, ns: str = NS, **overrides: Any) -> None:
         self.kube.requests[name] = {
@@ -180,17 +189,36 @@ class World:
             node[last] = value
         body["metadata"]["generation"] += 1
 
+    def add_calibration(self, name: str, created: str, **overrides: Any) -> None:
+        self.kube.calibrations[name] = {
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "uid": f"uid-{name}",
+                "creationTimestamp": created,
+                "generation": 1,
+            },
+            "spec": raw_calibration(**overrides),
+        }
+
+    def snapshot(self) -> str:
+        return json.dumps(
+            [self.kube.requests, self.kube.calibrations, sorted(self.kube.objects)], sort_keys=True, default=str
+        )
+
     async def drain(self) -> None:
         while self.controller.tasks:
             await asyncio.gather(*list(self.controller.tasks))
 
     async def settle(self) -> None:
-        """Deliver request events until nothing changes (what kopf's watch would do)."""
+        """Deliver request and calibration events until nothing changes (what kopf's watches would do)."""
         for _ in range(20):
             before = self.snapshot()
             self.sync()
             for body in list(self.kube.requests.values()):
                 await self.controller.on_request(None, copy.deepcopy(body))
+            for body in list(self.kube.calibrations.values()):
+                await self.controller.on_calibration(None, copy.deepcopy(body))
             self.controller.run_schedule()  # the coalesced pass, without waiting for its timer
             await self.drain()
             self.sync()
@@ -204,9 +232,6 @@ class World:
         self.controller.run_schedule()
         await self.drain()
         self.sync()
-
-    def snapshot(self) -> str:
-        return json.dumps([self.kube.requests, sorted(self.kube.objects)], sort_keys=True, default=str)
 
     def status(self, name: str) -> dict[str, Any]:
         return dict(self.kube.requests[name].get("status") or {})
@@ -462,7 +487,7 @@ def test_global_cap_and_rejection() -> None:
     world = run(scenario)
     assert [world.phase(f"r{i}") for i in range(4)] == ["Running", "Running", "Queued", "Queued"]
     assert world.phase("bad") == "Rejected"
-    assert "2 of 2 jobs running" in world.status("r2")["message"]
+    assert "2 of 2 slots in use" in world.status("r2")["message"]
     assert ("bad", "Warning", "Rejected") in world.kube.events
     assert not any(name.startswith("bad") for name in world.jobs())
 
@@ -490,14 +515,14 @@ def test_status_is_not_rewritten_when_nothing_changed() -> None:
         world.add("r", "2026-01-01T10:00:00Z")
         await world.settle()
         calls = 0
-        original = world.kube.patch_request_status
+        original = world.kube.patch_status
 
-        def counting(namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        def counting(plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
             nonlocal calls
             calls += 1
-            return original(namespace, name, patch)
+            return original(plural, namespace, name, patch)
 
-        world.kube.patch_request_status = counting  # type: ignore[method-assign]
+        world.kube.patch_status = counting  # type: ignore[method-assign]
         await world.settle()
         await world.tick()
         return world, calls

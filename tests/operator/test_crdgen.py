@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from unlearning_contracts.calibration import MAX_CALIBRATION_NAME_LENGTH
 from unlearning_contracts.record import columns
 from unlearning_contracts.spec import MAX_REQUEST_NAME_LENGTH
 from unlearning_operator import crdgen
@@ -119,8 +120,8 @@ def test_names_status_and_printer_columns() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    numbers = version["additionalPrinterColumns"][3:-2]
-    assert names[:3] + names[-2:] == ["Phase", "Model", "Method", "Verdict", "Age"]
+    numbers = version["additionalPrinterColumns"][3:-3]
+    assert names[:3] + names[-3:] == ["Phase", "Model", "Method", "Verdict", "Calibrated", "Age"]
     # One column per summary number that names one, in declaration order (today these three).
     assert [c["name"] for c in numbers] == [shown.column for _, _, shown, _ in columns()]
     assert {"Forget Acc", "Test Acc", "MIA AUC"} <= set(names)
@@ -141,6 +142,74 @@ def test_no_plain_scalar_reads_as_a_boolean_to_the_api_server() -> None:
     plain = [e.value for e in yaml.parse(text) if isinstance(e, yaml.ScalarEvent) and e.style is None]
     assert "n" not in plain
     assert not [v for v in plain if v in crdgen.YAML11_BOOLEANS and v not in ("true", "false")]
+    # The calibration CRD goes through the same dumper.
+    calibration = crdgen.render(crdgen.CALIBRATION_CRD)
+    plain = [e.value for e in yaml.parse(calibration) if isinstance(e, yaml.ScalarEvent) and e.style is None]
+    assert not [v for v in plain if v in crdgen.YAML11_BOOLEANS and v not in ("true", "false")]
     assert yaml.safe_load(text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
         "properties"
     ]["pre"]["properties"]["intervals"]["additionalProperties"]["required"] == ["low", "high", "n"]
+
+
+def calibration_schema() -> dict[str, Any]:
+    crd = crdgen.build_crd(crdgen.CALIBRATION_CRD)
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def test_calibration_crd_is_structural_and_described() -> None:
+    text = crdgen.render(crdgen.CALIBRATION_CRD)
+    for leftover in ("$ref", "anyOf", "allOf", "oneOf", "title:", "$defs", "&id"):
+        assert leftover not in text
+    root = calibration_schema()
+    for part in ("spec", "status"):
+        for path, node in walk(root["properties"][part], part):
+            assert node.get("description"), f"{path} has no description"
+
+
+def test_calibration_names_columns_and_rules() -> None:
+    crd = crdgen.build_crd(crdgen.CALIBRATION_CRD)
+    names = crd["spec"]["names"]
+    assert crd["metadata"]["name"] == "unlearningcalibrations.unlearn.dev"
+    assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
+        "UnlearningCalibration",
+        "unlearningcalibrations",
+        ["ulc"],
+        ["unlearning"],
+    )
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert list(columns) == ["Phase", "Model", "Folds", "Agreement", "Cost", "Age"]
+    display = calibration_schema()["properties"]["status"]["properties"]["display"]["properties"]
+    assert {path.removeprefix(".status.display.") for path in columns.values() if "display" in path} == set(display)
+    root = calibration_schema()
+    rules = [r["rule"] for r in root["x-kubernetes-validations"]]
+    assert f"self.metadata.name.size() <= {MAX_CALIBRATION_NAME_LENGTH}" in rules
+    assert any("oldSelf.spec" in r and "jobName" in r for r in rules)
+    spec = root["properties"]["spec"]
+    assert set(spec["required"]) == {"model", "recipe", "output"}
+    folds = spec["properties"]["folds"]
+    assert (folds["minimum"], folds["maximum"], folds["default"]) == (2, 32, 4)
+    recipe = spec["properties"]["recipe"]["properties"]
+    assert recipe["optimizer"]["properties"]["name"]["enum"] == ["adam", "adamw", "sgd"]
+    assert recipe["augmentations"]["items"]["enum"] == ["random-crop", "horizontal-flip"]
+    assert "stepEpochs" in recipe["schedule"]["x-kubernetes-validations"][0]["rule"]
+    # The model, data and paths are checked as in a request.
+    assert (
+        spec["properties"]["model"]["x-kubernetes-validations"]
+        == (schema()["properties"]["spec"]["properties"]["model"]["x-kubernetes-validations"])
+    )
+    location = spec["properties"]["output"]["properties"]["location"]
+    assert (
+        location["x-kubernetes-validations"][0]["message"] == "path must not contain '..' (it could escape the volume)"
+    )
+
+
+def test_request_crd_has_the_calibration_use_and_a_calibrated_column() -> None:
+    spec = schema()["properties"]["spec"]["properties"]
+    use = spec["calibration"]
+    assert use["default"] == {}
+    assert use["properties"]["policy"]["enum"] == ["IfAvailable", "Required", "Disabled"]
+    assert use["properties"]["policy"]["default"] == "IfAvailable"
+    status = schema()["properties"]["status"]["properties"]["calibration"]["properties"]
+    assert set(status) == {"name", "uri", "sha256", "calibrated", "note"}

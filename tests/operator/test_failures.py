@@ -188,3 +188,69 @@ def test_a_suspended_job_without_a_queue_says_so() -> None:
     assert check is not None
     assert check.alert is not None
     assert (check.alert.reason, check.alert.message.endswith("(queue ?)")) == (st.REASON_PENDING, True)
+
+
+def indexed(conditions: list[dict[str, Any]], failed_indexes: str = "") -> dict[str, Any]:
+    the_job = job(conditions, completionMode="Indexed", completions=4)
+    the_job["status"]["failedIndexes"] = failed_indexes
+    return the_job
+
+
+def fold(index: int, **terminated: Any) -> dict[str, Any]:
+    the_pod = pod(terminated={"finishedAt": f"2026-01-01T00:0{index}:00Z", **terminated})
+    the_pod["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return the_pod
+
+
+FOLD_RECORD = (
+    '{"schemaVersion":1,"calibration":"a/c","fold":1,"exitCode":4,'
+    '"error":"recipe.augmentations: random-crop needs images of shape C x H x W, the data is 64 features",'
+    '"startedAt":"x","finishedAt":"y"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("the_job", "pods", "reason", "message"),
+    [
+        # The fold's own record says best what is wrong (exit 4 fails the index at once).
+        (
+            indexed([{**FAILED, "reason": "MaxFailedIndexesExceeded"}], "1"),
+            [fold(0, exitCode=0), fold(1, exitCode=4, message=FOLD_RECORD)],
+            "FoldFailed",
+            "fold 1 of 4 failed (exit code 4): recipe.augmentations: random-crop needs images of shape C x H x W, "
+            "the data is 64 features",
+        ),
+        # Only the failed fold's attempts count, not the others' pods.
+        (
+            indexed([{**FAILED, "reason": "MaxFailedIndexesExceeded"}], "3"),
+            [fold(0, exitCode=1, message="other"), *[fold(3, exitCode=139, message="Segmentation fault")] * 3],
+            "FoldFailed",
+            "fold 3 of 4 failed after 3 attempts with exit code 139: Segmentation fault",
+        ),
+        (
+            indexed([{**FAILED, "reason": "MaxFailedIndexesExceeded"}], "2"),
+            [fold(2, exitCode=137, reason="OOMKilled")],
+            "FoldFailed",
+            "fold 2 of 4 ran out of memory (limit 16Gi) and was killed: raise spec.job.memory or lower "
+            "recipe.batchSize",
+        ),
+        (
+            indexed([{**FAILED, "reason": "DeadlineExceeded"}]),
+            [],
+            "FoldFailed",
+            "the folds Job: the Job ran longer than its deadline (21600 s) and was stopped: raise "
+            "spec.job.activeDeadlineSeconds, or train more folds at once (UNLEARNING_CALIBRATION_PARALLELISM)",
+        ),
+        (
+            job([{**FAILED, "reason": "BackoffLimitExceeded"}]),
+            [pod(terminated={"exitCode": 1, "message": "OSError: disk full", "finishedAt": "x"})],
+            "MergeFailed",
+            "the merge failed with exit code 1: OSError: disk full",
+        ),
+    ],
+)
+def test_explain_calibration_failure(
+    the_job: dict[str, Any], pods: list[dict[str, Any]], reason: str, message: str
+) -> None:
+    why = failures.explain_calibration_failure(the_job, pods, folds=4)
+    assert (why.reason, why.message) == (reason, message)

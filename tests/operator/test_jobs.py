@@ -11,6 +11,7 @@ import yaml
 from tests.operator.factories import REF, V0, raw_spec, spec
 from unlearning_contracts.record import NON_RETRYABLE_EXIT_CODES
 from unlearning_contracts.spec import UnlearningRequestSpec, parse_manifest, parse_spec
+from unlearning_operator.banks import BankUse
 from unlearning_operator.jobs import (
     BuiltFrom,
     ImageNotAllowedError,
@@ -426,3 +427,29 @@ def test_gpus_of_a_job_is_its_containers_gpu_limits(containers: list[dict[str, A
 def test_gpus_of_the_built_job_follow_the_request() -> None:
     assert gpus_of(job_for(REF, spec(**{"job.gpus": 2}), SETTINGS, V0)) == 2
     assert gpus_of(job_for(REF, spec(**{"job.gpus": 0}), SETTINGS, V0)) == 0
+
+
+def test_a_bank_is_passed_with_its_digest_and_mounted_read_only() -> None:
+    bank = BankUse("team-a/digits-cal", "pvc://banks/digits/digits-cal-7c6b5a49/bank.npz", "ba" * 32)
+    job = build_job(REF, spec(), SETTINGS, V0, SETTINGS.job_image, bank=bank)
+    c = container(job)
+    assert c["command"][-6:] == [
+        "--calibration-bank",
+        "pvc://banks/digits/digits-cal-7c6b5a49/bank.npz",
+        "--calibration-sha256",
+        "ba" * 32,
+        "--calibration-name",
+        "team-a/digits-cal",
+    ]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/volumes/banks"]["readOnly"] is True
+    volume = next(v for v in pod_spec(job)["volumes"] if v["name"] == mounts["/volumes/banks"]["name"])
+    assert volume["persistentVolumeClaim"] == {"claimName": "banks", "readOnly": True}
+    assert BankUse.from_annotation(job["metadata"]["annotations"]["unlearn.dev/calibration-bank"]) == bank
+    # A bank on the output claim: that claim stays mounted once, read-write.
+    on_output = BankUse("team-a/c", "pvc://models/banks/bank.npz", "ab" * 32)
+    assert claims(effective_spec(spec(), V0), on_output) == ([], ["models"])
+    # No bank: no flag, no annotation.
+    plain = build_job(REF, spec(), SETTINGS, V0, SETTINGS.job_image)
+    assert "--calibration-bank" not in container(plain)["command"]
+    assert "unlearn.dev/calibration-bank" not in plain["metadata"]["annotations"]

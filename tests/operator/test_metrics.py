@@ -19,7 +19,9 @@ from unlearning_operator.metrics import (
     HANDLERS,
     VERDICTS,
     Completion,
+    bank_age_counts,
     build_registry,
+    calibration_completion,
     completion,
     gate_labels,
     metric_names,
@@ -69,7 +71,10 @@ def test_labels_are_bounded() -> None:
     for family in metrics.registry.collect():
         if family.name.startswith("unlearning_"):
             for sample in family.samples:
-                assert set(sample.labels) <= {"phase", "verdict", "method", "reason", "gate", "handler", "result", "le"}
+                assert set(sample.labels) <= {
+                    *("phase", "verdict", "method", "reason", "gate", "handler", "result", "le"),
+                    *("age", "calibrated"),
+                }
 
 
 def _label_sets(metrics_text: str, name: str) -> set[str]:
@@ -116,6 +121,11 @@ def test_failure_reasons_are_every_reason_a_failed_request_can_carry() -> None:
         states.REASON_POD_STARTED,
         states.REASON_PENDING,
         states.REASON_PASSED,
+        states.REASON_CALIBRATION_FOUND,  # CalibrationReady condition, the request goes on
+        states.REASON_NO_CALIBRATION,
+        states.REASON_CALIBRATION_DISABLED,
+        states.REASON_WAITING_FOR_CALIBRATION,
+        states.REASON_CALIBRATION_MISSING,  # Rejected, never ran
     }
     reasons = {value for name, value in vars(states).items() if name.startswith("REASON_")}
     assert set(FAILURE_REASONS) == reasons - not_failures
@@ -184,15 +194,18 @@ OOM = {**FINAL, "phase": "Failed", "conditions": [{"type": "Complete", "status":
 @pytest.mark.parametrize(
     ("inputs", "expected"),
     [
-        # Passed on 2 GPUs for 600 s: 1200 GPU-seconds, the post numbers and the test-accuracy drop.
+        # Passed on 2 GPUs for 600 s: 1200 GPU-seconds, the post numbers and the test-accuracy drop;
+        # without a bank (the record's default calibration) it counts as uncalibrated.
         (
             ("scrub", FINAL, record(), 2, True),
-            Completion("scrub", "Passed", None, 0.52, 0.01, pytest.approx(0.7), (), 600.0, 1200.0),
+            Completion("scrub", "Passed", None, 0.52, 0.01, pytest.approx(0.7), (), 600.0, 1200.0, False),
         ),
         # Gates failed: the failure reason and one label per failed gate.
         (
             ("scrub", FAILED_GATES, record(verdict="Failed", exitCode=3, failedGates=["maxMiaAuc"]), 1, True),
-            Completion("scrub", "Failed", "GatesFailed", 0.52, 0.01, pytest.approx(0.7), ("maxMiaAuc",), 600.0, 600.0),
+            Completion(
+                "scrub", "Failed", "GatesFailed", 0.52, 0.01, pytest.approx(0.7), ("maxMiaAuc",), 600.0, 600.0, False
+            ),
         ),
         # OOM without a record: verdict Error, no numbers, CPU-only.
         (("salun", OOM, None, 0, True), Completion("salun", "Error", "OOMKilled", None, None, None, (), 600.0, 0.0)),
@@ -212,3 +225,38 @@ def test_observe_counts_a_completion() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'unlearning_requests_completed_total{method="scrub",verdict="Passed"} 1.0' in text
     assert 'unlearning_gpu_seconds_total{method="scrub"} 1200.0' in text
+
+
+@pytest.mark.parametrize(
+    ("ages", "expected"),
+    [
+        ([], {"under_1d": 0, "1d_to_7d": 0, "7d_to_30d": 0, "over_30d": 0}),
+        ([0.0, 86399.0], {"under_1d": 2, "1d_to_7d": 0, "7d_to_30d": 0, "over_30d": 0}),
+        ([86400.0, 7 * 86400.0, 30 * 86400.0, 400 * 86400.0], {"under_1d": 0, "1d_to_7d": 1, "7d_to_30d": 1,
+                                                              "over_30d": 2}),
+    ],
+)  # fmt: skip
+def test_bank_ages_fall_in_four_bands_whatever_the_number_of_models(
+    ages: list[float], expected: dict[str, int]
+) -> None:
+    assert bank_age_counts(ages) == expected
+    metrics = build_registry()
+    metrics.set_bank_ages(ages)
+    sample = metrics.registry.get_sample_value
+    assert sample("unlearning_calibration_oldest_bank_age_seconds") == max(ages, default=0.0)
+    for label, count in expected.items():
+        assert sample("unlearning_calibration_models_by_bank_age", {"age": label}) == count
+
+
+def test_calibration_completion() -> None:
+    ready = calibration_completion({"phase": "Ready", "cost": {"gpuSeconds": 300.0}})
+    assert (ready.result, ready.failure_reason, ready.gpu_seconds) == ("Ready", None, 300.0)
+    failed = calibration_completion(
+        {"phase": "Failed", "conditions": [{"type": "Ready", "status": "False", "reason": "FoldFailed"}]}
+    )
+    assert (failed.result, failed.failure_reason, failed.gpu_seconds) == ("Failed", "FoldFailed", 0.0)
+    metrics = build_registry()
+    metrics.observe_calibration(failed)
+    text = generate_latest(metrics.registry).decode()
+    assert 'unlearning_calibrations_completed_total{result="Failed"} 1.0' in text
+    assert 'unlearning_calibration_failures_total{reason="FoldFailed"} 1.0' in text

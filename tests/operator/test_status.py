@@ -153,6 +153,11 @@ WRITERS = [build for build, _, _ in TRANSITIONS] + [
     lambda: st.pod_started(st.pod_pending(running(), st.REASON_PENDING, "pending", T0), T1),
     lambda: st.queued(st.pending(None, 1, T0), st.REASON_WAITING_FOR_CAPACITY, "2 of 2 running", 1, T0),
     lambda: st.with_audit(st.finished(running(), record(), T1), "unlearn-audit-r-1234abcd"),
+    lambda: st.waiting_for_calibration(st.pending(None, 1, T0), st.REASON_WAITING_FOR_CALIBRATION, "waiting", 1, T0),
+    lambda: st.with_calibration(
+        running(), bank=BANK, found=True, reason=st.REASON_CALIBRATION_FOUND, message="x", now=T0
+    ),
+    lambda: st.finished(running(), record(calibration=USED), T1),
 ]
 
 
@@ -164,6 +169,38 @@ def test_every_key_a_transition_writes_is_in_the_crd_schema(build: Any) -> None:
     missing = key_paths(status) - schema_paths(schema["properties"]["status"])
     assert not missing, f"status.py writes keys the CRD's status schema lacks (add them to RequestStatus): {missing}"
     jsonschema.validate(status, schema["properties"]["status"])
+
+
+BANK = {"name": "team-a/cal", "uri": "pvc://banks/c/bank.npz", "sha256": "ba" * 32}
+USED = {**BANK, "calibrated": False, "note": "the bank's data digest differs from the data loaded"}
+
+
+def test_waiting_for_a_bank_stays_pending_with_a_condition() -> None:
+    status = st.waiting_for_calibration(
+        st.pending(None, 1, T0), st.REASON_WAITING_FOR_CALIBRATION, "waiting for cal (Running, 1/4 folds)", 1, T0
+    )
+    assert status["phase"] == "Pending"
+    assert status["message"] == "waiting for cal (Running, 1/4 folds)"
+    assert conditions(status) == {
+        "Accepted": ("True", "SpecValid"),
+        "CalibrationReady": ("False", "WaitingForCalibration"),
+    }
+
+
+def test_the_bank_chosen_at_launch_and_the_records_word_on_it() -> None:
+    launched = st.with_calibration(
+        running(), bank=BANK, found=True, reason=st.REASON_CALIBRATION_FOUND, message="uses the bank", now=T0
+    )
+    assert launched["calibration"] == BANK
+    assert conditions(launched)["CalibrationReady"] == ("True", "CalibrationFound")
+    # The job has the last word: it verified the file and says whether it used it.
+    done = st.finished(launched, record(calibration=USED), T1)
+    assert done["calibration"] == USED
+    without = st.with_calibration(
+        launched, bank=None, found=False, reason=st.REASON_NO_CALIBRATION, message="none", now=T1
+    )
+    assert "calibration" not in without
+    assert conditions(without)["CalibrationReady"] == ("False", "NoCalibration")
 
 
 def test_finished_copies_the_numbers_and_versions() -> None:

@@ -7,16 +7,16 @@ delete anywhere (owner references let the garbage collector clean up).
 
 {{/* Rules on namespaced resources: a ClusterRole (cluster-wide mode) or a Role per watched namespace. */}}
 {{- define "unlearning-operator.namespacedRules" -}}
-# Watch requests (indexes and event handlers only: kopf never patches the object itself).
+# Watch requests and calibrations (indexes and event handlers only: kopf never patches the object itself).
 - apiGroups: ["unlearn.dev"]
-  resources: ["unlearningrequests"]
+  resources: ["unlearningrequests", "unlearningcalibrations"]
   verbs: ["list", "watch"]
 # Phase, conditions and results.
 - apiGroups: ["unlearn.dev"]
-  resources: ["unlearningrequests/status"]
+  resources: ["unlearningrequests/status", "unlearningcalibrations/status"]
   verbs: ["patch"]
-# One Job per request (deleted by the garbage collector through its owner reference); patch: its
-# ttlSecondsAfterFinished, set once its result is recorded.
+# One Job per request, two per calibration (deleted by the garbage collector through their owner references);
+# patch: a request Job's ttlSecondsAfterFinished, set once its result is recorded.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -24,11 +24,11 @@ delete anywhere (owner references let the garbage collector clean up).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-# Request spec, audit records (immutable) and model lineage.
+# Request and calibration manifests, audit and calibration records (immutable) and model lineage.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "update"]
-# Events on requests.
+# Events on requests and calibrations.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
