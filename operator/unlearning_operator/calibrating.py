@@ -606,29 +606,14 @@ class Calibrations:
         self.metrics.set_bank_ages([max(0.0, (now - made).total_seconds()) for made in newest.values()])
 
     async def _check_pending(self, view: CalibrationView, job: JobView) -> None:
-        now = self.clock()
-        threshold = self.settings.pending_alert_seconds
-        pods: list[dict[str, Any]] = []
-        if failures.needs_pods(job, now, threshold):
-            pods = await self.rt.call(self.rt.api_pool, self.kube.job_pods, view.namespace, job.name)
-        queue = view.spec.job.queue_name if view.spec is not None else None
-        check = failures.pending_check(job, pods, queue, now, threshold)
-        if check is None:
-            return
-        async with self.rt.lock(view.key):
-            status = self.rt.current_status(view)
-            if cal.phase_of(status) != cal.RUNNING:
-                return
-            before = cal.get_condition(status, cal.POD_PENDING)
-            if check.alert is not None:
-                alert = check.alert
-                if before is not None and before["status"] == "True" and before["reason"] == alert.reason:
-                    return
-                new = cal.pod_pending(status, alert.reason, alert.message, now)
-                await self.rt.write_status(view, new, self.rt.api_pool)
-                await self.rt.event(view, "Warning", alert.reason, alert.message)
-            elif check.started:
-                await self.rt.write_status(view, cal.pod_started(status, now), self.rt.api_pool)
+        await self.rt.check_pending(
+            view,
+            job,
+            view.spec.job.queue_name if view.spec is not None else None,
+            running=lambda status: cal.phase_of(status) == cal.RUNNING,
+            pending=cal.pod_pending,
+            started=cal.pod_started,
+        )
 
 
 def _held(status: dict[str, Any], folds_job: JobView | None, merge_job: JobView | None, slots: int) -> int:

@@ -48,7 +48,7 @@ from typing import Any
 from unlearning_contracts.api import CALIBRATION as CALIBRATION_KIND
 from unlearning_contracts.spec import UnlearningRequestSpec
 
-from . import banks, completion, failures, launching
+from . import banks, completion, launching
 from . import status as states
 from .admission import Admitted, admit
 from .calibrating import Calibrations
@@ -510,27 +510,11 @@ class Controller:
         self.schedule()
 
     async def _check_pending(self, view: RequestView, job: JobView) -> None:
-        now = self.clock()
-        threshold = self.settings.pending_alert_seconds
-        pods: list[dict[str, Any]] = []
-        if failures.needs_pods(job, now, threshold):
-            pods = await self.rt.call(self.rt.api_pool, self.kube.job_pods, view.namespace, job.name)
-        queue = view.spec.job.queue_name if view.spec is not None else None
-        check = failures.pending_check(job, pods, queue, now, threshold)
-        if check is None:
-            return
-        async with self.rt.lock(view.key):
-            status = self.rt.current_status(view)
-            if states.phase_of(status) != states.RUNNING:
-                return
-            before = states.get_condition(status, states.POD_PENDING)
-            if check.alert is not None:
-                alert = check.alert
-                if before is not None and before["status"] == "True" and before["reason"] == alert.reason:
-                    return  # already raised; the message's wait time is not worth a write every tick
-                await self.rt.write_status(
-                    view, states.pod_pending(status, alert.reason, alert.message, now), self.rt.api_pool
-                )
-                await self.rt.event(view, "Warning", alert.reason, alert.message)
-            elif check.started:
-                await self.rt.write_status(view, states.pod_started(status, now), self.rt.api_pool)
+        await self.rt.check_pending(
+            view,
+            job,
+            view.spec.job.queue_name if view.spec is not None else None,
+            running=lambda status: states.phase_of(status) == states.RUNNING,
+            pending=states.pod_pending,
+            started=states.pod_started,
+        )

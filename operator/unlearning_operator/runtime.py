@@ -29,11 +29,14 @@ from typing import Any, Protocol, TypeVar
 
 from unlearning_contracts.api import REQUEST
 
+from . import failures
 from . import status as states
 from .k8s import ApiError, Kube, ObjectRef
 from .metrics import AUDIT_FAILED, AUDIT_WRITTEN, Metrics
 from .settings import OperatorSettings
-from .views import Key
+from .views import JobView, Key
+
+StatusChange = Callable[..., dict[str, Any]]
 
 
 class Viewed(Protocol):
@@ -174,6 +177,40 @@ class Runtime:
                 self.retrying.discard(token)
 
         self.spawn(once(), what)
+
+    async def check_pending(
+        self,
+        view: Viewed,
+        job: JobView,
+        queue: str | None,
+        *,
+        running: Callable[[dict[str, Any]], bool],
+        pending: StatusChange,
+        started: StatusChange,
+    ) -> None:
+        """Raise (or clear) the PodPending alert of a running Job's pods, for either kind: ``running`` says
+        whether the object still runs, ``pending``/``started`` are its status module's changes."""
+        now = self.clock()
+        threshold = self.settings.pending_alert_seconds
+        pods: list[dict[str, Any]] = []
+        if failures.needs_pods(job, now, threshold):
+            pods = await self.call(self.api_pool, self.kube.job_pods, view.namespace, job.name)
+        check = failures.pending_check(job, pods, queue, now, threshold)
+        if check is None:
+            return
+        async with self.lock(view.key):
+            status = self.current_status(view)
+            if not running(status):
+                return
+            before = states.get_condition(status, states.POD_PENDING)
+            if check.alert is not None:
+                alert = check.alert
+                if before is not None and before["status"] == "True" and before["reason"] == alert.reason:
+                    return  # already raised; the message's wait time is not worth a write every tick
+                await self.write_status(view, pending(status, alert.reason, alert.message, now), self.api_pool)
+                await self.event(view, "Warning", alert.reason, alert.message)
+            elif check.started:
+                await self.write_status(view, started(status, now), self.api_pool)
 
     def sibling(self, plural: str) -> Runtime:
         """A runtime for another kind: the same pools, client and metrics, its own caches and locks."""
