@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.datasets import DATASETS, FORGET_KINDS, Dataset, ForgetKind, ForgetSet, forget_set, load
+from bench.datasets import DATASETS, DEFAULT_DATASETS, FORGET_KINDS, Dataset, ForgetKind, ForgetSet, forget_set, load
 from unlearn import audit, calibrated, gates, tuning
 from unlearn.demo import mlp, train_digits_model
 from unlearn.engine import Context, Monitor, TensorSet, predict
@@ -698,7 +698,7 @@ def machine() -> dict[str, Any]:
 
 @dataclass
 class Settings:
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
     kinds: list[ForgetKind] = field(default_factory=lambda: list(FORGET_KINDS))
     seeds: int = 3
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (sweeps on other seeds)
@@ -762,7 +762,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), choices=DATASETS)
     parser.add_argument("--kinds", nargs="+", default=list(FORGET_KINDS), choices=FORGET_KINDS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (at least 3 for the tables)")
     parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here (sweeps on other seeds)")
