@@ -784,8 +784,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of Avg. Gap against speed-up")
     parser.add_argument("--docs", type=Path, default=None, help="replace the generated part of this Markdown file")
     parser.add_argument(
-        "--from", dest="source", type=Path, default=None, help="re-render tables and plot from a results JSON (no run)"
+        "--from",
+        dest="source",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-render tables and plot from a results JSON (no run); several: merged into one (written to --out)",
     )
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one document: runs concatenated (in order), the summary recomputed, the seeds
+    counted per dataset, every command kept. For runs split by dataset, kind or seed on a shared machine."""
+    runs = [row for result in results for row in result["runs"]]
+    datasets = list(dict.fromkeys(row["dataset"] for row in runs))
+    seeds = {d: len({row["seed"] for row in runs if row["dataset"] == d}) for d in datasets}
+    first = results[0]
+    variants = list(dict.fromkeys(v for result in results for v in result["settings"]["variants"]))
+    machines = [result["machine"] for result in results]
+    return {
+        **first,
+        "date": max(result["date"] for result in results),
+        "command": "; ".join(result.get("command") or "python -m bench quality" for result in results),
+        "settings": {
+            **first["settings"],
+            "datasets": datasets,
+            "kinds": list(dict.fromkeys(row["kind"] for row in runs)),
+            "seeds": " and ".join(f"{n} ({d})" for d, n in seeds.items()),
+            "variants": variants,
+        },
+        "machine": {
+            **machines[0],
+            "loadAverageAtStart": max(m["loadAverageAtStart"] for m in machines),
+            "loadAverageAtEnd": max(m.get("loadAverageAtEnd", 0.0) for m in machines),
+        },
+        "wallSeconds": sum(result["wallSeconds"] for result in results),
+        "runs": runs,
+        "summary": summarise(runs),
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -826,8 +862,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         args.datasets, args.kinds, args.seeds, args.first_seed, args.epochs, args.samples, variants, args.repeats
     )
-    if args.source is not None:
-        result = json.loads(args.source.read_text())
+    if args.source is not None and len(args.source) == 1:
+        result = json.loads(args.source[0].read_text())
+    elif args.source is not None:
+        result = merge([json.loads(path.read_text()) for path in args.source])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     else:
         result = run(settings, log=lambda line: print(line, flush=True))
         args.out.parent.mkdir(parents=True, exist_ok=True)
