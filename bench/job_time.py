@@ -157,6 +157,21 @@ def measure(name: str, kinds: Sequence[ForgetKind], seed: int, workdir: Path, lo
     return rows
 
 
+def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Results run separately (one dataset at a time on a shared machine) as one: runs in order, every command."""
+    return {
+        **parts[0],
+        "date": max(p["date"] for p in parts),
+        "command": "; ".join(p["command"] for p in parts),
+        "machine": {
+            **parts[0]["machine"],
+            "loadAverageAtStart": max(p["machine"]["loadAverageAtStart"] for p in parts),
+        },
+        "wallSeconds": sum(p["wallSeconds"] for p in parts),
+        "runs": [run for p in parts for run in p["runs"]],
+    }
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -195,10 +210,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/job-time.json"), help="raw results (JSON)")
     parser.add_argument("--docs", type=Path, default=None, help="replace the generated part of this Markdown file")
-    parser.add_argument("--from", dest="source", type=Path, default=None, help="re-render from a results JSON (no run)")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-render from results JSON (no run); several (one per dataset, say) are merged and written to --out",
+    )
     args = parser.parse_args(argv)
     if args.source is not None:
-        result = json.loads(args.source.read_text())
+        parts = [json.loads(path.read_text()) for path in args.source]
+        result = merge(parts)
+        if len(parts) > 1:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
     else:
         torch.set_num_threads(1)  # the bench's own training and calibration; each request sets its own threads
         started = time.perf_counter()
