@@ -9,7 +9,8 @@ every method ends within ``FLOAT64_TOLERANCE`` of the one-process weights
 the gradient's second moment, so a weight whose gradient is nearly zero (and
 thus mostly rounding) can take a different step: the weights agree within
 ``FLOAT32_TOLERANCE`` on the shortened methods (measured: 9.2e-7 for scrub,
-3e-8 for the others; 1.8e-5 for scrub under its earlier schedule) and within
+9.7e-8 for calibrated, with and without the stopping rule, 3e-8 for the others;
+1.8e-5 for scrub under its earlier schedule) and within
 ``REQUEST_WEIGHT_TOLERANCE`` after the whole default request (measured: 6.4e-6;
 4.2e-4 under scrub's earlier schedule), where
 the audit's numbers came out identical to four decimals. The ranks themselves
