@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "data-parallel": ("bench.data_parallel", "the engine's training loop on 1 and N ranks (CPU gloo, or GPUs)"),
     "operator-scale": ("bench.operator_scale", "100 and 500 requests at once against the operator"),
     "refusal": ("bench.refusal", "what `unlearn run` costs to refuse a bad request (wall, CPU, peak memory)"),
+    "job-time": ("bench.job_time", "the per-request speed-up with everything the Job does: unlearn run vs retrain"),
     "calibration": ("bench.calibration", "the reference bank: likeness to the original vs K, cost, staleness (CPU)"),
 }
 

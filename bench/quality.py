@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -69,10 +70,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.datasets import DATASETS, FORGET_KINDS, Dataset, ForgetKind, ForgetSet, forget_set, load
-from unlearn import audit, gates, tuning
+from bench.datasets import DATASETS, DEFAULT_DATASETS, FORGET_KINDS, Dataset, ForgetKind, ForgetSet, forget_set, load
+from unlearn import audit, calibrated, gates, tuning
 from unlearn.demo import mlp, train_digits_model
-from unlearn.engine import Context, TensorSet, predict
+from unlearn.engine import Context, Monitor, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError
 from unlearning_contracts.record import AuditMetrics
@@ -84,9 +85,14 @@ ORIGINAL = "original"
 RETRAIN = "retrain"
 FLOOR = "retrain (2nd seed)"
 STRONGER = ("neggrad-plus", "scrub", "salun")
-VARIANTS: tuple[str, ...] = (TUTORIAL, TUNED, *STRONGER)
+CALIBRATED = "calibrated"
+STOPPED = " + stopping rule"  # a method's label with the bank's stopping rule
+BANK_FOLDS = 4
+BANK_SEED = 500  # the references' weights and shuffles: independent of the original's and the retrains'
+CHECK_RETAIN_ROWS = 1000
+VARIANTS: tuple[str, ...] = (TUTORIAL, TUNED, *STRONGER, "scrub" + STOPPED, CALIBRATED)
 GAP_METRICS = ("ua", "ra", "ta", "mia")
-METRICS = ("ua", "ra", "ta", "mia", "auc", "clf", "tpr", "gap", "seconds")
+METRICS = ("ua", "ra", "ta", "mia", "auc", "clf", "tpr", "gap", "est", "seconds")
 # Retrains draw their initial weights and shuffles from these seeds (plus the split's seed), never from
 # the original's: a reference that starts from the original's weights is not independent of it.
 REFERENCE_SEED = 1000
@@ -99,8 +105,8 @@ DOCS_END = "<!-- bench quality: end -->"
 
 
 def default_method() -> str:
-    """The spec's default method: what a request without ``method.name`` runs."""
-    return str(MethodSpec().name)
+    """What a request without ``method.name`` runs here: ``auto`` with the model's bank is calibrated."""
+    return tuning.method_for(str(MethodSpec().name), calibrated=True)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,12 @@ class Variant:
     method: str
     overrides: tuple[tuple[str, float], ...] = ()
     tuned: bool = False
+    stop: bool = False
+    """Run under the stopping rule with the split's bank (always for calibrated)."""
+
+    @property
+    def banked(self) -> bool:
+        return self.stop or self.method == CALIBRATED
 
     def hyper(self, seed: int) -> tuning.Hyper:
         h = tuning.resolve(MethodSpec.model_validate({"name": self.method, "seed": seed}))
@@ -124,7 +136,8 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """``METHOD:field=value,field=value`` (fields of ``unlearn.tuning.Hyper``), e.g. ``scrub:retain_epochs=2``."""
-    method, _, rest = text.partition(":")
+    stop = text.endswith("+stop")
+    method, _, rest = text.removesuffix("+stop").partition(":")
     if method not in tuning.DEFAULTS or method == RETRAIN:
         raise ValueError(f"--variant {text!r}: unknown method {method!r}: choose from {', '.join(STRONGER)}, ...")
     fields = {f for f in tuning.Hyper.__dataclass_fields__} - {"method", "seed", "mixed_precision"}
@@ -134,7 +147,8 @@ def parse_variant(text: str) -> Variant:
         if key not in fields:
             raise ValueError(f"--variant {text!r}: {key!r} is not a hyper-parameter: use one of {sorted(fields)}")
         overrides.append((key, float(value)))
-    return Variant(text if overrides else method, method, tuple(overrides))
+    label = (text.removesuffix("+stop") if overrides else method) + (STOPPED if stop else "")
+    return Variant(label, method, tuple(overrides), stop=stop)
 
 
 @dataclass
@@ -289,6 +303,98 @@ def retrain_variant(dataset: Dataset) -> Variant:
     return Variant(RETRAIN, RETRAIN, (("retain_lr", r.lr), ("retain_epochs", r.epochs), ("retain_batch", r.batch)))
 
 
+@dataclass
+class SplitBank:
+    """The split's reference bank, made as ``unlearn calibrate`` makes it (K folds, the original's recipe)."""
+
+    folds: np.ndarray
+    out_logits: np.ndarray
+    phi: np.ndarray  # [K, N]
+    test_logits: np.ndarray  # [K, M, C]
+    test_phi: np.ndarray  # [K, M]
+    seconds: float
+    steps: int
+
+
+def make_bank(split: Split) -> SplitBank:
+    """K references, reference k trained from fresh weights on every row outside fold k."""
+    dataset, labels = split.dataset, split.fs.labels
+    n = len(dataset.train)
+    folds = np.random.default_rng(BANK_SEED + split.seed).permutation(n) % BANK_FOLDS
+    x, y = torch.from_numpy(dataset.train.x), torch.from_numpy(labels)
+    out = np.zeros((n, dataset.classes), np.float32)
+    phi, test_logits, test_phi = [], [], []
+    steps = 0
+    start = time.perf_counter()
+    for k in range(BANK_FOLDS):
+        keep = folds != k
+        recipe = replace(dataset.recipe, seed=BANK_SEED + 10 * split.seed + k)
+        reference = train_digits_model(x[keep], y[keep], recipe, dataset.classes)
+        steps += recipe.epochs * -(-int(keep.sum()) // recipe.batch)
+        logits = predict(reference, x, split.ctx)
+        out[~keep] = logits[~keep]
+        phi.append(calibrated.phi(logits, labels))
+        held = predict(reference, split.heldout.x, split.ctx)
+        test_logits.append(held)
+        test_phi.append(calibrated.phi(held, dataset.test.y))
+    return SplitBank(
+        folds, out, np.stack(phi), np.stack(test_logits), np.stack(test_phi), time.perf_counter() - start, steps
+    )
+
+
+def calibration_plan(original: nn.Module, split: Split, bank: SplitBank) -> calibrated.Plan:
+    """The job's plan (``unlearn.calibrated.plan``) on the whole forget set and every held-out row."""
+    rows = split.fs.forget
+    labels = split.forget.y.numpy()
+    removed = calibrated.removed_classes(labels, split.fs.labels, (), split.dataset.classes)
+    return calibrated.plan(
+        forget_labels=labels,
+        original_forget_logits=predict(original, split.forget.x, split.ctx),
+        audited=np.arange(len(rows)),
+        original_retain_accuracy=audit.accuracy(predict(original, split.retain.x, split.ctx), split.retain.y.numpy()),
+        original_heldout=(predict(original, split.heldout.x, split.ctx), split.heldout.y.numpy()),
+        removed=removed,
+        share=len(rows) / len(split.dataset.train),
+        out_logits=bank.out_logits[rows],
+        out_phi=bank.phi[bank.folds[rows], rows],
+        reference_test_logits=bank.test_logits,
+        reference_test_phi=bank.test_phi,
+    )
+
+
+def run_banked(
+    original: nn.Module, split: Split, hyper: tuning.Hyper, the_plan: calibrated.Plan
+) -> tuple[nn.Module, float, dict[str, Any]]:
+    """A method under the stopping rule with the job's estimate (a bounded retain sample per check)."""
+    retain_rows = np.random.default_rng(AUDIT_SEED).permutation(len(split.retain))[:CHECK_RETAIN_ROWS]
+    retain_x, retain_y = split.retain.x[torch.from_numpy(retain_rows)], split.retain.y.numpy()[retain_rows]
+    heldout_y = split.heldout.y.numpy()
+
+    def outputs(module: nn.Module) -> tuple[tuple[Any, Any], tuple[Any, Any], tuple[Any, Any]]:
+        return (
+            (predict(module, split.forget.x, split.ctx), split.forget.y.numpy()),
+            (predict(module, retain_x, split.ctx), retain_y),
+            (predict(module, split.heldout.x, split.ctx), heldout_y),
+        )
+
+    def estimate(module: nn.Module) -> float:
+        return calibrated.objective(the_plan, *outputs(module), seed=AUDIT_SEED)
+
+    monitor = Monitor(estimate)
+    split.ctx.targets = torch.from_numpy(the_plan.targets.probs).float()
+    split.ctx.monitor = monitor
+    try:
+        module, seconds, info = run_plain(original, split, hyper)
+    finally:
+        split.ctx.targets, split.ctx.monitor = None, None
+    info["stopping"] = monitor.summary()
+    # The gap the job's evidence reports for the returned model (the stopping rule's objective adds membership).
+    found = calibrated.evidence(the_plan, *outputs(module), seed=AUDIT_SEED)
+    info["est"] = found.estimated_gap if found.estimated_gap is not None else math.nan
+    info["memberRows"] = found.member_rows
+    return module, seconds, info
+
+
 def run_split(
     dataset: Dataset,
     kind: ForgetKind,
@@ -297,12 +403,14 @@ def run_split(
     originals: dict[bytes, nn.Module],
     *,
     repeats: int = 1,
+    banks: dict[bytes, SplitBank] | None = None,
 ) -> list[dict[str, Any]]:
     """Every variant on one split; returns one row per variant (plus retrain, its second seed and original).
 
     Each method is timed ``repeats`` times (the first run's model is the one measured: on CPU a
     seed gives the same model every run); ``seconds`` keeps every timing.
     """
+    banks = banks if banks is not None else {}
     fs = forget_set(dataset, kind, seed)
     split = make_split(dataset, fs, seed)
     key = fs.labels.tobytes()
@@ -321,9 +429,23 @@ def run_split(
     )
     before = measure(original, split).metrics
     rows.append({**base, "method": ORIGINAL, **before, "gap": avg_gap(before, reference)})
+    the_plan: calibrated.Plan | None = None
+    if any(v.banked for v in variants):
+        if key not in banks:
+            banks[key] = make_bank(split)
+        bank = banks[key]
+        the_plan = calibration_plan(original, split, bank)
+        r = dataset.recipe
+        full = r.epochs * -(-len(dataset.train) // r.batch)  # one training on every row
+        base = {**base, "bankSeconds": bank.seconds, "bankSteps": bank.steps, "fullSteps": full}
     for variant in variants:
         hyper = variant.hyper(seed)
-        runner = run_tuned if variant.tuned else run_plain
+        runner: Callable[[nn.Module, Split, tuning.Hyper], tuple[nn.Module, float, dict[str, Any]]]
+        if variant.banked:
+            assert the_plan is not None
+            runner = functools.partial(run_banked, the_plan=the_plan)
+        else:
+            runner = run_tuned if variant.tuned else run_plain
         module, seconds, info = runner(original, split, hyper)
         timings = [seconds] + [runner(original, split, hyper)[1] for _ in range(repeats - 1)]
         if "diverged" in info:
@@ -396,8 +518,8 @@ def markdown_tables(summary: Sequence[dict[str, Any]], default: str) -> str:
     """One table per dataset x forget kind; the default method's row is marked."""
     header = (
         "| method | UA | RA | TA | MIA-eff. | loss AUC | clf acc | TPR@1%FPR | **Avg. Gap** | per-seed gap "
-        "| time (s) | speed-up |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| estimated gap (bank) | time (s) | speed-up |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     blocks: dict[tuple[str, str], list[str]] = {}
     for e in summary:
@@ -412,7 +534,7 @@ def markdown_tables(summary: Sequence[dict[str, Any]], default: str) -> str:
         line = (
             f"| {label} | {_cell(e, 'ua', 1)} | {_cell(e, 'ra', 1)} | {_cell(e, 'ta', 1)} | {_cell(e, 'mia', 1)} "
             f"| {_cell(e, 'auc', 3)} | {_cell(e, 'clf', 3)} | {_cell(e, 'tpr', 1)} | **{_number(e, 'avgGap', '.2f')}** "
-            f"| {_cell(e, 'gap', 2)} | {_cell(e, 'seconds', 2)} | {speed} |"
+            f"| {_cell(e, 'gap', 2)} | {_cell(e, 'est', 2)} | {_cell(e, 'seconds', 2)} | {speed} |"
         )
         blocks.setdefault((e["dataset"], e["kind"]), []).append(line)
     parts = []
@@ -439,6 +561,40 @@ def goal_lines(summary: Sequence[dict[str, Any]], default: str) -> str:
         lines.append(
             f"| {e['dataset']} | {e['kind']} | {floor_text} | ≤ {target:.2f} | {gap:.2f} | {gap_note} "
             f"| {speed:.1f}× | {speed_note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bank_lines(runs: Sequence[dict[str, Any]], default: str) -> str:
+    """Per dataset: the bank's cost in retrain-equivalents, the estimate's error, and when the bank pays off.
+
+    A request saves (retrain time - the default's time); the bank costs its own wall time once per model,
+    so it pays for itself after bank / saving requests. Steps: the references' optimiser steps over one
+    retrain's on every row (K - 1 = 3 with K = 4).
+    """
+    lines = [
+        "| dataset | bank (s) | retrain (s) | retrain-equivalents (wall) | (steps) | saving per request (s) "
+        f"| pays for itself after | {default}: mean abs. error of the estimated gap | estimate - measured |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        rows = [r for r in runs if r["dataset"] == dataset]
+        banked = {(r["kind"], r["seed"]): r for r in rows if "bankSeconds" in r}
+        retrains = [t for r in rows if r["method"] in (RETRAIN, FLOOR) for t in r.get("seconds", [])]
+        own = [r for r in rows if r["method"] == default]
+        if not banked or not retrains or not own:
+            continue
+        bank_seconds = float(np.mean([r["bankSeconds"] for r in banked.values()]))
+        retrain = float(np.mean(retrains))
+        mine = float(np.mean([t for r in own for t in r["seconds"]]))
+        steps = float(np.mean([r["bankSteps"] / r["fullSteps"] for r in banked.values()]))
+        errors = [r["est"] - r["gap"] for r in own if math.isfinite(r.get("est", math.nan))]
+        saving = retrain - mine
+        pays = f"{math.ceil(bank_seconds / saving)} requests" if saving > 0 else "never"
+        lines.append(
+            f"| {dataset} | {bank_seconds:.0f} | {retrain:.1f} | {bank_seconds / retrain:.1f} "
+            f"| {steps:.1f} | {saving:.1f} | {pays} "
+            f"| {np.mean(np.abs(errors)):.2f} | {np.mean(errors):+.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -542,7 +698,7 @@ def machine() -> dict[str, Any]:
 
 @dataclass
 class Settings:
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
     kinds: list[ForgetKind] = field(default_factory=lambda: list(FORGET_KINDS))
     seeds: int = 3
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (sweeps on other seeds)
@@ -557,6 +713,8 @@ def default_variants(extra: Sequence[Variant] = ()) -> list[Variant]:
         Variant(TUTORIAL, "gradient-ascent"),
         Variant(TUNED, "gradient-ascent", tuned=True),
         *(Variant(m, m) for m in STRONGER),
+        Variant("scrub" + STOPPED, "scrub", stop=True),
+        Variant(CALIBRATED, CALIBRATED),
         *extra,
     ]
 
@@ -571,9 +729,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
         dataset = load(name, epochs=settings.epochs, samples=settings.samples)
         for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
             originals: dict[bytes, nn.Module] = {}
+            banks: dict[bytes, SplitBank] = {}  # one bank per original, as one calibration per model
             for kind in settings.kinds:
                 t = time.perf_counter()
-                split_rows = run_split(dataset, kind, seed, variants, originals, repeats=settings.repeats)
+                split_rows = run_split(dataset, kind, seed, variants, originals, repeats=settings.repeats, banks=banks)
                 rows += split_rows
                 gaps = ", ".join(f"{r['method']} {r['gap']:.2f}" for r in split_rows)
                 log(f"{name} {kind} seed {seed} ({time.perf_counter() - t:.0f}s): Avg. Gap {gaps}")
@@ -603,7 +762,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), choices=DATASETS)
     parser.add_argument("--kinds", nargs="+", default=list(FORGET_KINDS), choices=FORGET_KINDS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (at least 3 for the tables)")
     parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here (sweeps on other seeds)")
@@ -625,14 +784,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of Avg. Gap against speed-up")
     parser.add_argument("--docs", type=Path, default=None, help="replace the generated part of this Markdown file")
     parser.add_argument(
-        "--from", dest="source", type=Path, default=None, help="re-render tables and plot from a results JSON (no run)"
+        "--from",
+        dest="source",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-render tables and plot from a results JSON (no run); several: merged into one (written to --out)",
     )
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one document: runs concatenated (in order), the summary recomputed, the seeds
+    counted per dataset, every command kept. For runs split by dataset, kind or seed on a shared machine."""
+    runs = [row for result in results for row in result["runs"]]
+    datasets = list(dict.fromkeys(row["dataset"] for row in runs))
+    seeds = {d: len({row["seed"] for row in runs if row["dataset"] == d}) for d in datasets}
+    first = results[0]
+    variants = list(dict.fromkeys(v for result in results for v in result["settings"]["variants"]))
+    machines = [result["machine"] for result in results]
+    return {
+        **first,
+        "date": max(result["date"] for result in results),
+        "command": "; ".join(result.get("command") or "python -m bench quality" for result in results),
+        "settings": {
+            **first["settings"],
+            "datasets": datasets,
+            "kinds": list(dict.fromkeys(row["kind"] for row in runs)),
+            "seeds": " and ".join(f"{n} ({d})" for d, n in seeds.items()),
+            "variants": variants,
+        },
+        "machine": {
+            **machines[0],
+            "loadAverageAtStart": max(m["loadAverageAtStart"] for m in machines),
+            "loadAverageAtEnd": max(m.get("loadAverageAtEnd", 0.0) for m in machines),
+        },
+        "wallSeconds": sum(result["wallSeconds"] for result in results),
+        "runs": runs,
+        "summary": summarise(runs),
+    }
 
 
 def render(result: dict[str, Any]) -> str:
     """The generated Markdown (header, the default against the goal, one table per split) from a results document."""
     default = result["settings"]["defaultMethod"]
     machine_info = result["machine"]
+    banked = ""
+    if any("bankSeconds" in r for r in result["runs"]):  # results from before banks have no such section
+        banked = (
+            f"The reference bank (one per original model, K = {BANK_FOLDS}), what it costs and how well the gap "
+            f"it estimates predicts the measured one:\n\n{bank_lines(result['runs'], default)}\n"
+        )
     return (
         f"Generated {result['date']} on {machine_info['cpu']} ({machine_info['cores']} cores, "
         f"{machine_info['threads']} torch thread(s), torch {machine_info['torch']}, load average "
@@ -640,7 +841,7 @@ def render(result: dict[str, Any]) -> str:
         f"{result['settings']['seeds']} seeds, mean ± std (ddof 1); Avg. Gap of the means over seeds; each method "
         f"timed {result['settings'].get('repeats', 1)} times per seed. Default method: `{default}`.\n\n"
         f"Command: `{result.get('command') or 'python -m bench quality'}`\n\n"
-        f"{goal_lines(result['summary'], default)}\n{markdown_tables(result['summary'], default)}"
+        f"{goal_lines(result['summary'], default)}\n{banked}{markdown_tables(result['summary'], default)}"
     )
 
 
@@ -661,8 +862,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         args.datasets, args.kinds, args.seeds, args.first_seed, args.epochs, args.samples, variants, args.repeats
     )
-    if args.source is not None:
-        result = json.loads(args.source.read_text())
+    if args.source is not None and len(args.source) == 1:
+        result = json.loads(args.source[0].read_text())
+    elif args.source is not None:
+        result = merge([json.loads(path.read_text()) for path in args.source])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     else:
         result = run(settings, log=lambda line: print(line, flush=True))
         args.out.parent.mkdir(parents=True, exist_ok=True)

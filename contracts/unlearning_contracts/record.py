@@ -384,6 +384,64 @@ class CalibrationUsed(_Record):
     note: str = Field(default="", max_length=500, description="Why the run is (un)calibrated, in words.")
 
 
+class Evidence(_Record):
+    """What calibrated unlearning shows per request: targets against what was achieved, the gap to retraining
+    estimated from the reference bank, the per-row membership test and, for a class request, whether the
+    class can be read back. Percent unless said otherwise; kept whole in the compact record."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    calibrated: bool = Field(
+        description="True when every target comes from the reference bank or is exact (class removal); false: "
+        "the fallback target, which cannot tell a mislabelled row, and these numbers are not against retraining."
+    )
+    targets: str = Field(
+        max_length=40, description="Where the targets came from: bank, class-removed, fallback, or a mix (a+b)."
+    )
+    removed_classes: list[int] = Field(default_factory=list, max_length=20, description="Classes removed whole.")
+    forget_accuracy: float = Field(description="Achieved accuracy on the forget rows (audited sample).")
+    target_forget_accuracy: float = Field(
+        description="What retraining gives there, per the targets (the references' accuracy on rows they never saw)."
+    )
+    target_low: float = Field(description="Lower end of the target's 95% interval (Clopper-Pearson).")
+    target_high: float = Field(description="Upper end of the target's 95% interval.")
+    estimated_gap: float | None = Field(
+        default=None, description="Mean |difference| over UA, RA, TA and MIA-efficacy against the bank's references."
+    )
+    gap_parts: dict[str, float] = Field(
+        default_factory=dict, description="Each |difference| of the estimated gap: ua, ra, ta, mia (points)."
+    )
+    member_rows: int | None = Field(
+        default=None, description="Forget rows that still look like members at 1% false positives against the bank."
+    )
+    audited_rows: int = Field(default=0, description="Forget rows the membership test scored.")
+    member_p_value: float | None = Field(
+        default=None, description="Binomial p-value of that count against the 1% expected after retraining."
+    )
+    class_readability: float | None = Field(
+        default=None, description="AUC of the removed class's own logit on held-out rows (0.5: cannot be read)."
+    )
+    steps: int | None = Field(default=None, description="Optimiser steps the stopping rule let run.")
+    chosen_step: int | None = Field(default=None, description="The step whose weights were kept (0: unchanged).")
+    summary: str = Field(
+        default="",
+        max_length=300,
+        pattern=r"^[ -~]*$",
+        description="One plain sentence for a compliance reader (ASCII).",
+    )
+
+    def condensed(self) -> dict[str, Any]:
+        """The compact record's form: the verdict-relevant numbers at 3 significant decimals, without the
+        gap's parts, the step count and the removed classes beyond the first (the full record has them)."""
+        kept = self.dump()
+        for key in ("gapParts", "steps"):
+            kept.pop(key, None)
+        kept["removedClasses"] = kept.get("removedClasses", [])[:3]
+        if not kept["removedClasses"]:
+            kept.pop("removedClasses")
+        return {k: round(v, 2) if isinstance(v, float) and k != "memberPValue" else v for k, v in kept.items()}
+
+
 class _Common(_Record):
     """The fields of the full record that its compact form keeps as they are."""
 
@@ -410,6 +468,9 @@ class _Common(_Record):
     duration_seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
     input_model: InputModel | None = None
     output_model: OutputModel | None = None
+    evidence: Evidence | None = Field(
+        default=None, description="Calibrated unlearning's evidence (after unlearning; absent when the run failed)."
+    )
     calibration: CalibrationUsed = Field(
         default_factory=lambda: CalibrationUsed(note="no calibration bank was given"),
         description="The reference bank the run used, or why it used none.",
@@ -459,6 +520,7 @@ def _dumps(payload: dict[str, Any]) -> str:
 # owns the request's name), never the output model's uri and digest, the
 # verdict or the numbers. A string is cut to what is left of the budget.
 _SHORTENED: tuple[tuple[str, ...], ...] = (
+    ("evidence", "summary"),  # a sentence made of the numbers beside it
     ("error",),
     ("calibration", "note"),
     ("inputModel", "uri"),
@@ -471,17 +533,21 @@ _SHORTENED: tuple[tuple[str, ...], ...] = (
 )
 
 
+_EVIDENCE_KEPT = ("calibrated", "estimatedGap", "memberRows", "memberPValue", "classReadability")
+
+
 def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
     """The termination-message form: the record without bulky parts, at most ``limit`` bytes of UTF-8.
 
-    Drops the resolved config and per-attempt details, then the notes from the
-    last (``notesTruncated``), then the reasons from the last
-    (``reasonsTruncated``), then shortens the fields listed in
-    ``_SHORTENED``, then drops the intervals of ``pre`` and of ``post`` (each
-    named in ``truncated``). The spec bounds every string that
-    reaches the record in bytes, so that this always fits: a test fills every
-    field to its bound with the costliest characters. It raises only if that
-    promise is broken, and the job builds it before publishing anything.
+        Drops the resolved config and per-attempt details, then the notes from the
+        last (``notesTruncated``), then the reasons from the last
+        (``reasonsTruncated``), then shortens the fields listed in
+        ``_SHORTENED``, then drops the intervals of ``pre`` and of ``post`` (each
+        named in ``truncated``), and last keeps of the evidence only what its
+    gates read, then drops it. The spec bounds every string that
+        reaches the record in bytes, so that this always fits: a test fills every
+        field to its bound with the costliest characters. It raises only if that
+        promise is broken, and the job builds it before publishing anything.
     """
     full = record.dump()
     full.pop("config", None)
@@ -490,6 +556,8 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     for key, metrics in (("pre", record.pre), ("post", record.post)):
         if metrics is not None:
             full[key] = metrics.summary().rounded()
+    if record.evidence is not None:
+        full["evidence"] = record.evidence.condensed()
     while _size(full) > limit and full.get("notes"):
         full["notes"] = full["notes"][:-1]
         full["notesTruncated"] = True
@@ -520,6 +588,16 @@ def compact(record: ResultRecord, limit: int = TERMINATION_MESSAGE_LIMIT) -> str
     for key in ("pre", "post"):
         if _size(full) > limit and full.get(key, {}).pop("intervals", None) is not None:
             truncated.append(f"{key}.intervals")
+            full["truncated"] = truncated
+    # Very last, the evidence keeps only what its gates read, then goes (the full record keeps all of it;
+    # failedGates still names the evidence gates that failed).
+    for kept in (_EVIDENCE_KEPT, ()):
+        if _size(full) > limit and "evidence" in full:
+            full["evidence"] = {k: v for k, v in full["evidence"].items() if k in kept}
+            if not kept:
+                full.pop("evidence")
+            if "evidence" not in truncated:
+                truncated.append("evidence")
             full["truncated"] = truncated
     text = _dumps(full)
     if len(text.encode()) > limit:

@@ -73,8 +73,10 @@ def check_text(value: str, max_bytes: int) -> str:
     return value
 
 
-Method = Literal["gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain"]
-METHODS: tuple[str, ...] = ("gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain")
+Method = Literal["auto", "calibrated", "gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain"]
+# The method label of the operator's metrics: the record names the method that ran (auto resolved), and
+# "auto" stays only for a request that failed before the job chose.
+METHODS: tuple[str, ...] = ("auto", "calibrated", "gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain")
 ModelFormat = Literal["exported", "state-dict", "torchscript"]
 DataSource = Literal["digits", "npz", "image-folder", "torchvision"]
 
@@ -275,6 +277,13 @@ class ForgetSpec(_Model):
         default=None,
         description="A file of indices: .npy, .json (a list) or text with one index per line.",
     )
+    classes: list[int] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Classes the request removes whole (their rows among the forget indices get the class-absent "
+        "target: the model's probabilities with these classes removed). A forget set that holds every training "
+        "row of a class removes it without being told.",
+    )
     max_share: float = Field(
         default=0.2,
         gt=0.0,
@@ -296,6 +305,10 @@ class ForgetSpec(_Model):
                 raise ValueError("forget.indices must be non-negative")
             if len(set(self.indices)) != len(self.indices):
                 raise ValueError("forget.indices has duplicates: list each sample once")
+        if self.classes is not None and (
+            min(self.classes, default=0) < 0 or len(set(self.classes)) != len(self.classes)
+        ):
+            raise ValueError("forget.classes must be distinct non-negative class indices")
         return self
 
 
@@ -311,8 +324,12 @@ class MethodSpec(_Model):
     """The unlearning method and its hyper-parameters."""
 
     name: Method = Field(
-        default="scrub",
+        default="auto",
         description=(
+            "auto (default): calibrated when the request has its model's reference bank or removes whole "
+            "classes, scrub otherwise; calibrated: moves each forget row to what a model retrained without it "
+            "predicts (its reference bank's OUT prediction; the class-absent softmax for a removed class) and "
+            "stops when the gap to retraining estimated from the bank is smallest; "
             "gradient-ascent: ascent on the forget set, then fine-tuning on the retain set; "
             "neggrad-plus: ascent and descent in one joint loss; scrub: teacher-student "
             "max-min distillation; salun: saliency-masked random-label unlearning; retrain: "
@@ -397,6 +414,35 @@ class GatesSpec(_Model):
         description="Cross-validated balanced accuracy of a classifier telling forget rows from held-out rows of "
         "the same classes by their confidence vectors (0.5 is chance; it reads no label, so it suits "
         "mislabelled rows too): fails when the whole 95% interval lies above.",
+    )
+
+    max_estimated_gap: float | None = Field(
+        default=5.0,
+        ge=0.0,
+        le=100.0,
+        description="Calibrated runs (with a reference bank) only: the largest gap to retraining estimated from "
+        "the bank (mean |difference| over forget, retain and test accuracy and MIA-efficacy against what the "
+        "bank says retraining gives, in points). The untouched model fails it on memorised rows and on class "
+        "removal; a typical set that retraining would leave as it is passes without change.",
+    )
+    min_membership_p_value: float | None = Field(
+        default=1e-6,
+        ge=0.0,
+        le=1.0,
+        description="Calibrated runs only: fails when the per-row membership test against the bank finds more "
+        "forget rows that still look like members (at 1% false positives) than the about 1% expected after "
+        "retraining, with a binomial p-value below this. The default fails only overwhelming evidence: on "
+        "digits the untouched model on memorised rows scores far below it, while doing nothing to a typical "
+        "random 10% scores about 1e-4 (a model remembers typical rows a little too).",
+    )
+    max_class_readability: float | None = Field(
+        default=0.99,
+        ge=0.5,
+        le=1.0,
+        description="Class requests only: the largest AUC with which a removed class's own logit still singles "
+        "out held-out rows of that class. 1.0 on the untouched model and after masking the class's output; a "
+        "model retrained without the class scores below it too (0.94 on digits: rows of a class never learned "
+        "still stand out), so this catches masking, not every trace.",
     )
 
     @model_validator(mode="after")

@@ -149,11 +149,14 @@ def audit_outputs(
     heldout_before: Array | None = None,
     forget_reference: npt.NDArray[np.float64] | None = None,
     heldout_reference: npt.NDArray[np.float64] | None = None,
+    removed_classes: tuple[int, ...] = (),
 ) -> AuditMetrics:
     """Every audit number of the record (``AuditMetrics``), with intervals, from (logits, labels) of the three sets.
 
     ``heldout_before``: the held-out logits of the model before unlearning (the
-    same rows), for the paired fall in held-out accuracy.
+    same rows), for the paired fall in held-out accuracy. ``removed_classes``:
+    classes the request removes whole; that fall is then measured on the
+    held-out rows of the other classes (falling to 0 on a removed class is the point).
     """
     f_logits, f_labels = forget
     r_logits, r_labels = retain
@@ -176,7 +179,10 @@ def audit_outputs(
     gap = stats.mean_difference(f_conf, h_conf, f_labels, h_labels)
     drop = None
     if heldout_before is not None:
-        change = stats.paired_change(_correct(heldout_before, h_labels), _correct(h_logits, h_labels))
+        kept = ~np.isin(h_labels, list(removed_classes))
+        change = stats.paired_change(
+            _correct(heldout_before[kept], h_labels[kept]), _correct(h_logits[kept], h_labels[kept])
+        )
         drop = keep("test_accuracy_drop", change.scaled(100.0))
     values: dict[str, Any] = {
         "forget_accuracy": keep("forget_accuracy", stats.proportion(_correct(f_logits, f_labels)).scaled(100.0)),

@@ -27,12 +27,27 @@ Methods (``method.name``):
   keeps its own.
 * ``retrain``: fresh weights of the same architecture trained on the retain
   set: the gold standard that the others are judged against, and the slowest.
+* ``calibrated``: moves each forget row to its target (``unlearn.calibrated``:
+  its OUT prediction from the reference bank, or the class-absent softmax)
+  and no further: ``KL(target || model)`` on the forget rows plus
+  ``alpha / (1 - alpha) * KL(original || model)`` on a fresh retain sample of
+  ``max(256, 4 x forget rows in the step)`` rows per step, so a step costs what
+  the forget set costs, not what the data does. Rows already within
+  ``AT_TARGET_KL`` of their target get no gradient.
 
 Data parallel: with several ranks (``ctx.ranks``, see distributed.py) every
 batch is made once, in ``_batches``, and each rank takes its share of it;
 losses are sums over the share divided by the whole batch's size (``Batch``),
 and ``_update`` sums the gradients over the ranks before the step. A method
 written with these helpers runs on one rank or N unchanged.
+
+The stopping rule (``Monitor``, set on ``Context.monitor``) runs under any
+method but ``retrain``: every ``check_every`` steps it estimates the gap to
+retraining, keeps the best weights, stops when the estimate is small enough,
+after ``patience`` checks without improvement or at the method's own end, and
+rewinds to the best weights. Its estimate must be the same number on every
+rank (the runner's comes from logits gathered from all ranks and is decided on
+rank 0), so every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -40,9 +55,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -93,6 +110,8 @@ class Context:
     mixed_precision: bool = True
     progress: bool = False
     reinitialise: Callable[[], None] | None = None  # for retrain: fresh weights in place
+    targets: torch.Tensor | None = None  # calibrated: [forget rows, C] target probabilities
+    monitor: Monitor | None = None  # the stopping rule (any method but retrain)
     gen: torch.Generator = field(default_factory=torch.Generator)  # shuffles, subsets, labels, noise (CPU)
     ranks: Ranks = field(default_factory=Ranks)  # this process's place in a data-parallel run (1 of 1 alone)
 
@@ -114,6 +133,96 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+class Stopped(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised by ``Monitor.step`` inside a method's loop: the stopping rule ended the run."""
+
+
+@dataclass
+class Check:
+    step: int
+    estimate: float
+
+
+@dataclass
+class Monitor:
+    """The stopping rule: estimate every ``check_every`` steps, keep the best weights, stop, rewind.
+
+    ``estimate(module) -> float`` is the gap to retraining estimated from the
+    targets (``unlearn.calibrated.estimate_gap``); lower is better. Checks
+    run in evaluation mode and restore training mode after.
+    """
+
+    estimate: Callable[[nn.Module], float]
+    check_every: int = 10
+    stop_at: float = 0.5
+    patience: int = 4
+    module: nn.Module | None = None
+    steps: int = 0
+    checks: list[Check] = field(default_factory=list)
+    best: Check | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped_by: str = "the method's own end"
+
+    def start(self, module: nn.Module) -> None:
+        self.module, self.steps, self.checks, self.best, self.best_state = module, 0, [], None, None
+        self.stopped_by = "the method's own end"
+        self._check()  # step 0: doing nothing is a candidate too (a typical set may need no change)
+        self._maybe_stop()
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps % self.check_every == 0:
+            self._check()
+            self._maybe_stop()
+
+    def _check(self) -> None:
+        assert self.module is not None
+        training = self.module.training
+        value = float(self.estimate(self.module))
+        set_mode(self.module, training)
+        check = Check(self.steps, value)
+        self.checks.append(check)
+        if math.isfinite(value) and (self.best is None or value < self.best.estimate):
+            self.best = check
+            self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def _maybe_stop(self) -> None:
+        assert self.best is not None or self.checks
+        if self.best is not None and self.best.estimate <= self.stop_at:
+            self.stopped_by = f"the estimated gap {self.best.estimate:.2f} <= {self.stop_at:g}"
+            raise Stopped
+        since = sum(1 for c in self.checks if self.best is not None and c.step > self.best.step)
+        if since >= self.patience:
+            self.stopped_by = f"{since} checks without improvement"
+            raise Stopped
+
+    def finish(self) -> None:
+        """A last check if steps ran since the previous one, then rewind to the best weights."""
+        assert self.module is not None
+        if not self.checks or self.checks[-1].step != self.steps:
+            self._check()
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+        log.info(
+            "stopping rule: %d steps, %d checks, best estimated gap %.3f at step %d (stopped by %s)",
+            self.steps,
+            len(self.checks),
+            self.best.estimate if self.best is not None else math.nan,
+            self.best.step if self.best is not None else -1,
+            self.stopped_by,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """For the record: steps run, the chosen step and its estimate, and why it stopped."""
+        return {
+            "steps": self.steps,
+            "checks": len(self.checks),
+            "chosenStep": self.best.step if self.best is not None else None,
+            "estimatedGap": round(self.best.estimate, 4) if self.best is not None else None,
+            "stoppedBy": self.stopped_by,
+        }
+
+
 class _Stage:
     """Counts the steps of one stage, shows a bar or logs per epoch, and checks the loss."""
 
@@ -121,6 +230,7 @@ class _Stage:
         self.name = name
         self.epochs = epochs
         self.ranks = ctx.ranks
+        self.monitor = ctx.monitor
         self.bar = None
         if ctx.progress and ctx.ranks.main and epochs * steps_per_epoch > 0:
             self.bar = tqdm(total=epochs * steps_per_epoch, desc=name, leave=False, file=sys.stderr)
@@ -128,6 +238,8 @@ class _Stage:
     def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
+        if self.monitor is not None:
+            self.monitor.step()
 
     def end_epoch(self, epoch: int, loss_sum: torch.Tensor, steps: int) -> None:
         """``loss_sum``: this rank's; summed over the ranks here, so every rank reaches the same verdict."""
@@ -477,6 +589,66 @@ def retrain(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, c
     descend(module, retain, lr=h.retain_lr, epochs=h.retain_epochs, batch=h.retain_batch, ctx=ctx, name="retrain")
 
 
+# Below this KL(target || model), in nats, a forget row is at its target and gets no gradient.
+AT_TARGET_KL = 0.01
+RETAIN_SAMPLE_FLOOR = 256
+RETAIN_SAMPLE_FACTOR = 4
+
+
+def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
+    """KL(target || model) on forget rows + alpha / (1 - alpha) * KL(original || model) on a retain sample.
+
+    One step per ``forget.batchSize`` forget rows (every row each step while the set fits in one batch);
+    ``forget.epochs`` passes over the forget set at most. The original is a frozen copy, as SCRUB's
+    teacher; its outputs on the retain rows are recomputed per step (a cache would cost memory in the
+    size of the data). ``alpha`` near 1 keeps the retained rows' confidence where retraining leaves it
+    (0.5, weight 1, let it drift: MIA-efficacy's attack threshold moved with it).
+    """
+    if ctx.targets is None:
+        raise RuntimeError("the calibrated method needs targets (unlearn.calibrated.make_targets)")
+    targets = ctx.targets.to(ctx.device).float()
+    log_targets = torch.log(targets.clamp_min(1e-12))
+    original = copy.deepcopy(module)
+    for p in original.parameters():
+        p.requires_grad_(False)
+    set_mode(original, False)
+    opt = _adam(module, h.forget_lr)
+    set_mode(module, True)
+    weight = h.alpha / max(1e-6, 1.0 - h.alpha)
+    batch = max(1, min(h.forget_batch, len(forget)))
+    sample = min(len(retain), max(RETAIN_SAMPLE_FLOOR, RETAIN_SAMPLE_FACTOR * batch))
+
+    def step(b: Batch) -> torch.Tensor:
+        xf, _ = forget.batch(b.index)
+        # The retain sample is drawn whole on every rank (the generator stays in step); each takes its share.
+        drawn = torch.randint(0, len(retain), (sample,), generator=ctx.gen)
+        r = Batch(drawn[ctx.ranks.share(sample)].to(ctx.device), sample)
+        xr, _ = retain.batch(r.index)
+        with ctx.autocast():
+            out_f = module(xf).float()
+            out_r = module(xr).float()
+            with torch.no_grad():
+                teacher = original(xr).float()
+        logq = F.log_softmax(out_f, dim=1)
+        p, logp = targets.index_select(0, b.index), log_targets.index_select(0, b.index)
+        per_row = (p * (logp - logq)).sum(dim=1)
+        pushed = (per_row.detach() > AT_TARGET_KL).float()
+        forget_loss = _mean((per_row * pushed).sum(), b)
+        retain_loss = _mean(
+            F.kl_div(F.log_softmax(out_r, dim=1), F.log_softmax(teacher, dim=1), reduction="sum", log_target=True), r
+        )
+        loss = forget_loss + weight * retain_loss
+        # No row of the whole batch away from its target: no step at all, on any rank (the count is summed
+        # over the ranks, so all take the same branch). Adam would turn the retain term's rounding noise
+        # (about 1e-9 while the model still equals the original) into steps of the full learning rate.
+        if bool(ctx.ranks.sum_(pushed.sum()).item() > 0):
+            _update(opt, loss, ctx)
+        return loss
+
+    if len(forget) and len(retain):
+        _run_epochs("calibrated", h.forget_epochs, len(forget), batch, ctx=ctx, step=step)
+
+
 Method = Callable[[nn.Module, TensorSet, TensorSet, Hyper, Context], None]
 METHODS: dict[str, Method] = {
     "gradient-ascent": gradient_ascent,
@@ -484,6 +656,7 @@ METHODS: dict[str, Method] = {
     "scrub": scrub,
     "salun": salun,
     "retrain": retrain,
+    "calibrated": calibrated,
 }
 
 
@@ -493,7 +666,18 @@ def unlearn(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, c
     ctx.gen = torch.Generator().manual_seed(h.seed)
     if h.retain_subset is not None and h.retain_subset < len(retain):
         retain = retain.take(torch.randperm(len(retain), generator=ctx.gen)[: h.retain_subset].to(ctx.device))
-    METHODS[h.method](module, forget, retain, h, ctx)
+    monitor = ctx.monitor if h.method != "retrain" else None
+    if monitor is not None:
+        monitor.module = module
+    try:
+        if monitor is not None:
+            monitor.start(module)
+        METHODS[h.method](module, forget, retain, h, ctx)
+    except Stopped:
+        pass
+    finally:
+        if monitor is not None and monitor.module is module and monitor.checks:
+            monitor.finish()
     if h.weight_noise > 0:
         with torch.no_grad():
             for p in module.parameters():

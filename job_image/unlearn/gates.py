@@ -37,6 +37,16 @@ fails. Six rules, each with its reason:
    failed in an earlier attempt passes in a later one only when its value has
    left that attempt's interval; otherwise it stays failed.
 
+7. **With a reference bank, the gates read the evidence against retraining**
+   (``unlearn.calibrated``): the estimated gap to retraining
+   (``maxEstimatedGap``), the per-row membership test (``minMembershipPValue``)
+   and, for a class request, whether the class can be read back
+   (``maxClassReadability``). Their defaults fail the untouched model on
+   memorised rows and on class removal and pass a model retrained without the
+   forget set, and a typical set that retraining would leave as it is passes
+   unchanged (tests/job/test_calibrated.py measures each). Without a bank
+   the first two do not apply: their numbers would not stand for retraining.
+
 A failed gate has a kind the tuner reads: ``forgetting`` (still remembers:
 forget more), ``overforgetting`` (the forget set now looks less familiar than
 unseen data: forget less) or ``utility`` (forget less). A number that was not
@@ -51,7 +61,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from unlearning_contracts.record import AuditMetrics, GateResult, GateStatus
+from unlearning_contracts.record import AuditMetrics, Evidence, GateResult, GateStatus
 from unlearning_contracts.spec import GatesSpec
 
 GateKind = Literal["forgetting", "overforgetting", "utility"]
@@ -384,16 +394,97 @@ def _utility_gate(limit: float, pre: AuditMetrics, post: AuditMetrics) -> GateOu
     )
 
 
+def _evidence_gates(gates: GatesSpec, evidence: Evidence) -> list[GateOutcome]:
+    """Rule 7: the gates on calibrated unlearning's evidence (``unlearn.calibrated``), each only where it applies.
+
+    The estimated gap and the membership test stand for retraining only with a bank (``calibrated``);
+    the class check applies to class requests. A gap with forget accuracy above the target's interval
+    is too little forgetting, below it too much; otherwise the retained or held-out rows moved (utility).
+    """
+    outcomes: list[GateOutcome] = []
+    banked = evidence.calibrated and evidence.member_p_value is not None
+    if gates.max_estimated_gap is not None and banked and evidence.estimated_gap is not None:
+        limit, gap = gates.max_estimated_gap, evidence.estimated_gap
+        kind: GateKind = "forgetting"
+        if evidence.forget_accuracy < evidence.target_low:
+            kind = "overforgetting"
+        elif evidence.forget_accuracy <= evidence.target_high and max(
+            evidence.gap_parts.get("ra", 0.0), evidence.gap_parts.get("ta", 0.0)
+        ) > max(evidence.gap_parts.get("ua", 0.0), evidence.gap_parts.get("mia", 0.0)):
+            kind = "utility"
+        passed = gap <= limit
+        reason = (
+            f"estimatedGap {gap:.2f} points {'<=' if passed else '>'} maxEstimatedGap {limit:g} (forget accuracy "
+            f"{evidence.forget_accuracy:.1f} against {evidence.target_forget_accuracy:.1f} "
+            f"[{evidence.target_low:.1f}, {evidence.target_high:.1f}] expected after retraining)"
+        )
+        outcomes.append(
+            GateOutcome(
+                "maxEstimatedGap",
+                "estimatedGap",
+                Observed(gap, gap, gap, evidence.audited_rows),
+                limit,
+                "passed" if passed else "failed",
+                kind,
+                reason,
+                (-math.inf, limit),
+            )
+        )
+    if gates.min_membership_p_value is not None and banked and evidence.member_p_value is not None:
+        limit, p = gates.min_membership_p_value, evidence.member_p_value
+        passed = p >= limit
+        reason = (
+            f"{evidence.member_rows} of {evidence.audited_rows} forget rows look like members at 1% false "
+            f"positives (about {0.01 * evidence.audited_rows:.1f} expected after retraining): p={p:.3g} "
+            f"{'>=' if passed else '<'} minMembershipPValue {limit:g}"
+        )
+        outcomes.append(
+            GateOutcome(
+                "minMembershipPValue",
+                "memberPValue",
+                Observed(p, p, p, evidence.audited_rows),
+                limit,
+                "passed" if passed else "failed",
+                "forgetting",
+                reason,
+                (limit, math.inf),
+            )
+        )
+    if gates.max_class_readability is not None and evidence.class_readability is not None:
+        limit, auc = gates.max_class_readability, evidence.class_readability
+        passed = auc <= limit
+        reason = (
+            f"classReadability {auc:.3f} {'<=' if passed else '>'} maxClassReadability {limit:g}: removed "
+            f"classes {evidence.removed_classes} {'can no longer' if passed else 'can still'} be read off their "
+            "own logits on held-out rows"
+        )
+        outcomes.append(
+            GateOutcome(
+                "maxClassReadability",
+                "classReadability",
+                Observed(auc, auc, auc),
+                limit,
+                "passed" if passed else "failed",
+                "forgetting",
+                reason,
+                (-math.inf, limit),
+            )
+        )
+    return outcomes
+
+
 def evaluate(
     gates: GatesSpec,
     pre: AuditMetrics,
     post: AuditMetrics,
     references: Mapping[str, Reference] = NULL_REFERENCES,
+    evidence: Evidence | None = None,
 ) -> Verdict:
     """Check every gate set in the spec against the post-unlearning audit (and the pre one for the drop).
 
     ``references``: per AuditMetrics field, what retraining would show (the
     class-matched null unless given); a reference bank passes its own.
+    ``evidence``: calibrated unlearning's evidence on the same model (rule 7).
     """
     outcomes: list[GateOutcome] = []
     if gates.max_forget_accuracy is not None:
@@ -405,6 +496,8 @@ def evaluate(
         if limit is not None:
             reference = references.get(gate.number, NULL_REFERENCES[gate.number])
             outcomes.append(_membership_gate(gate, float(limit), pre, post, reference))
+    if evidence is not None:
+        outcomes.extend(_evidence_gates(gates, evidence))
     return Verdict(all(o.passed for o in outcomes), tuple(outcomes))
 
 

@@ -43,18 +43,19 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
-from unlearn import audit, fit, gates, preflight, scratch, tuning
+from unlearn import audit, calibrated, fit, gates, preflight, scratch, tuning
 from unlearn.bank import Bank, data_digest, use_bank
 from unlearn.data import load_data, load_forget_indices
 from unlearn.distributed import RankError, Ranks, device_for, joined
 from unlearn.draft import RecordDraft, json_bytes, one_line
-from unlearn.engine import Context, TensorSet, predict, predict_all
+from unlearn.engine import Context, Monitor, TensorSet, predict, predict_all
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError, InvalidInputError
 from unlearn.files import OutputSpaceError
@@ -66,6 +67,7 @@ from unlearning_contracts.record import (
     EXIT_PASSED,
     Attempt,
     AuditMetrics,
+    Evidence,
     InputModel,
     OutputModel,
     ResultRecord,
@@ -79,6 +81,9 @@ log = logging.getLogger("unlearn")
 
 EXIT_UNEXPECTED = 1
 SMALL_MODEL_PARAMETERS = 2_000_000
+# Retained rows each check of the stopping rule evaluates (the audit's own sample, capped: a check runs every
+# few steps, so its cost must stay near a step's).
+CHECK_RETAIN_ROWS = 1000
 
 
 __all__ = ["Outcome", "RunOptions", "forget_digest", "next_version", "run"]
@@ -152,6 +157,8 @@ class Inputs:
     """Their labels on the host (the audit is numpy)."""
     bank: Bank | None = None
     """The model's reference bank, loaded and verified (None: the run is uncalibrated; the record says why)."""
+    plan: calibrated.Plan | None = None
+    """Targets and references of calibrated unlearning (the calibrated method, or any method with a bank)."""
 
 
 @dataclass
@@ -189,6 +196,8 @@ class Recipe:
         self.fields = self.draft.fields
         self.fields["world_size"] = self.ranks.world_size
         self.outcome = Outcome(record=self.draft.record("Failed", EXIT_UNEXPECTED))
+        self.evidence: Evidence | None = None
+        """Calibrated unlearning's evidence on the model last audited (None when the run has no plan)."""
 
     def run(self) -> Outcome:
         # Checked once: rank 0 runs the preflight and every rank takes its plan (or its refusal).
@@ -294,13 +303,94 @@ class Recipe:
         # The audit's own seed, never the method's: the same model gets the same audit whatever runs after it.
         rng = np.random.default_rng(spec.audit.seed)
         limit = spec.audit.max_samples
-        audited = {
-            "forget": forget.take(torch.from_numpy(_bounded(len(forget), limit, rng)).to(device)),
-            "retain": retain.take(torch.from_numpy(_bounded(len(retain), limit, rng)).to(device)),
-            "heldout": test.take(torch.from_numpy(_bounded(len(test), limit, rng)).to(device)),
+        rows = {
+            "forget": _bounded(len(forget), limit, rng),
+            "retain": _bounded(len(retain), limit, rng),
+            "heldout": _bounded(len(test), limit, rng),
         }
+        parts = {"forget": forget, "retain": retain, "heldout": test}
+        audited = {k: parts[k].take(torch.from_numpy(v).to(device)) for k, v in rows.items()}
         labels = {k: v.y.cpu().numpy() for k, v in audited.items()}
-        return Inputs(loaded, module, plan.model.where, hyper, ctx, forget, retain, audited, labels, bank)
+        inputs = Inputs(loaded, module, plan.model.where, hyper, ctx, forget, retain, audited, labels, bank)
+        removed = calibrated.removed_classes(data.train.y[forget_idx], data.train.y, spec.forget.classes or (), outputs)
+        if spec.method.name == "auto":
+            inputs.hyper = hyper = replace(
+                tuning.resolve(spec.method, calibrated=bank is not None or bool(removed)), seed=hyper.seed
+            )
+            idle = tuning.idle_reason(hyper)
+            if idle is not None:
+                raise InvalidInputError(idle)
+            config["hyperparameters"] = hyper.as_dict()
+            self.fields["method"] = hyper.method
+        log.info("method %s (method.name %s)", hyper.method, spec.method.name)
+        if hyper.method == "calibrated" or bank is not None:
+            inputs.plan = self.calibration_plan(inputs, forget_idx, rows, removed, len(data.train))
+            ctx.targets = torch.from_numpy(inputs.plan.targets.probs).float().to(device)
+        return inputs
+
+    def calibration_plan(
+        self,
+        inputs: Inputs,
+        forget_idx: npt.NDArray[np.int64],
+        rows: dict[str, npt.NDArray[np.int64]],
+        removed: tuple[int, ...],
+        train_rows: int,
+    ) -> calibrated.Plan:
+        """Targets and references from the original's outputs and the bank (``unlearn.calibrated.plan``)."""
+        full = replace(inputs.ctx, mixed_precision=False)
+        original_forget = predict(inputs.module, inputs.forget.x, full)
+        retain_logits = predict(inputs.module, inputs.audited["retain"].x, full)
+        heldout_logits = predict(inputs.module, inputs.audited["heldout"].x, full)
+        bank = inputs.bank
+        banked: dict[str, Any] = {}
+        if bank is not None:
+            audited_rows = forget_idx[rows["forget"]]
+            banked = {
+                "out_logits": bank.out_log_probs(forget_idx),
+                "out_phi": bank.out_phi(audited_rows),
+                "reference_test_logits": bank.test.take((slice(None), rows["heldout"])).log_probs(),
+                "reference_test_phi": bank.test_phi[:, rows["heldout"]],
+            }
+        return calibrated.plan(
+            forget_labels=inputs.forget.y.cpu().numpy(),
+            original_forget_logits=original_forget,
+            audited=rows["forget"],
+            original_retain_accuracy=audit.accuracy(retain_logits, inputs.labels["retain"]),
+            original_heldout=(heldout_logits, inputs.labels["heldout"]),
+            removed=removed,
+            share=len(forget_idx) / max(1, train_rows),
+            **banked,
+        )
+
+    def monitor(self, inputs: Inputs) -> Monitor | None:
+        """The stopping rule (``calibrated.objective``) on the audited rows, at most ``CHECK_RETAIN_ROWS`` retained."""
+        the_plan = inputs.plan
+        if the_plan is None:
+            return None
+        full = replace(inputs.ctx, mixed_precision=False)
+        retain = inputs.audited["retain"]
+        keep = min(len(retain), CHECK_RETAIN_ROWS)
+        retain_x, retain_y = retain.x[:keep], inputs.labels["retain"][:keep]
+        seed = self.spec.audit.seed
+
+        def estimate(module: nn.Module) -> float:
+            # Each rank evaluates its share of the rows and all receive all the logits (the ranks' batch-norm
+            # statistics may differ); rank 0 computes the estimate and every rank takes its number, so all
+            # keep, stop and rewind at the same step.
+            forget = predict_all(module, inputs.audited["forget"].x, full)
+            kept = predict_all(module, retain_x, full)
+            heldout = predict_all(module, inputs.audited["heldout"].x, full)
+            return self.ranks.decide(
+                lambda: calibrated.objective(
+                    the_plan,
+                    (forget, inputs.labels["forget"]),
+                    (kept, retain_y),
+                    (heldout, inputs.labels["heldout"]),
+                    seed=seed,
+                )
+            )
+
+        return Monitor(estimate)
 
     # -- attempts -----------------------------------------------------------------------------------
     def audit(self, inputs: Inputs, tag: str) -> AuditMetrics:
@@ -313,21 +403,39 @@ class Recipe:
         full_precision = replace(inputs.ctx, mixed_precision=False)
         logits = {k: predict_all(inputs.module, v.x, full_precision) for k, v in inputs.audited.items()}
 
-        def numbers() -> AuditMetrics:
+        plan = inputs.plan
+        monitor = inputs.ctx.monitor if tag == "post" else None
+
+        def numbers() -> tuple[AuditMetrics, Evidence | None]:
             if not all(np.isfinite(v).all() for v in logits.values()):
                 if tag == "pre":
                     raise InvalidInputError(f"{inputs.model_where}: the model gives non-finite outputs")
                 raise DivergedError("the unlearned model gives non-finite outputs: lower method.forget.lr")
             labels = inputs.labels
-            return audit.audit_outputs(
+            evidence = None
+            if plan is not None:
+                evidence = calibrated.evidence(
+                    plan,
+                    (logits["forget"], labels["forget"]),
+                    (logits["retain"], labels["retain"]),
+                    (logits["heldout"], labels["heldout"]),
+                    steps=monitor.steps if monitor is not None else None,
+                    chosen_step=monitor.best.step if monitor is not None and monitor.best is not None else None,
+                    seed=self.spec.audit.seed,
+                )
+                log.info("%s evidence: %s", tag, evidence.summary)
+            metrics = audit.audit_outputs(
                 (logits["forget"], labels["forget"]),
                 (logits["retain"], labels["retain"]),
                 (logits["heldout"], labels["heldout"]),
                 seed=self.spec.audit.seed,
                 heldout_before=self.outcome.logits.get("pre_heldout") if tag == "post" else None,
+                removed_classes=plan.targets.removed if plan is not None else (),
             )
+            return metrics, evidence
 
-        result = self.ranks.decide(numbers)
+        # The evidence feeds the gates, which every rank evaluates: it is decided on rank 0 with the audit.
+        result, self.evidence = self.ranks.decide(numbers)
         for k in ("forget", "heldout"):
             self.outcome.logits[f"{tag}_{k}"] = logits[k]
         return result
@@ -352,6 +460,8 @@ class Recipe:
             log.info("attempt %d: %s", number, json.dumps(current.as_dict(), sort_keys=True))
             t = time.perf_counter()
             diverged: str | None = None
+            inputs.ctx.monitor = self.monitor(inputs) if current.method != "retrain" else None
+            self.evidence = None
             try:
                 run_method(module, inputs.forget, inputs.retain, current, inputs.ctx)
             except DivergedError as error:
@@ -368,7 +478,7 @@ class Recipe:
                 self.draft.timed("postAudit", t)
             verdict: gates.Verdict | None = None
             if post is not None:
-                verdict = gates.evaluate(spec.gates, pre, post)
+                verdict = gates.evaluate(spec.gates, pre, post, evidence=self.evidence)
                 # A retry does not pass a gate an earlier attempt failed on a change within the noise.
                 verdict = gates.confirm(verdict, [v for v in verdicts if v is not None])
                 reasons = verdict.reasons
@@ -401,6 +511,7 @@ class Recipe:
         self.fields["reasons"] = last.reasons
         self.fields["failed_gates"] = last.failed_gates
         self.fields["notes"] = gates.notes(done.verdict, done.post)
+        self.fields["evidence"] = self.evidence if done.post is not None else None
         if last.post is not None:
             self.fields["config"]["chosenAttempt"] = last.number
         return done

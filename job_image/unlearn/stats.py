@@ -45,7 +45,7 @@ matching uses (for the forget set, the labels the model was trained with).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -430,17 +430,29 @@ def svc_efficacy(
     subsampled to the held-out count (seeded) against the held-out outputs.
     Clopper-Pearson interval over the forget rows.
     """
+    return svc_efficacies(retain_confidence, heldout_confidence, [forget_confidence], seed=seed)[0]
+
+
+def svc_efficacies(
+    retain_confidence: npt.ArrayLike,
+    heldout_confidence: npt.ArrayLike,
+    forget_confidences: Sequence[npt.ArrayLike],
+    *,
+    seed: int = 0,
+) -> list[Estimate]:
+    """``svc_efficacy`` of several forget sets under one fitted attack (the fit is the costly part)."""
     from sklearn.svm import SVC  # noqa: PLC0415  (loaded only when the efficacy is asked for)
 
-    retain, heldout, forget = (_as_floats(v) for v in (retain_confidence, heldout_confidence, forget_confidence))
+    retain, heldout = _as_floats(retain_confidence), _as_floats(heldout_confidence)
+    forgets = [_as_floats(v) for v in forget_confidences]
     n = min(len(retain), len(heldout))
-    if n < 2 or len(forget) == 0:
-        return NAN
+    if n < 2:
+        return [NAN for _ in forgets]
     pick = np.random.default_rng(seed).permutation(len(retain))[:n]
     features = np.concatenate([retain[pick], heldout[:n]]).reshape(-1, 1)
     target = np.concatenate([np.ones(n), np.zeros(n)])
     attack = SVC(C=3, gamma="auto", kernel="rbf").fit(features, target)
-    return proportion(attack.predict(forget.reshape(-1, 1)) == 0)
+    return [proportion(attack.predict(f.reshape(-1, 1)) == 0) if len(f) else NAN for f in forgets]
 
 
 # -- what the intervals are worth ----------------------------------------------------------------

@@ -407,10 +407,14 @@ def completion(
 ) -> Completion:
     """What a request that reached ``status`` (its final status) adds to the metrics. Pure.
 
-    ``method`` is None when the spec could not be read; ``gpus`` is what the
-    Job's pod held; ``ran`` says whether a Job ran at all (a request failed
-    before its Job existed has no duration and used no GPU).
+    ``method`` is the spec's (None when the spec could not be read); the
+    record's method wins when it names one: the job resolves ``auto`` to the
+    method that ran. ``gpus`` is what the Job's pod held; ``ran`` says whether
+    a Job ran at all (a request failed before its Job existed has no duration
+    and used no GPU).
     """
+    if record is not None and record.method in METHODS:
+        method = record.method
     post = record.post if record is not None else None
     pre = record.pre if record is not None else None
     failure = None

@@ -197,3 +197,35 @@ def test_published_tables_match_the_published_results() -> None:
     assert result["settings"]["seeds"] >= 3
     assert set(result["settings"]["datasets"]) == {"digits", "mnist1d"}
     assert set(result["settings"]["kinds"]) == {"random", "class", "mislabelled"}
+
+
+def test_results_run_in_parts_merge_into_the_whole() -> None:
+    """``--from A.json B.json``: runs split by dataset (as the calibrated results were run) give the summary of
+    all of them at once, with the seeds counted per dataset and every command kept."""
+    root = Path(__file__).resolve().parents[2]
+    whole = json.loads((root / "bench" / "results" / "quality-calibrated.json").read_text())
+    datasets = list(dict.fromkeys(r["dataset"] for r in whole["runs"]))
+    assert len(datasets) > 1
+    parts = [
+        {**whole, "command": f"run {d}", "runs": [r for r in whole["runs"] if r["dataset"] == d]} for d in datasets
+    ]
+    merged = quality.merge(parts)
+    assert merged["runs"] == whole["runs"]
+    assert merged["summary"] == quality.summarise(whole["runs"])
+    assert merged["command"] == "; ".join(f"run {d}" for d in datasets)
+    seeds = {d: len({r["seed"] for r in whole["runs"] if r["dataset"] == d}) for d in datasets}
+    assert merged["settings"]["seeds"] == " and ".join(f"{n} ({d})" for d, n in seeds.items())
+    assert merged["wallSeconds"] == pytest.approx(len(datasets) * whole["wallSeconds"])
+
+
+def test_published_calibrated_tables_match_their_results() -> None:
+    """docs/benchmarks.md's calibrated section is what bench/results/quality-calibrated.json renders, real MNIST
+    (the third dataset) included."""
+    root = Path(__file__).resolve().parents[2]
+    result = json.loads((root / "bench" / "results" / "quality-calibrated.json").read_text())
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    begin, end = "<!-- bench quality calibrated: begin", "<!-- bench quality calibrated: end -->"
+    published = doc.split(begin, 1)[1].split("-->", 1)[1].split(end, 1)[0]
+    assert published.strip() == quality.render(result).strip()
+    assert set(result["settings"]["datasets"]) == {"digits", "mnist1d", "mnist"}
+    assert result["settings"]["defaultMethod"] == "calibrated"

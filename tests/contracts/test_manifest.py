@@ -170,7 +170,16 @@ def manifest(**spec: Any) -> dict[str, Any]:
         ({"spec__forget__indexes": [1]}, "manifest.spec.forget.indexes: unknown field: check its spelling"),
         # no gate at all
         (
-            {"spec__gates": {"maxTestAccuracyDrop": None, "maxMiaClassifierAccuracy": None}},
+            {
+                "spec__gates": {
+                    "maxTestAccuracyDrop": None,
+                    "maxMiaAuc": None,
+                    "maxMiaClassifierAccuracy": None,
+                    "maxEstimatedGap": None,
+                    "minMembershipPValue": None,
+                    "maxClassReadability": None,
+                }
+            },
             "manifest.spec.gates: every gate is null, so the verdict would be Passed whatever the audit measured",
         ),
         # names and bytes

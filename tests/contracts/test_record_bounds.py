@@ -19,6 +19,7 @@ from unlearning_contracts.record import (
     AuditMetrics,
     CalibrationUsed,
     CompactRecord,
+    Evidence,
     InputModel,
     OutputModel,
     ResultRecord,
@@ -101,6 +102,24 @@ def _worst(char: str, error: bool) -> ResultRecord:
         ),
         started_at="2026-01-01T00:00:00+00:00",
         finished_at="2026-01-01T00:00:00+00:00",
+        evidence=Evidence(
+            calibrated=True,
+            targets="bank+class-removed+fallback"[:40],
+            removed_classes=list(range(10**6, 10**6 + 20)),
+            forget_accuracy=-123456.789,
+            target_forget_accuracy=-123456.789,
+            target_low=-123456.789,
+            target_high=-123456.789,
+            estimated_gap=-123456.7891,
+            gap_parts={k: -123456.789 for k in ("ua", "ra", "ta", "mia")},
+            member_rows=10**9,
+            audited_rows=10**9,
+            member_p_value=1.23e-300,
+            class_readability=-0.1234,
+            steps=10**9,
+            chosen_step=10**9,
+            summary="s" * 300,  # the job writes it, in ASCII
+        ),
         calibration=CalibrationUsed(
             name=f"{'s' * 63}/{'n' * 253}",
             uri=Location(claim_name=claim, path=path).uri,
@@ -139,7 +158,12 @@ def test_the_worst_record_the_spec_allows_still_fits(char: str, error: bool) -> 
 
 def test_an_ordinary_record_is_not_shortened() -> None:
     record = _worst("a", error=False).model_copy(
-        update={"reasons": ["miaAuc 0.710 > maxMiaAuc 0.600"], "request_id": "GDPR-1", "job_image": "job:1"}
+        update={
+            "reasons": ["miaAuc 0.710 > maxMiaAuc 0.600"],
+            "failed_gates": ["maxMiaAuc"],
+            "request_id": "GDPR-1",
+            "job_image": "job:1",
+        }
     )
     record = record.model_copy(
         update={

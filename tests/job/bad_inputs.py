@@ -496,7 +496,16 @@ CASES: list[Case] = [
     C(
         "no-gate",
         "every gate null (verdict Passed whatever happened)",
-        lambda w: w.set("spec.gates", {"maxTestAccuracyDrop": None, "maxMiaClassifierAccuracy": None}),
+        lambda w: w.set(
+            "spec.gates",
+            {
+                "maxTestAccuracyDrop": None,
+                "maxMiaClassifierAccuracy": None,
+                "maxEstimatedGap": None,
+                "minMembershipPValue": None,
+                "maxClassReadability": None,
+            },
+        ),
         "manifest.spec.gates: every gate is null, so the verdict would be Passed whatever the audit measured: set at least one (for example maxMiaClassifierAccuracy: 0.6)",
         "manifest",
         issue=True,
@@ -526,7 +535,8 @@ CASES: list[Case] = [
         "method-unknown",
         "an unknown method",
         lambda w: w.set("spec.method.name", "forget-harder"),
-        "manifest.spec.method.name: Input should be 'gradient-ascent', 'neggrad-plus', 'scrub', 'salun' or 'retrain' (got \"forget-harder\")",
+        "manifest.spec.method.name: Input should be 'auto', 'calibrated', 'gradient-ascent', 'neggrad-plus', 'scrub', "
+        "'salun' or 'retrain' (got \"forget-harder\")",
         "manifest",
     ),
     # ---- checks before torch: allow-list, method, locations, version

@@ -13,6 +13,8 @@ OpenMP thread makes each step many times slower, not faster.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +27,11 @@ import torch
 import yaml
 
 from unlearn import cli
+from unlearn.bank import Bank, load_bank
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, export_to, prepare_demo, train_digits_model
 from unlearn.engine import Context, predict
+from unlearning_contracts.calibration import CalibrationRecord
 
 torch.set_num_threads(1)
 
@@ -137,3 +141,158 @@ def run_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> RunCli:
         return CliResult(code, out.out, out.err, record, term)
 
     return run
+
+
+def calibration(
+    model: dict[str, Any], data: dict[str, Any], output: str, *, epochs: int = RECIPE.epochs, **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "unlearn.dev/v1alpha1",
+        "kind": "UnlearningCalibration",
+        "metadata": {"name": "digits", "namespace": "team"},
+        "spec": {
+            "model": model,
+            "data": data,
+            "recipe": {"epochs": epochs, "batchSize": RECIPE.batch, "optimizer": {"name": "adam", "lr": RECIPE.lr}},
+            "output": {"location": {"path": output}},
+            **spec,
+        },
+    }
+
+
+# -- the mislabelled model's bank (the demo recipe, K = 4) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoisyBank:
+    world: Mislabelled
+    folder: Path
+    bank: Bank
+    record: CalibrationRecord
+    labels: np.ndarray  # the training labels the model was trained on (40 wrong)
+    true_labels: np.ndarray
+    test_labels: np.ndarray
+    printed: str
+    termination: str
+
+
+def noisy_data(world: Mislabelled) -> dict[str, Any]:
+    return {
+        "source": "npz",
+        "train": {"path": str(world.root / "data" / "train.npz")},
+        "test": {"path": str(world.root / "data" / "test.npz")},
+    }
+
+
+@pytest.fixture(scope="session")
+def noisy_bank(mislabelled: Mislabelled, tmp_path_factory: pytest.TempPathFactory) -> NoisyBank:
+    where = tmp_path_factory.mktemp("noisy-bank")
+    folder = where / "bank"
+    manifest = calibration(
+        {"name": "digits-noisy", "source": {"path": str(mislabelled.model)}}, noisy_data(mislabelled), str(folder)
+    )
+    path = where / "calibration.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    termination = where / "termination-log"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["calibrate", str(path), "--device", "cpu", "--termination-log", str(termination)])
+    assert code == 0, termination.read_text()
+    record = CalibrationRecord.model_validate_json((folder / "bank.json").read_text())
+    assert record.bank is not None
+    full = load_digits_arrays()
+    train_rows, test_rows = declared_split(len(full), RECIPE.test_fraction, RECIPE.split_seed)
+    with np.load(mislabelled.root / "data" / "train.npz") as archive:
+        labels = archive["y"]
+    return NoisyBank(
+        world=mislabelled,
+        folder=folder,
+        bank=load_bank(folder / "bank.npz", record.bank.sha256),
+        record=record,
+        labels=labels,
+        true_labels=full.y[train_rows],
+        test_labels=full.y[test_rows],
+        printed=out.getvalue(),
+        termination=termination.read_text(),
+    )
+
+
+# -- the demo model's bank, and models retrained without a typical set and without a class -------------------
+
+
+@dataclass(frozen=True)
+class CleanWorld:
+    """The demo model, its bank, and what retraining without each forget set gives (percent)."""
+
+    root: Path
+    model: Path
+    bank: Path
+    bank_sha256: str
+    train_labels: np.ndarray
+    test_x: np.ndarray
+    test_labels: np.ndarray
+    typical: list[int]  # a random 10% of the training rows
+    removed_class: int
+    class_rows: list[int]  # every training row of removed_class
+    retrained_typical_forget_accuracy: float
+    retrained_typical_test_accuracy: float
+    retrained_class_forget_accuracy: float
+    retrained_class_other_test_accuracy: float  # on the held-out rows of the other classes
+    train_x: np.ndarray
+    retrained: dict[str, torch.nn.Module]  # "typical", "class"
+
+
+REMOVED_CLASS = 3
+
+
+@pytest.fixture(scope="session")
+def clean_world(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> CleanWorld:
+    """Calibrates the demo model (K = 4, the demo recipe) and retrains it twice; about four minutes here."""
+    where = tmp_path_factory.mktemp("clean-bank")
+    folder = where / "bank"
+    model = demo_root / "models" / "digits" / "digits-mlp.pt2"
+    path = where / "calibration.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            calibration({"name": "digits-mlp", "source": {"path": str(model)}}, {"source": "digits"}, str(folder))
+        )
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["calibrate", str(path), "--device", "cpu", "--termination-log", str(where / "log")])
+    assert code == 0, (where / "log").read_text()
+    record = CalibrationRecord.model_validate_json((folder / "bank.json").read_text())
+    assert record.bank is not None
+    full = load_digits_arrays()
+    train_rows, test_rows = declared_split(len(full), RECIPE.test_fraction, RECIPE.split_seed)
+    train, test = full.take(train_rows), full.take(test_rows)
+    typical = np.sort(np.random.default_rng(11).choice(len(train), len(train) // 10, replace=False))
+    class_rows = np.flatnonzero(train.y == REMOVED_CLASS)
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    numbers = {}
+    models = {}
+    for name, rows in (("typical", typical), ("class", class_rows)):
+        keep = np.setdiff1d(np.arange(len(train)), rows)
+        models[name] = retrained = train_digits_model(x[keep], y[keep])
+        numbers[name] = (
+            _accuracy(retrained, train.x[rows], train.y[rows]),
+            _accuracy(retrained, test.x, test.y),
+            _accuracy(retrained, test.x[test.y != REMOVED_CLASS], test.y[test.y != REMOVED_CLASS]),
+        )
+    return CleanWorld(
+        root=demo_root,
+        model=model,
+        bank=folder / "bank.npz",
+        bank_sha256=record.bank.sha256,
+        train_labels=train.y,
+        test_x=test.x,
+        test_labels=test.y,
+        typical=[int(i) for i in typical],
+        removed_class=REMOVED_CLASS,
+        class_rows=[int(i) for i in class_rows],
+        retrained_typical_forget_accuracy=numbers["typical"][0],
+        retrained_typical_test_accuracy=numbers["typical"][1],
+        retrained_class_forget_accuracy=numbers["class"][0],
+        retrained_class_other_test_accuracy=numbers["class"][2],
+        train_x=train.x,
+        retrained=models,
+    )

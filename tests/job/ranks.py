@@ -2,8 +2,9 @@
 
 ``on_ranks`` starts ``world`` processes that each join a gloo group through
 the job's own start-up (``unlearn.distributed.start``), run every method on the
-same digits MLP, data and seed in float64 and in float32, try the ranks'
-error sharing (``agree``, ``decide``), and leave what they ended with in a
+same digits MLP, data and seed in float64 and in float32 (the calibrated one
+also under the stopping rule, with an estimate made as the runner makes it),
+try the ranks' error sharing (``agree``, ``decide``), and leave what they ended with in a
 folder, one file per rank. The test compares that with one process;
 ``python -m tests.job.ranks`` prints the differences (docs/benchmarks.md).
 """
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from unlearn import tuning
+from unlearn import calibrated, tuning
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, mlp, train_digits_model
 from unlearn.distributed import Ranks, start, stop
-from unlearn.engine import Context, TensorSet, unlearn
+from unlearn.engine import Context, Monitor, TensorSet, predict_all, unlearn
 from unlearn.errors import InvalidInputError
 from unlearning_contracts.spec import MethodSpec
 
@@ -34,7 +35,10 @@ from unlearning_contracts.spec import MethodSpec
 # unevenly between two ranks (the last batch of each epoch has an odd number of rows).
 TRAIN_ROWS = 301
 FORGET = (3, 17, 42, 58, 91, 104, 133, 178, 202, 251, 260)
-METHODS = ("gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain")
+METHODS = ("gradient-ascent", "neggrad-plus", "scrub", "salun", "retrain", "calibrated")
+MONITORED = "calibrated"
+"""Run a second time under the stopping rule (``RUNS`` names that run ``calibrated+stopping``)."""
+RUNS = (*METHODS, f"{MONITORED}+stopping")
 DTYPES = (torch.float64, torch.float32)
 
 
@@ -57,11 +61,36 @@ def problem(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], TensorSet, Ten
     return {k: v.to(dtype) for k, v in model.state_dict().items()}, forget, retain
 
 
+def forgotten_label_targets(module: torch.nn.Module, forget: TensorSet) -> torch.Tensor:
+    """The original's probabilities on the forget rows with each row's own label taken out: targets that
+    every process computes identically (the calibrated method's are the bank's; the engine only reads them)."""
+    with torch.no_grad():
+        probs = torch.softmax(module(forget.x), dim=1).double().numpy()
+    out = np.stack([calibrated.class_absent(row[None, :], [int(y)])[0] for row, y in zip(probs, forget.y, strict=True)])
+    return torch.from_numpy(out).to(forget.x.dtype)
+
+
+def stopping_rule(forget: TensorSet, targets: torch.Tensor, ctx: Context) -> Monitor:
+    """The runner's recipe for an estimate (``Recipe.monitor``): logits gathered from every rank's share,
+    the number decided on rank 0. The estimate is the forget rows' mean KL to their targets."""
+
+    def estimate(module: torch.nn.Module) -> float:
+        logits = torch.from_numpy(predict_all(module, forget.x, ctx)).double()
+        logq = torch.log_softmax(logits, dim=1)
+        p = targets.double()
+        return ctx.ranks.decide(lambda: float((p * (p.clamp_min(1e-12).log() - logq)).sum(1).mean()))
+
+    # A bound no check reaches: the rule runs to the method's end or to its patience, then rewinds.
+    return Monitor(estimate, check_every=2, stop_at=1e-6, patience=3)
+
+
 def run_methods(ranks: Ranks, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """Every method from the same original weights on this rank; the weights each one ends with."""
+    """Every method from the same original weights on this rank; the weights each one ends with (and, under
+    ``RUNS``' stopping-rule run, the rule's summary under the key ``monitor``, as a one-element tensor dict)."""
     weights, forget, retain = problem(dtype)
-    out = {}
-    for method in METHODS:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for run in RUNS:
+        method, _, stopping = run.partition("+")
         module = mlp(64, (64, 32), 10).to(dtype)
         module.load_state_dict(weights)
 
@@ -72,8 +101,21 @@ def run_methods(ranks: Ranks, dtype: torch.dtype) -> dict[str, dict[str, torch.T
         ctx = Context(
             device=torch.device("cpu"), num_classes=10, mixed_precision=False, reinitialise=reinitialise, ranks=ranks
         )
+        if method == "calibrated":
+            ctx.targets = forgotten_label_targets(module, forget)
+        if stopping:
+            assert ctx.targets is not None
+            ctx.monitor = stopping_rule(forget, ctx.targets, ctx)
         unlearn(module, forget, retain, hyper(method), ctx)
-        out[method] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        out[run] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if ctx.monitor is not None:
+            summary = ctx.monitor.summary()
+            out[f"{run} monitor"] = {
+                "steps": torch.tensor(summary["steps"]),
+                "checks": torch.tensor(summary["checks"]),
+                "chosen": torch.tensor(summary["chosenStep"]),
+                "estimate": torch.tensor(summary["estimatedGap"], dtype=torch.float64),
+            }
     return out
 
 
@@ -134,7 +176,7 @@ def main() -> None:
         ranks = on_ranks(2, Path(folder))
     for dtype in DTYPES:
         one = run_methods(Ranks(), dtype)
-        for method in METHODS:
+        for method in RUNS:
             two = [r["weights"][str(dtype)][method] for r in ranks]
             difference = max(float((one[method][k] - two[0][k]).abs().max()) for k in one[method])
             same = all(torch.equal(two[0][k], two[1][k]) for k in two[0])

@@ -9,8 +9,6 @@ short recipe on the demo model, so they cost seconds.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,10 +24,10 @@ import pytest
 import torch
 import yaml
 
-from tests.job.conftest import Mislabelled, RunCli, request
+from tests.job.conftest import NoisyBank, RunCli, calibration, noisy_data, request
 from unlearn import bank as bank_format
 from unlearn import calibrate, cli
-from unlearn.bank import Bank, load_bank
+from unlearn.bank import load_bank
 from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, Recipe, export_to, mlp, train_digits_model
 from unlearn.errors import InvalidInputError
@@ -45,23 +43,6 @@ pytestmark = [pytest.mark.job, pytest.mark.timeout(1800)]
 # Two-sided 0.1% bound of a standard normal: a reference whose accuracy on its unseen fold differs from its
 # test accuracy by more than this many standard errors did not see its fold as unseen data.
 Z_BOUND = 3.29
-
-
-def calibration(
-    model: dict[str, Any], data: dict[str, Any], output: str, *, epochs: int = RECIPE.epochs, **spec: Any
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "unlearn.dev/v1alpha1",
-        "kind": "UnlearningCalibration",
-        "metadata": {"name": "digits", "namespace": "team"},
-        "spec": {
-            "model": model,
-            "data": data,
-            "recipe": {"epochs": epochs, "batchSize": RECIPE.batch, "optimizer": {"name": "adam", "lr": RECIPE.lr}},
-            "output": {"location": {"path": output}},
-            **spec,
-        },
-    }
 
 
 @dataclass
@@ -82,63 +63,6 @@ def invoke(capsys: pytest.CaptureFixture[str], where: Path, manifest: dict[str, 
     code = cli.main([args[0], str(path), "--device", "cpu", "--termination-log", str(termination), *args[1:]])
     captured = capsys.readouterr()
     return Cli(code, captured.out, captured.err, termination.read_text() if termination.exists() else None)
-
-
-# -- the mislabelled model's bank (the demo recipe, K = 4) ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NoisyBank:
-    world: Mislabelled
-    folder: Path
-    bank: Bank
-    record: CalibrationRecord
-    labels: np.ndarray  # the training labels the model was trained on (40 wrong)
-    true_labels: np.ndarray
-    test_labels: np.ndarray
-    printed: str
-    termination: str
-
-
-def noisy_data(world: Mislabelled) -> dict[str, Any]:
-    return {
-        "source": "npz",
-        "train": {"path": str(world.root / "data" / "train.npz")},
-        "test": {"path": str(world.root / "data" / "test.npz")},
-    }
-
-
-@pytest.fixture(scope="session")
-def noisy_bank(mislabelled: Mislabelled, tmp_path_factory: pytest.TempPathFactory) -> NoisyBank:
-    where = tmp_path_factory.mktemp("noisy-bank")
-    folder = where / "bank"
-    manifest = calibration(
-        {"name": "digits-noisy", "source": {"path": str(mislabelled.model)}}, noisy_data(mislabelled), str(folder)
-    )
-    path = where / "calibration.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    termination = where / "termination-log"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(["calibrate", str(path), "--device", "cpu", "--termination-log", str(termination)])
-    assert code == 0, termination.read_text()
-    record = CalibrationRecord.model_validate_json((folder / "bank.json").read_text())
-    assert record.bank is not None
-    full = load_digits_arrays()
-    train_rows, test_rows = declared_split(len(full), RECIPE.test_fraction, RECIPE.split_seed)
-    with np.load(mislabelled.root / "data" / "train.npz") as archive:
-        labels = archive["y"]
-    return NoisyBank(
-        world=mislabelled,
-        folder=folder,
-        bank=load_bank(folder / "bank.npz", record.bank.sha256),
-        record=record,
-        labels=labels,
-        true_labels=full.y[train_rows],
-        test_labels=full.y[test_rows],
-        printed=out.getvalue(),
-        termination=termination.read_text(),
-    )
 
 
 def test_references_are_as_accurate_on_their_unseen_fold_as_on_test_data(noisy_bank: NoisyBank) -> None:
@@ -252,6 +176,8 @@ def noisy_run(
             "maxTestAccuracyDrop": None,
             "maxMiaAuc": None,
             "maxMiaClassifierAccuracy": None,
+            "maxEstimatedGap": None,
+            "minMembershipPValue": None,
             "maxForgetAccuracy": 100.0,
         },
     }

@@ -9,7 +9,8 @@ every method ends within ``FLOAT64_TOLERANCE`` of the one-process weights
 the gradient's second moment, so a weight whose gradient is nearly zero (and
 thus mostly rounding) can take a different step: the weights agree within
 ``FLOAT32_TOLERANCE`` on the shortened methods (measured: 9.2e-7 for scrub,
-3e-8 for the others; 1.8e-5 for scrub under its earlier schedule) and within
+9.7e-8 for calibrated, with and without the stopping rule, 3e-8 for the others;
+1.8e-5 for scrub under its earlier schedule) and within
 ``REQUEST_WEIGHT_TOLERANCE`` after the whole default request (measured: 6.4e-6;
 4.2e-4 under scrub's earlier schedule), where
 the audit's numbers came out identical to four decimals. The ranks themselves
@@ -33,7 +34,7 @@ import torch
 import yaml
 
 from tests.job.conftest import RunCli, request
-from tests.job.ranks import DTYPES, METHODS, on_ranks, problem, run_methods
+from tests.job.ranks import DTYPES, RUNS, on_ranks, problem, run_methods
 from unlearn import launch
 from unlearn.distributed import Ranks, backend_for, device_for, ranks_from_env
 from unlearn.errors import InvalidInputError
@@ -274,13 +275,23 @@ def test_every_method_on_two_ranks_matches_one_process(two_ranks: list[dict[str,
     one = run_methods(Ranks(), dtype)
     original = problem(dtype)[0]
     tolerance = FLOAT64_TOLERANCE if dtype == torch.float64 else FLOAT32_TOLERANCE
-    for method in METHODS:
+    for method in RUNS:
         rank0, rank1 = (r["weights"][str(dtype)][method] for r in two_ranks)
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), f"{method}: the ranks drifted apart"
         difference = max_difference(one[method], rank0)
         assert difference <= tolerance, method
         # And the method did something: the weights moved, and far more than the two runs differ.
         assert max_difference(one[method], original) > max(1e-4, 10 * difference), method
+    # The stopping rule took the same decisions on both ranks as in one process: as many steps and checks,
+    # the same chosen step, the same estimate (decided on rank 0 from logits gathered from both).
+    monitored = [key for key in one if key.endswith(" monitor")]
+    assert monitored == ["calibrated+stopping monitor"]
+    for key in monitored:
+        rank0, rank1 = (r["weights"][str(dtype)][key] for r in two_ranks)
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), key
+        assert all(torch.equal(one[key][k], rank0[k]) for k in ("steps", "checks", "chosen")), (one[key], rank0)
+        assert float(one[key]["estimate"]) == pytest.approx(float(rank0["estimate"]), rel=1e-4)
+        assert int(rank0["checks"]) >= 3  # the rule ran (step 0, then every 2 steps)
 
 
 @pytest.mark.job
@@ -371,6 +382,32 @@ def test_the_request_on_two_processes_gives_the_one_process_result_once(
                 assert theirs[path] == pytest.approx(value, abs=1e-3), (phase, path)
     saved = [torch.export.load(tmp_path / d / "digits-mlp-v1.pt2").module().state_dict() for d in ("one", "two")]
     assert max_difference(*saved) <= REQUEST_WEIGHT_TOLERANCE
+
+
+@pytest.mark.job
+def test_calibrated_unlearning_on_two_processes_takes_the_one_process_decisions(
+    demo_root: Path, tmp_path: Path, run_cli: RunCli
+) -> None:
+    # The calibrated method under its stopping rule (without a bank: the fallback targets, which the rule
+    # runs on too): the same steps, the same chosen step, the same evidence and verdict as one process.
+    model = str(demo_root / "models" / "digits" / "digits-mlp.pt2")
+    spec = {"method": {"name": "calibrated"}, "tuning": {"maxAttempts": 1}}
+    one = run_cli(request(model, str(tmp_path / "one"), spec=spec))
+    assert one.record is not None, one.stderr
+    proc = run_launcher(
+        tmp_path, request(model, str(tmp_path / "two"), spec=spec), "--result", str(tmp_path / "result.json")
+    )
+    _, stderr = proc.communicate(timeout=600)
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert proc.returncode == one.code, stderr
+    assert (record["worldSize"], record["method"], record["verdict"]) == (2, "calibrated", one.record["verdict"])
+    ours, theirs = one.record["evidence"], record["evidence"]
+    assert ours["steps"] > 0  # the rule ran
+    assert (theirs["steps"], theirs["chosenStep"]) == (ours["steps"], ours["chosenStep"])
+    assert (theirs["targets"], theirs["calibrated"]) == (ours["targets"], ours["calibrated"]) == ("fallback", False)
+    samples = one.record["post"]["samples"]["forget"]
+    assert abs(theirs["forgetAccuracy"] - ours["forgetAccuracy"]) <= 100 / samples + 1e-9
+    assert theirs["estimatedGap"] == pytest.approx(ours["estimatedGap"], abs=0.05)
 
 
 @pytest.mark.job

@@ -35,6 +35,14 @@ from unlearning_contracts.spec import ForgetSpec, GatesSpec, Location, MethodSpe
 pytestmark = pytest.mark.unit
 
 RNG = np.random.default_rng(0)
+# Every gate with a default, unset.
+NO_GATES: dict[str, None] = {
+    "maxTestAccuracyDrop": None,
+    "maxMiaClassifierAccuracy": None,
+    "maxEstimatedGap": None,
+    "minMembershipPValue": None,
+    "maxClassReadability": None,
+}
 
 
 def audit_numbers(**values: Any) -> AuditMetrics:
@@ -44,8 +52,8 @@ def audit_numbers(**values: Any) -> AuditMetrics:
 
 def test_at_least_one_gate_must_be_set() -> None:
     with pytest.raises(ValidationError, match="every gate is null, so the verdict would be Passed"):
-        GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaClassifierAccuracy": None})
-    one = GatesSpec.model_validate({"maxTestAccuracyDrop": None, "maxMiaClassifierAccuracy": None, "maxMiaAuc": 0.6})
+        GatesSpec.model_validate({**NO_GATES})
+    one = GatesSpec.model_validate({**NO_GATES, "maxMiaAuc": 0.6})
     assert one.max_mia_auc == 0.6  # the gates' rules themselves: test_gates.py
 
 
@@ -57,7 +65,9 @@ def test_resolve_takes_spec_values_over_method_defaults() -> None:
     assert (h.forget_lr, h.forget_epochs, h.forget_batch) == (1e-4, 5, 64)
     assert (h.retain_lr, h.retain_epochs) == (5e-5, 7)
     assert h.seed == 3
-    assert tuning.resolve(MethodSpec()).method == "scrub"
+    assert MethodSpec().name == "auto"
+    assert tuning.resolve(MethodSpec()).method == "scrub"  # without a bank or a class removed
+    assert tuning.resolve(MethodSpec(), calibrated=True).method == "calibrated"
 
 
 def test_forgetting_too_little_doubles_the_forget_lr_then_adds_epochs() -> None:

@@ -78,7 +78,7 @@ def test_only_architecture_kwargs_is_free_form() -> None:
 
 def test_defaults_enums_bounds_and_nullable_gates() -> None:
     spec = schema()["properties"]["spec"]["properties"]
-    assert spec["method"]["properties"]["name"]["default"] == "scrub"
+    assert spec["method"]["properties"]["name"]["default"] == "auto"
     assert "scrub" in spec["method"]["properties"]["name"]["enum"]
     assert spec["method"]["default"] == {}
     lr = spec["method"]["properties"]["forget"]["properties"]["lr"]

@@ -85,11 +85,12 @@ def test_every_bounded_label_set_exists_at_zero_from_the_start() -> None:
     # A series that appears at its first event starts at 1 and increase() counts nothing for it.
     text = generate_latest(build_registry().registry).decode()
     completed = _label_sets(text, "unlearning_requests_completed_total")
-    assert len(completed) == len(VERDICTS) * len(METHODS) == 15
+    assert len(completed) == len(VERDICTS) * len(METHODS) == 21
     assert 'unlearning_requests_completed_total{method="salun",verdict="Error"}' in completed
     assert len(_label_sets(text, "unlearning_job_failures_total")) == len(FAILURE_REASONS)
     # The spec's gate names as written in a record's failedGates, and "other".
     gates = {"maxForgetAccuracy", "maxTestAccuracyDrop", "maxConfidenceGap", "maxMiaClassifierAccuracy", "maxMiaAuc"}
+    gates |= {"maxEstimatedGap", "minMembershipPValue", "maxClassReadability"}
     assert _label_sets(text, "unlearning_gate_failures_total") == {
         f'unlearning_gate_failures_total{{gate="{gate}"}}' for gate in {*gates, "other"}
     }
@@ -197,15 +198,26 @@ OOM = {**FINAL, "phase": "Failed", "conditions": [{"type": "Complete", "status":
         # Passed on 2 GPUs for 600 s: 1200 GPU-seconds, the post numbers and the test-accuracy drop;
         # without a bank (the record's default calibration) it counts as uncalibrated.
         (
-            ("scrub", FINAL, record(), 2, True),
+            ("scrub", FINAL, record(method="scrub"), 2, True),
             Completion("scrub", "Passed", None, 0.52, 0.01, pytest.approx(0.7), (), 600.0, 1200.0, False),
         ),
         # Gates failed: the failure reason and one label per failed gate.
         (
-            ("scrub", FAILED_GATES, record(verdict="Failed", exitCode=3, failedGates=["maxMiaAuc"]), 1, True),
+            (
+                "scrub",
+                FAILED_GATES,
+                record(method="scrub", verdict="Failed", exitCode=3, failedGates=["maxMiaAuc"]),
+                1,
+                True,
+            ),
             Completion(
                 "scrub", "Failed", "GatesFailed", 0.52, 0.01, pytest.approx(0.7), ("maxMiaAuc",), 600.0, 600.0, False
             ),
+        ),
+        # The spec said auto; the record names the method that ran, and the label is that one.
+        (
+            ("auto", FINAL, record(method="calibrated"), 1, True),
+            Completion("calibrated", "Passed", None, 0.52, 0.01, pytest.approx(0.7), (), 600.0, 600.0, False),
         ),
         # OOM without a record: verdict Error, no numbers, CPU-only.
         (("salun", OOM, None, 0, True), Completion("salun", "Error", "OOMKilled", None, None, None, (), 600.0, 0.0)),
@@ -221,7 +233,7 @@ def test_completion_is_derived_from_the_final_status_and_record(
 
 def test_observe_counts_a_completion() -> None:
     metrics = build_registry()
-    metrics.observe(completion("scrub", FINAL, record(), 2, True))
+    metrics.observe(completion("scrub", FINAL, record(method="scrub"), 2, True))
     text = generate_latest(metrics.registry).decode()
     assert 'unlearning_requests_completed_total{method="scrub",verdict="Passed"} 1.0' in text
     assert 'unlearning_gpu_seconds_total{method="scrub"} 1200.0' in text

@@ -1,0 +1,90 @@
+"""The calibrated method and the stopping rule on a tiny model (unlearn.engine): rows at their target are not
+pushed, rows away from it move toward it, and the stopping rule keeps the best weights and stops."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from unlearn import engine
+from unlearn.engine import Context, Monitor, TensorSet
+from unlearn.tuning import resolve
+from unlearning_contracts.spec import MethodSpec
+
+pytestmark = pytest.mark.unit
+
+
+def world(seed: int = 0) -> tuple[nn.Module, TensorSet, TensorSet, Context]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(200, 8)
+    y = torch.randint(0, 3, (200,))
+    ctx = Context(device=torch.device("cpu"), num_classes=3, mixed_precision=False)
+    return model, TensorSet(x[:20], y[:20]), TensorSet(x[20:], y[20:]), ctx
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_rows_at_their_target_are_not_pushed() -> None:
+    model, forget, retain, ctx = world()
+    with torch.no_grad():
+        ctx.targets = F.softmax(model(forget.x), dim=1)  # already where they should be
+    before = weights(model)
+    engine.unlearn(model, forget, retain, replace(resolve(MethodSpec(name="calibrated")), forget_epochs=20), ctx)
+    for a, b in zip(before, weights(model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rows_move_to_their_target() -> None:
+    model, forget, retain, ctx = world()
+    target = torch.full((len(forget), 3), 0.05)
+    target[torch.arange(len(forget)), (forget.y + 1) % 3] = 0.9  # another class for every forget row
+    ctx.targets = target
+
+    def kl() -> float:
+        with torch.no_grad():
+            logq = F.log_softmax(model(forget.x), dim=1)
+        return float((target * (target.log() - logq)).sum(1).mean())
+
+    start = kl()
+    engine.unlearn(model, forget, retain, replace(resolve(MethodSpec(name="calibrated")), forget_epochs=100), ctx)
+    assert kl() < 0.7 * start  # the retain term holds the rest: these targets are arbitrary
+
+
+def test_the_stopping_rule_rewinds_to_the_best_check_and_stops_without_improvement() -> None:
+    model, forget, retain, ctx = world()
+    ctx.targets = torch.full((len(forget), 3), 1 / 3)
+    estimates = iter([5.0, 3.0, 1.0, 2.0, 2.5, 3.0, 4.0, 9.0, 9.0, 9.0])
+    seen: list[list[torch.Tensor]] = []
+
+    def estimate(m: nn.Module) -> float:
+        seen.append(weights(m))
+        return next(estimates)
+
+    monitor = Monitor(estimate, check_every=5, stop_at=0.5, patience=4)
+    ctx.monitor = monitor
+    engine.unlearn(model, forget, retain, replace(resolve(MethodSpec(name="calibrated")), forget_epochs=300), ctx)
+    assert monitor.best is not None
+    assert (monitor.best.step, monitor.best.estimate) == (10, 1.0)
+    assert monitor.steps == 30  # four checks after the best, then stop
+    assert monitor.stopped_by == "4 checks without improvement"
+    for a, b in zip(seen[2], weights(model), strict=True):  # rewound to the weights of the best check
+        assert torch.equal(a, b)
+
+
+def test_the_stopping_rule_keeps_the_original_when_it_is_best() -> None:
+    model, forget, retain, ctx = world()
+    ctx.targets = torch.full((len(forget), 3), 1 / 3)
+    before = weights(model)
+    ctx.monitor = Monitor(lambda m: 0.1)  # already close enough: no step is taken
+    engine.unlearn(model, forget, retain, resolve(MethodSpec(name="scrub")), ctx)
+    assert ctx.monitor.summary()["chosenStep"] == 0
+    assert ctx.monitor.steps == 0
+    for a, b in zip(before, weights(model), strict=True):
+        assert torch.equal(a, b)

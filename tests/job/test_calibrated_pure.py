@@ -1,0 +1,149 @@
+"""Unit tests of calibrated unlearning's pure part (unlearn.calibrated): targets, the gap estimate, the
+per-row membership test and the class-removal check, on small hand-made arrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from unlearn import calibrated as cal
+
+pytestmark = pytest.mark.unit
+
+
+def logits_of(probs: list[list[float]]) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30))
+
+
+@pytest.mark.parametrize(
+    ("forget", "train", "requested", "expected"),
+    [
+        ([0, 1], [0, 0, 1, 1, 2], (), ()),  # a random set covers no class
+        ([0, 0, 1], [0, 0, 1, 1, 2], (), (0,)),  # every row of class 0
+        ([2], [0, 0, 1, 1, 2], (), (2,)),  # a class with one row, forgotten
+        ([0], [0, 0, 1, 1, 2], (1,), (1,)),  # named by forget.classes, partly covered
+        ([0, 0, 1, 1, 2], [0, 0, 1, 1, 2], (), (0, 1, 2)),
+    ],
+)
+def test_removed_classes_are_named_or_covered(
+    forget: list[int], train: list[int], requested: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
+    assert cal.removed_classes(np.array(forget), np.array(train), requested, 3) == expected
+
+
+def test_class_absent_zeroes_the_class_and_renormalises() -> None:
+    p = np.array([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
+    out = cal.class_absent(p, (0,))
+    np.testing.assert_allclose(out[0], [0.0, 0.6, 0.4])
+    np.testing.assert_allclose(out[1], [0.0, 0.5, 0.5])  # nothing left: uniform over the rest
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)
+
+
+def test_own_label_scaled_keeps_the_ratio_of_the_others() -> None:
+    p = np.array([[0.9, 0.08, 0.02], [1.0, 0.0, 0.0]])
+    out = cal.own_label_scaled(p, np.array([0, 0]), np.array([0.6, 0.7]))
+    np.testing.assert_allclose(out[0], [0.6, 0.32, 0.08])
+    np.testing.assert_allclose(out[1], [0.7, 0.15, 0.15])
+
+
+def test_targets_by_kind() -> None:
+    labels = np.array([0, 1, 2])
+    original = logits_of([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01], [0.01, 0.01, 0.98]])
+    out = logits_of([[0.9, 0.05, 0.05], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    banked = cal.make_targets(labels, original, out_logits=out)
+    np.testing.assert_allclose(banked.probs, np.exp(out), atol=1e-9)
+    assert banked.kinds == ("bank", "bank", "bank")
+    assert banked.calibrated
+    assert banked.accuracy(labels).value == pytest.approx(200 / 3)  # row 1's OUT prediction is class 0
+
+    removed = cal.make_targets(labels, original, removed=(2,), out_logits=out)
+    assert removed.kinds == ("bank", "bank", "class-removed")
+    np.testing.assert_allclose(removed.probs[2], [0.5, 0.5, 0.0])  # the original's, class 2 removed
+    assert (removed.probs[:, 2] == 0).all()  # no row may be sent to a removed class
+    assert removed.accuracy(labels).value == pytest.approx(100 / 3)
+
+    fallback = cal.make_targets(labels, original, class_confidence=np.array([0.8, 0.9, 0.95]))
+    assert not fallback.calibrated
+    assert fallback.kind == "fallback"
+    np.testing.assert_allclose(fallback.probs[np.arange(3), labels], [0.8, 0.9, 0.95])
+    with pytest.raises(ValueError, match="fallback"):
+        cal.make_targets(labels, original)
+
+
+def test_heldout_confidence_per_class() -> None:
+    held = logits_of([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]])
+    np.testing.assert_allclose(cal.heldout_confidence(held, np.array([0, 0, 1]), 3), [0.8, 0.8, 0.8])
+
+
+def test_kl_to_target_is_zero_at_the_target() -> None:
+    labels = np.array([0, 1])
+    target = cal.make_targets(
+        labels, logits_of([[0.9, 0.1], [0.2, 0.8]]), out_logits=logits_of([[0.6, 0.4], [0.5, 0.5]])
+    )
+    kl = cal.kl_to_target(logits_of([[0.6, 0.4], [0.9, 0.1]]), target)
+    assert kl[0] == pytest.approx(0.0, abs=1e-9)
+    assert kl[1] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+
+
+def test_phi_is_stable_where_the_label_probability_rounds_to_one() -> None:
+    z = np.array([[40.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(cal.phi(z, np.array([0, 0])), [40.0 - math.log(2), -math.log(2)])
+
+
+def test_expected_test_accuracy_interpolates_by_the_forget_share() -> None:
+    labels = np.array([0, 1, 0, 1])
+    original = logits_of([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])  # 100%
+    references = np.stack([logits_of([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])] * 2)  # 75% each
+    expected, spread = cal.expected_test_accuracy(original, references, labels, share=0.25)  # half-way to 1/K
+    assert expected == pytest.approx(87.5)
+    assert spread == 0.0
+    assert cal.expected_test_accuracy(original, references, labels, share=0.9)[0] == pytest.approx(75.0)
+    kept, _ = cal.expected_test_accuracy(original, references, labels, share=0.0, removed=(1,))
+    assert kept == pytest.approx(100.0)
+
+
+def test_estimate_gap_is_zero_for_a_model_at_every_reference() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    labels = rng.integers(0, 3, n)
+    sure = np.full((n, 3), -6.0)
+    sure[np.arange(n), labels] = 6.0
+    targets = cal.make_targets(labels[:50], sure[:50], out_logits=sure[:50])
+    reference = cal.GapReference(targets.accuracy(labels[:50]), 100.0, 100.0, 0.0)
+    at = cal.estimate_gap((sure[:50], labels[:50]), (sure[50:], labels[50:]), (sure, labels), targets, reference)
+    assert at.gap == pytest.approx(0.0, abs=1e-9)
+    wrong = sure[:50][:, [1, 2, 0]]  # every forget row misclassified: UA 100 against a target of 0
+    off = cal.estimate_gap((wrong, labels[:50]), (sure[50:], labels[50:]), (sure, labels), targets, reference)
+    assert off.parts["ua"] == pytest.approx(100.0)
+    assert off.gap >= 25.0
+
+
+def test_membership_test_counts_rows_above_the_null_at_one_percent() -> None:
+    rng = np.random.default_rng(1)
+    test_phi = rng.normal(5.0, 1.0, 2000)
+    references = rng.normal(5.0, 1.0, (4, 2000))
+    out_phi = rng.normal(5.0, 1.0, 200)
+    unseen = cal.membership_test(rng.normal(5.0, 1.0, 200), out_phi, test_phi, references)
+    assert unseen.flagged <= 6
+    assert unseen.p_value > 0.01
+    remembered = cal.membership_test(out_phi + 8.0, out_phi, test_phi, references)
+    assert remembered.flagged == 200
+    assert remembered.p_value < 1e-100
+    assert remembered.share.low > 95.0
+    assert unseen.expected == pytest.approx(2.0)
+
+
+def test_class_readability_reads_a_masked_class_but_not_an_absent_one() -> None:
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), 100)
+    z = rng.normal(0.0, 1.0, (300, 3))
+    z[np.arange(300), labels] += 5.0
+    masked = z.copy()
+    masked[:, 0] -= 20.0  # an output-bias mask: class 0 never wins, but its rows still rank first
+    assert cal.class_readability(masked, labels, (0,)).value > 0.99
+    absent = z.copy()
+    absent[:, 0] = rng.normal(-10.0, 1.0, 300)  # a logit that carries nothing about class 0
+    assert 0.35 < cal.class_readability(absent, labels, (0,)).value < 0.65
+    assert math.isnan(cal.class_readability(z, labels, ()).value)
