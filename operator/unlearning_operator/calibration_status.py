@@ -32,7 +32,9 @@ from pydantic import Field, WithJsonSchema
 from unlearning_contracts.calibration import CalibrationRecord
 
 from . import status as _request_status
-from .status import _DATE_TIME, _INT64, Condition, _Shape, set_condition, timestamp
+
+# The request status module's helpers: both kinds write status and conditions the same way.
+from .status import _DATE_TIME, _INT64, Condition, _base, _Shape, _with, timestamp
 
 get_condition = _request_status.get_condition
 """The same metav1 conditions as a request's, read the same way."""
@@ -256,27 +258,8 @@ def count_indexes(indexes: str | None) -> int:
     return len(expand_indexes(indexes))
 
 
-def _base(status: dict[str, Any] | None, generation: int) -> dict[str, Any]:
-    new = copy.deepcopy(status or {})
-    new["observedGeneration"] = generation
-    new.setdefault("conditions", [])
-    return new
-
-
 def _same_generation(status: dict[str, Any]) -> dict[str, Any]:
     return _base(status, int(status.get("observedGeneration", 1)))
-
-
-def _with(new: dict[str, Any], type_: str, ok: bool, reason: str, message: str, *, now: datetime) -> None:
-    new["conditions"] = set_condition(
-        new["conditions"],
-        type_=type_,
-        status=ok,
-        reason=reason,
-        message=message,
-        generation=new["observedGeneration"],
-        now=now,
-    )
 
 
 def _display(new: dict[str, Any]) -> None:
@@ -317,15 +300,8 @@ def pending(status: dict[str, Any] | None, folds: int, generation: int, now: dat
     return new
 
 
-def queued(status: dict[str, Any] | None, reason: str, message: str, generation: int, now: datetime) -> dict[str, Any]:
-    """Waiting for another calibration of the model or for free slots under the cap."""
-    new = _base(status, generation)
-    new["phase"] = QUEUED
-    new["message"] = message
-    new.setdefault("queuedTime", timestamp(now))
-    _with(new, ACCEPTED, True, REASON_VALID, "the spec is valid", now=now)
-    _with(new, JOB_CREATED, False, reason, message, now=now)
-    return new
+queued = _request_status.queued
+"""Waiting for another calibration of the model or for free slots under the caps (as a request waits)."""
 
 
 def running(
