@@ -254,6 +254,35 @@ def expected_test_accuracy(
     return expected, float(max(accuracies) - min(accuracies))
 
 
+def retrain_drop(
+    original_test_logits: npt.ArrayLike,
+    reference_test_logits: npt.ArrayLike,
+    test_labels: Labels,
+    *,
+    share: float,
+    removed: Sequence[int] = (),
+) -> Estimate:
+    """What retraining itself does to held-out accuracy, as the utility gate reads it (points).
+
+    The value is the fall a retrain without the forget set is expected to show (the original's accuracy
+    less ``expected_test_accuracy``); the interval is that value +- the mean half-width of the references'
+    own paired drop intervals against the original on the same rows: how precisely the audit can measure
+    the drop of a model that moves as many held-out predictions as a retrain does (on MNIST-1D a retrain
+    changes about a quarter of them, so a retrain's own interval is several points wide).
+    """
+    z = np.asarray(reference_test_logits)
+    labels = np.asarray(test_labels, dtype=np.int64)
+    keep = ~np.isin(labels, list(removed))
+    if not keep.any() or z.shape[0] == 0:
+        return stats.NAN
+    original = np.asarray(original_test_logits)[keep].argmax(axis=1) == labels[keep]
+    drops = [stats.paired_change(original, z[k][keep].argmax(axis=1) == labels[keep]) for k in range(z.shape[0])]
+    half = 100.0 * float(np.mean([(d.high - d.low) / 2 for d in drops]))
+    expected, _ = expected_test_accuracy(original_test_logits, z, labels, share=share, removed=removed)
+    value = 100.0 * float(np.mean(original)) - expected
+    return Estimate(value, value - half, value + half, int(keep.sum()))
+
+
 @dataclass(frozen=True)
 class GapEstimate:
     """The four numbers of Avg. Gap, each beside what retraining is expected to give (percent)."""
@@ -412,6 +441,9 @@ class Plan:
     """The audited forget rows' phi under their OUT reference (None without a bank)."""
     reference_test_phi: Floats | None
     """[K, audited held-out rows]: every reference's phi on the audited held-out rows (None without a bank)."""
+    retrain_drop: Estimate | None = None
+    """What retraining itself does to held-out accuracy on the audited rows (``retrain_drop``; None without a
+    bank): the utility gate's reference."""
 
     @property
     def audited_targets(self) -> Targets:
@@ -450,8 +482,10 @@ def plan(
         class_confidence=None if out_logits is not None else heldout_confidence(h_logits, h_labels, classes),
     )
     audited = np.asarray(audited, dtype=np.int64)
+    drop: Estimate | None = None
     if reference_test_logits is not None:
         ta, spread = expected_test_accuracy(h_logits, reference_test_logits, h_labels, share=share, removed=removed)
+        drop = retrain_drop(h_logits, reference_test_logits, h_labels, share=share, removed=removed)
     else:
         keep = ~np.isin(h_labels, list(removed))
         ta, spread = audit.accuracy(h_logits[keep], h_labels[keep]), 0.0
@@ -463,6 +497,7 @@ def plan(
         reference=reference,
         out_phi=None if out_phi is None else np.asarray(out_phi, dtype=np.float64),
         reference_test_phi=None if reference_test_phi is None else np.asarray(reference_test_phi, dtype=np.float64),
+        retrain_drop=drop if drop is not None and drop.finite else None,
     )
 
 

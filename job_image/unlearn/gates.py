@@ -32,7 +32,29 @@ fails. Six rules, each with its reason:
 5. **The utility gate passes only when shown**: the held-out accuracy drop
    must have its whole interval within ``maxTestAccuracyDrop`` (the upper end
    decides). Damage to the model is the owner's risk, and held-out sets are
-   large enough for this to be cheap.
+   large enough for this to be cheap. **With a verified reference bank the
+   limit is read against retraining**, as the membership gates read theirs
+   (rule 3): the drop's upper end must lie within ``maxTestAccuracyDrop``
+   above the upper end of what retraining itself shows (``Reference`` under
+   ``test_accuracy_drop``, from ``unlearn.calibrated.retrain_drop``: the
+   drop a retrain is expected to show, +- the half-width of the references'
+   own paired intervals). Why: a retrain moves held-out predictions too, and
+   the paired interval's width grows with the rows that changed. On MNIST-1D
+   (1,000 held-out rows; the references agree with the original on about 73%
+   of them) retraining's own drop reads 2.0 [-0.7, 4.6] for a random 10%, so
+   the bare 2-point rule failed a model retrained without the forget set and,
+   with it, calibrated results the bank put where retraining leaves them
+   (docs/benchmarks.md, the whole Job). The limit is read from the
+   reference's upper end, as rule 3 reads a tolerance from the reference's
+   interval, so a retrain whose drop lands anywhere in the references' range
+   passes with the owner's margin to spare; the price is a wider limit where
+   retraining itself is noisy (6.6 points on that MNIST-1D split; 3.1-3.2 on
+   the digits demo model, whose references' drop reaches 1.1-1.2 at most).
+   A model damaged by unlearning still fails: gradient ascent run too long on
+   the digits lost 26.5 [24.5, 26.9] points against the applied 3.1
+   (tests/job/test_calibrated.py). Without a bank the rule is the bare limit,
+   unchanged; the gate's reason, ``allowedHigh`` and ``reference`` in the
+   record say which limit was applied and why.
 6. **A retry cannot pass on noise** (``confirm``): a forgetting gate that
    failed in an earlier attempt passes in a later one only when its value has
    left that attempt's interval; otherwise it stays failed.
@@ -372,14 +394,31 @@ def accuracy_drop(pre: AuditMetrics, post: AuditMetrics) -> Observed:
     return Observed(value, value - half, value + half)
 
 
-def _utility_gate(limit: float, pre: AuditMetrics, post: AuditMetrics) -> GateOutcome:
+RETRAINING_SOURCE = "retraining, from the reference bank: expected drop +- the references' own interval"
+
+
+def retraining_drop(value: float, low: float, high: float) -> Reference:
+    """The utility gate's reference from the bank (``unlearn.calibrated.retrain_drop``), in points."""
+    return Reference(value, low, high, RETRAINING_SOURCE)
+
+
+def _utility_gate(limit: float, pre: AuditMetrics, post: AuditMetrics, reference: Reference | None) -> GateOutcome:
     observed = accuracy_drop(pre, post)
-    passed = observed.measured and observed.high <= limit
+    # Rule 5: with a bank, the limit above the upper end of what retraining itself shows (never below the limit).
+    applied = limit + max(0.0, reference.high) if reference is not None else limit
+    passed = observed.measured and observed.high <= applied
     shown = observed.show(".2f")
+    if reference is None:
+        within = f"maxTestAccuracyDrop {limit:.2f}"
+    else:
+        within = (
+            f"{applied:.2f} (maxTestAccuracyDrop {limit:g} above {max(0.0, reference.high):.2f}, the upper end of "
+            f"the drop retraining itself shows: {reference.describe()})"
+        )
     reason = (
-        f"testAccuracyDrop {shown}: the whole 95% interval lies within maxTestAccuracyDrop {limit:.2f}"
+        f"testAccuracyDrop {shown}: the whole 95% interval lies within {within}"
         if passed
-        else f"testAccuracyDrop {shown}: the 95% interval's upper end exceeds maxTestAccuracyDrop {limit:.2f} "
+        else f"testAccuracyDrop {shown}: the 95% interval's upper end exceeds {within} "
         "(the drop is not shown to stay within it)"
     )
     return GateOutcome(
@@ -390,7 +429,8 @@ def _utility_gate(limit: float, pre: AuditMetrics, post: AuditMetrics) -> GateOu
         "passed" if passed else "failed",
         "utility",
         reason,
-        (-math.inf, limit),
+        (-math.inf, applied),
+        reference,
     )
 
 
@@ -483,14 +523,15 @@ def evaluate(
     """Check every gate set in the spec against the post-unlearning audit (and the pre one for the drop).
 
     ``references``: per AuditMetrics field, what retraining would show (the
-    class-matched null unless given); a reference bank passes its own.
+    class-matched null unless given); a reference bank passes its own, and
+    ``test_accuracy_drop`` (``retraining_drop``) widens the utility gate (rule 5).
     ``evidence``: calibrated unlearning's evidence on the same model (rule 7).
     """
     outcomes: list[GateOutcome] = []
     if gates.max_forget_accuracy is not None:
         outcomes.append(_forget_accuracy_gate(gates.max_forget_accuracy, post))
     if gates.max_test_accuracy_drop is not None:
-        outcomes.append(_utility_gate(gates.max_test_accuracy_drop, pre, post))
+        outcomes.append(_utility_gate(gates.max_test_accuracy_drop, pre, post, references.get("test_accuracy_drop")))
     for gate in MEMBERSHIP:
         limit = getattr(gates, gate.field)
         if limit is not None:

@@ -41,6 +41,7 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -478,7 +479,7 @@ class Recipe:
                 self.draft.timed("postAudit", t)
             verdict: gates.Verdict | None = None
             if post is not None:
-                verdict = gates.evaluate(spec.gates, pre, post, evidence=self.evidence)
+                verdict = gates.evaluate(spec.gates, pre, post, bank_references(inputs.plan), evidence=self.evidence)
                 # A retry does not pass a gate an earlier attempt failed on a change within the noise.
                 verdict = gates.confirm(verdict, [v for v in verdicts if v is not None])
                 reasons = verdict.reasons
@@ -579,6 +580,14 @@ class Recipe:
 
 def _join_uri(folder_uri: str, name: str) -> str:
     return f"{folder_uri.rstrip('/')}/{name}"
+
+
+def bank_references(the_plan: calibrated.Plan | None) -> Mapping[str, gates.Reference]:
+    """What the gates read against retraining from a verified bank: the utility gate's reference (rule 5)."""
+    drop = the_plan.retrain_drop if the_plan is not None and the_plan.banked else None
+    if drop is None:
+        return gates.NULL_REFERENCES
+    return {**gates.NULL_REFERENCES, "test_accuracy_drop": gates.retraining_drop(drop.value, drop.low, drop.high)}
 
 
 def _summary(result: AuditMetrics) -> str:

@@ -16,6 +16,7 @@ typical set (retraining changes almost nothing there either).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ import pytest
 import torch
 
 from tests.job.conftest import CleanWorld, NoisyBank, RunCli, noisy_data, request
-from unlearn import audit, calibrated, gates
+from unlearn import audit, calibrated, gates, tuning
 from unlearn.bank import Bank, load_bank
-from unlearn.engine import Context, predict
+from unlearn.engine import Context, TensorSet, gradient_ascent, predict
+from unlearn.runner import bank_references
 from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, CompactRecord, Evidence, result_json_schema
-from unlearning_contracts.spec import GatesSpec
+from unlearning_contracts.spec import GatesSpec, MethodSpec
 
 # The first test that uses a bank pays for it (four reference trainings each), on a shared machine.
 pytestmark = [pytest.mark.job, pytest.mark.timeout(1800)]
@@ -150,6 +152,9 @@ def test_a_class_is_removed_and_the_other_classes_keep_their_accuracy(
 # -- the gates on the evidence, on the untouched model and on retrained ones ------------------------------------
 
 
+ONLY_EVIDENCE = GatesSpec(max_test_accuracy_drop=None, max_mia_classifier_accuracy=None)
+
+
 def verdict_of(
     module: torch.nn.Module,
     bank: Bank,
@@ -160,8 +165,10 @@ def verdict_of(
     test: tuple[np.ndarray, np.ndarray],
     original: torch.nn.Module,
     removed: tuple[int, ...] = (),
+    spec: GatesSpec = ONLY_EVIDENCE,
 ) -> gates.Verdict:
-    """The default evidence gates on ``module``, with targets made from ``original`` and the bank."""
+    """The gates of ``spec`` on ``module``, with targets made from ``original`` and the bank, and the bank's
+    references as the Job passes them (``runner.bank_references``); by default the evidence gates alone."""
     rows = np.asarray(forget)
     keep = np.setdiff1d(np.arange(len(labels)), rows)
     test_x, test_y = test
@@ -187,9 +194,13 @@ def verdict_of(
     retain_out = (logits(module, x[keep]), labels[keep])
     heldout_out = (logits(module, test_x), test_y)
     found = calibrated.evidence(the_plan, forget_out, retain_out, heldout_out)
-    metrics = audit.audit_outputs(forget_out, retain_out, heldout_out)
-    only_evidence = GatesSpec(max_test_accuracy_drop=None, max_mia_classifier_accuracy=None)
-    return gates.evaluate(only_evidence, metrics, metrics, evidence=found)
+    pre = audit.audit_outputs(
+        (logits(original, x[rows]), labels[rows]), (logits(original, x[keep]), labels[keep]), (original_heldout, test_y)
+    )
+    post = audit.audit_outputs(
+        forget_out, retain_out, heldout_out, heldout_before=original_heldout, removed_classes=removed
+    )
+    return gates.evaluate(spec, pre, post, bank_references(the_plan), evidence=found)
 
 
 def exported(path: Path) -> torch.nn.Module:
@@ -238,6 +249,73 @@ def test_evidence_gates_on_class_removal_and_on_a_typical_set(clean_world: Clean
     assert nothing.passed, nothing.reasons
     typical = clean_world.retrained["typical"]
     assert verdict_of(typical, bank, x, labels, clean_world.typical, test=test, original=original).passed
+
+
+def utility(verdict: gates.Verdict) -> gates.GateOutcome:
+    return next(o for o in verdict.outcomes if o.gate == "maxTestAccuracyDrop")
+
+
+def test_with_its_bank_a_retrained_model_passes_the_default_gates_and_a_damaged_one_fails_on_utility(
+    clean_world: CleanWorld, noisy_bank: NoisyBank
+) -> None:
+    """Rule 5 with a bank (unlearn/gates.py): the utility limit sits above what retraining itself shows."""
+    bank = load_bank(clean_world.bank)
+    original = exported(clean_world.model)
+    x, labels = clean_world.train_x, clean_world.train_labels
+    test = (clean_world.test_x, clean_world.test_labels)
+    for name, rows, removed in (
+        ("typical", clean_world.typical, ()),
+        ("class", clean_world.class_rows, (clean_world.removed_class,)),
+    ):
+        retrained = verdict_of(
+            clean_world.retrained[name],
+            bank,
+            x,
+            labels,
+            rows,
+            test=test,
+            original=original,
+            removed=removed,
+            spec=GatesSpec(),
+        )
+        assert retrained.passed, (name, retrained.reasons)
+        drop = utility(retrained)
+        # The limit applied: 2 above the upper end of the references' own drop, never below the bare 2. Measured:
+        # typical 0.45 [-0.54, 0.88] against 3.13, class 0.50 [-0.34, 0.50] against 3.22.
+        assert drop.reference is not None
+        assert drop.reference.source == gates.RETRAINING_SOURCE
+        assert drop.allowed[1] == pytest.approx(2.0 + max(0.0, drop.reference.high))
+        print(f"{name}: retrained drop {drop.observed}, applied limit {drop.allowed[1]:.2f}")
+    world = noisy_bank.world
+    with np.load(world.root / "data" / "train.npz") as train, np.load(world.root / "data" / "test.npz") as data:
+        noisy_x, noisy_test = train["x"], (data["x"], data["y"])
+    noisy_original = exported(world.model)
+    retrained = verdict_of(
+        exported(world.retrained),
+        load_bank(noisy_bank.folder / "bank.npz"),
+        noisy_x,
+        noisy_bank.labels,
+        world.forget,
+        test=noisy_test,
+        original=noisy_original,
+        spec=GatesSpec(),
+    )
+    assert retrained.passed, retrained.reasons
+
+    # Gradient ascent on the typical 10% run far too long (no stopping rule): the model is damaged.
+    damaged = exported(clean_world.model)
+    hyper = replace(
+        tuning.resolve(MethodSpec.model_validate({"name": "gradient-ascent"})), forget_epochs=20, retain_epochs=0
+    )
+    forget = TensorSet(torch.from_numpy(x[clean_world.typical]), torch.from_numpy(labels[clean_world.typical]))
+    gradient_ascent(damaged, forget, forget, hyper, replace(CPU, gen=torch.Generator().manual_seed(0)))
+    hurt = verdict_of(damaged, bank, x, labels, clean_world.typical, test=test, original=original, spec=GatesSpec())
+    assert "maxTestAccuracyDrop" in hurt.failed_gates
+    drop = utility(hurt)
+    assert drop.observed is not None
+    assert drop.observed.low > drop.allowed[1]  # measured 26.5 [24.5, 26.9] against 3.13
+    assert drop.allowed[1] > 2.0  # the bank's reference was applied (the widened limit), and still fails it
+    print(f"damaged: drop {drop.observed}, applied limit {drop.allowed[1]:.2f}")
 
 
 def test_without_a_bank_calibrated_runs_on_the_fallback_and_says_so(

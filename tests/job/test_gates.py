@@ -133,6 +133,37 @@ def test_a_reference_replaces_the_null_without_changing_the_rule() -> None:
     assert "reference bank" in outcome.reason
 
 
+def test_with_a_bank_the_utility_limit_sits_above_what_retraining_itself_shows() -> None:
+    """Rule 5 with a bank: MNIST-1D's numbers (a retrain's drop ~1.5 +- 3 on 1,000 rows); damage still fails."""
+    pre = audit()
+    retrained_like = audit(test_accuracy_drop=(1.5, -1.4, 4.4))
+    bare = gates.evaluate(spec(maxTestAccuracyDrop=2.0), pre, retrained_like)
+    assert bare.failed_gates == ["maxTestAccuracyDrop"]  # the bare rule cannot pass a retrain here
+    retraining = gates.retraining_drop(0.6, -2.5, 3.7)
+    (outcome,) = gates.evaluate(
+        spec(maxTestAccuracyDrop=2.0), pre, retrained_like, {"test_accuracy_drop": retraining}
+    ).outcomes
+    assert outcome.status == "passed"
+    assert outcome.allowed[1] == pytest.approx(5.7)  # 2 above 3.7, the upper end of retraining's own drop
+    record = outcome.result()
+    assert record.allowed_high == pytest.approx(5.7)
+    assert record.reference is not None
+    assert "retraining" in record.reference
+    assert "above 3.70" in outcome.reason
+    damaged = audit(test_accuracy_drop=(30.0, 26.0, 34.0))
+    (hurt,) = gates.evaluate(spec(maxTestAccuracyDrop=2.0), pre, damaged, {"test_accuracy_drop": retraining}).outcomes
+    assert (hurt.status, hurt.kind) == ("failed", "utility")
+    # A retrain that gains accuracy does not tighten the limit below the bare one.
+    (gain,) = gates.evaluate(
+        spec(maxTestAccuracyDrop=2.0),
+        pre,
+        audit(test_accuracy_drop=(0.5, -0.4, 1.9)),
+        {"test_accuracy_drop": gates.retraining_drop(-3.0, -4.0, -2.0)},
+    ).outcomes
+    assert gain.status == "passed"
+    assert gain.allowed[1] == pytest.approx(2.0)
+
+
 def test_the_default_gates_are_the_drop_and_the_label_free_classifier() -> None:
     default = gates.evaluate(GatesSpec(), audit(), audit())
     assert [o.gate for o in default.outcomes] == ["maxTestAccuracyDrop", "maxMiaClassifierAccuracy"]
