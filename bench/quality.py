@@ -76,6 +76,7 @@ from unlearn.demo import mlp, train_digits_model
 from unlearn.engine import Context, Monitor, TensorSet, predict
 from unlearn.engine import unlearn as run_method
 from unlearn.errors import DivergedError
+from unlearning_contracts.calibration import DEFAULT_FOLDS
 from unlearning_contracts.record import AuditMetrics
 from unlearning_contracts.spec import GatesSpec, MethodSpec, TuningSpec
 
@@ -87,7 +88,7 @@ FLOOR = "retrain (2nd seed)"
 STRONGER = ("neggrad-plus", "scrub", "salun")
 CALIBRATED = "calibrated"
 STOPPED = " + stopping rule"  # a method's label with the bank's stopping rule
-BANK_FOLDS = 4
+BANK_FOLDS = DEFAULT_FOLDS  # the calibration's default K
 BANK_SEED = 500  # the references' weights and shuffles: independent of the original's and the retrains'
 CHECK_RETAIN_ROWS = 1000
 VARIANTS: tuple[str, ...] = (TUTORIAL, TUNED, *STRONGER, "scrub" + STOPPED, CALIBRATED)
@@ -316,17 +317,17 @@ class SplitBank:
     steps: int
 
 
-def make_bank(split: Split) -> SplitBank:
+def make_bank(split: Split, k_folds: int = BANK_FOLDS) -> SplitBank:
     """K references, reference k trained from fresh weights on every row outside fold k."""
     dataset, labels = split.dataset, split.fs.labels
     n = len(dataset.train)
-    folds = np.random.default_rng(BANK_SEED + split.seed).permutation(n) % BANK_FOLDS
+    folds = np.random.default_rng(BANK_SEED + split.seed).permutation(n) % k_folds
     x, y = torch.from_numpy(dataset.train.x), torch.from_numpy(labels)
     out = np.zeros((n, dataset.classes), np.float32)
     phi, test_logits, test_phi = [], [], []
     steps = 0
     start = time.perf_counter()
-    for k in range(BANK_FOLDS):
+    for k in range(k_folds):
         keep = folds != k
         recipe = replace(dataset.recipe, seed=BANK_SEED + 10 * split.seed + k)
         reference = train_digits_model(x[keep], y[keep], recipe, dataset.classes)
@@ -404,6 +405,7 @@ def run_split(
     *,
     repeats: int = 1,
     banks: dict[bytes, SplitBank] | None = None,
+    bank_folds: int = BANK_FOLDS,
 ) -> list[dict[str, Any]]:
     """Every variant on one split; returns one row per variant (plus retrain, its second seed and original).
 
@@ -432,12 +434,18 @@ def run_split(
     the_plan: calibrated.Plan | None = None
     if any(v.banked for v in variants):
         if key not in banks:
-            banks[key] = make_bank(split)
+            banks[key] = make_bank(split, bank_folds)
         bank = banks[key]
         the_plan = calibration_plan(original, split, bank)
         r = dataset.recipe
         full = r.epochs * -(-len(dataset.train) // r.batch)  # one training on every row
-        base = {**base, "bankSeconds": bank.seconds, "bankSteps": bank.steps, "fullSteps": full}
+        base = {
+            **base,
+            "bankFolds": bank_folds,
+            "bankSeconds": bank.seconds,
+            "bankSteps": bank.steps,
+            "fullSteps": full,
+        }
     for variant in variants:
         hyper = variant.hyper(seed)
         runner: Callable[[nn.Module, Split, tuning.Hyper], tuple[nn.Module, float, dict[str, Any]]]
@@ -706,6 +714,7 @@ class Settings:
     samples: int | None = None  # truncate the training data: smoke runs
     variants: list[Variant] = field(default_factory=list)
     repeats: int = 3  # timings per method and split (the speed-up is a ratio of their means)
+    bank_folds: int = BANK_FOLDS  # K of every split's reference bank
 
 
 def default_variants(extra: Sequence[Variant] = ()) -> list[Variant]:
@@ -732,7 +741,16 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
             banks: dict[bytes, SplitBank] = {}  # one bank per original, as one calibration per model
             for kind in settings.kinds:
                 t = time.perf_counter()
-                split_rows = run_split(dataset, kind, seed, variants, originals, repeats=settings.repeats, banks=banks)
+                split_rows = run_split(
+                    dataset,
+                    kind,
+                    seed,
+                    variants,
+                    originals,
+                    repeats=settings.repeats,
+                    banks=banks,
+                    bank_folds=settings.bank_folds,
+                )
                 rows += split_rows
                 gaps = ", ".join(f"{r['method']} {r['gap']:.2f}" for r in split_rows)
                 log(f"{name} {kind} seed {seed} ({time.perf_counter() - t:.0f}s): Avg. Gap {gaps}")
@@ -749,6 +767,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
             "epochs": settings.epochs,
             "samples": settings.samples,
             "repeats": settings.repeats,
+            "bankFolds": settings.bank_folds,
             "variants": [v.label for v in variants],
             "gates": GatesSpec().model_dump(by_alias=True),
             "maxAttempts": TuningSpec().max_attempts,
@@ -778,6 +797,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timings per method and split (speed-up: a ratio of means)"
     )
+    parser.add_argument("--bank-folds", type=int, default=BANK_FOLDS, help="K of the reference banks (at least 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality.json"), help="raw results (JSON)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables here too")
@@ -830,9 +850,11 @@ def render(result: dict[str, Any]) -> str:
     machine_info = result["machine"]
     banked = ""
     if any("bankSeconds" in r for r in result["runs"]):  # results from before banks have no such section
+        # Results from before --bank-folds used K = 4 throughout.
+        ks = sorted({int(r.get("bankFolds", 4)) for r in result["runs"] if "bankSeconds" in r})
         banked = (
-            f"The reference bank (one per original model, K = {BANK_FOLDS}), what it costs and how well the gap "
-            f"it estimates predicts the measured one:\n\n{bank_lines(result['runs'], default)}\n"
+            f"The reference bank (one per original model, K = {' / '.join(map(str, ks))}), what it costs and how "
+            f"well the gap it estimates predicts the measured one:\n\n{bank_lines(result['runs'], default)}\n"
         )
     return (
         f"Generated {result['date']} on {machine_info['cpu']} ({machine_info['cores']} cores, "
@@ -853,6 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--seeds: at least 1 (3 or more for the published tables)")
     if args.repeats < 1:
         parser.error("--repeats: at least 1")
+    if args.bank_folds < 2:
+        parser.error("--bank-folds: at least 2 (one fold left out per reference)")
     torch.set_num_threads(args.threads)
     try:
         extra = [parse_variant(v) for v in args.variant]
@@ -860,7 +884,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     variants = extra if args.only_variants else default_variants(extra)
     settings = Settings(
-        args.datasets, args.kinds, args.seeds, args.first_seed, args.epochs, args.samples, variants, args.repeats
+        args.datasets,
+        args.kinds,
+        args.seeds,
+        args.first_seed,
+        args.epochs,
+        args.samples,
+        variants,
+        args.repeats,
+        args.bank_folds,
     )
     if args.source is not None and len(args.source) == 1:
         result = json.loads(args.source[0].read_text())
