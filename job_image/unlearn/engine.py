@@ -33,7 +33,9 @@ Methods (``method.name``):
   ``alpha / (1 - alpha) * KL(original || model)`` on a fresh retain sample of
   ``max(256, 4 x forget rows in the step)`` rows per step, so a step costs what
   the forget set costs, not what the data does. Rows already within
-  ``AT_TARGET_KL`` of their target get no gradient.
+  ``AT_TARGET_KL`` of their target get no gradient; rows whose own-label
+  log-odds stay above their target's (what the membership test reads) are
+  pushed down by a squared term (``MEMBER_WEIGHT``).
 
 Data parallel: with several ranks (``ctx.ranks``, see distributed.py) every
 batch is made once, in ``_batches``, and each rank takes its share of it;
@@ -591,12 +593,33 @@ def retrain(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, c
 
 # Below this KL(target || model), in nats, a forget row is at its target and gets no gradient.
 AT_TARGET_KL = 0.01
+# The membership term: a forget row whose own-label log-odds (phi = log p_y - log(1 - p_y)) stays more than
+# MEMBER_MARGIN above its target's is pushed down by MEMBER_WEIGHT x the excess squared. The KL alone reads a
+# row as done once its probabilities are within 0.01 nats, while phi, which the membership test reads, can
+# still be several units above the OUT reference's on a mislabelled row (p_y 1e-3 against 1e-6: no KL to speak
+# of). The margin is about the 95th percentile of the membership test's null on the digits banks (2.9-3.1; the
+# test flags above the 99th, 4.6-5.1): rows a retrain could also score that high are left alone. Measured on
+# the mislabelled digits with a K = 10 bank: without it 7-19 of 40 rows still looked like members after every
+# attempt; with it 0, forget accuracy 0.0 (retrain 0.0), test accuracy 96.0 (retrain 97.3); on a random 10%
+# of typical digits forget accuracy 96.3 either way (retrain 97.0). Its price is in docs/benchmarks.md.
+MEMBER_WEIGHT = 0.1
+MEMBER_MARGIN = 3.0
 RETAIN_SAMPLE_FLOOR = 256
 RETAIN_SAMPLE_FACTOR = 4
 
 
+def _log_odds(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """phi per row, ``log p_y - logsumexp_{j != y} log p_j`` (exact where p_y rounds to 1)."""
+    rows = torch.arange(len(labels), device=log_probs.device)
+    own = log_probs[rows, labels]
+    others = log_probs.index_put((rows, labels), log_probs.new_tensor(-math.inf))
+    return own - torch.logsumexp(others, dim=1)
+
+
 def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
-    """KL(target || model) on forget rows + alpha / (1 - alpha) * KL(original || model) on a retain sample.
+    """KL(target || model) on forget rows + alpha / (1 - alpha) * KL(original || model) on a retain sample,
+    plus the membership term on forget rows whose own-label log-odds stay above their target's
+    (``MEMBER_WEIGHT``).
 
     One step per ``forget.batchSize`` forget rows (every row each step while the set fits in one batch);
     ``forget.epochs`` passes over the forget set at most. The original is a frozen copy, as SCRUB's
@@ -619,7 +642,7 @@ def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper
     sample = min(len(retain), max(RETAIN_SAMPLE_FLOOR, RETAIN_SAMPLE_FACTOR * batch))
 
     def step(b: Batch) -> torch.Tensor:
-        xf, _ = forget.batch(b.index)
+        xf, yf = forget.batch(b.index)
         # The retain sample is drawn whole on every rank (the generator stays in step); each takes its share.
         drawn = torch.randint(0, len(retain), (sample,), generator=ctx.gen)
         r = Batch(drawn[ctx.ranks.share(sample)].to(ctx.device), sample)
@@ -632,6 +655,11 @@ def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper
         logq = F.log_softmax(out_f, dim=1)
         p, logp = targets.index_select(0, b.index), log_targets.index_select(0, b.index)
         per_row = (p * (logp - logq)).sum(dim=1)
+        # Not on a removed class's rows: their target gives the own label exactly 0 (log-odds at the floor,
+        # about -28), which no retrain reaches either; the class-absent KL and classReadability judge them.
+        own = p.gather(1, yf[:, None]).squeeze(1)
+        excess = F.relu(_log_odds(logq, yf) - _log_odds(logp, yf) - MEMBER_MARGIN) * (own > 0).float()
+        per_row = per_row + MEMBER_WEIGHT * excess.square()
         pushed = (per_row.detach() > AT_TARGET_KL).float()
         forget_loss = _mean((per_row * pushed).sum(), b)
         retain_loss = _mean(
