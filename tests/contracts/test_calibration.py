@@ -52,7 +52,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 def test_defaults() -> None:
     parsed = UnlearningCalibrationSpec.model_validate(spec())
-    assert parsed.folds == DEFAULT_FOLDS == 4
+    assert parsed.folds == DEFAULT_FOLDS == 10
     assert parsed.recipe.optimizer.name == "adam"
     assert parsed.recipe.schedule.name == "constant"
     assert parsed.recipe.augmentations == []

@@ -5,10 +5,11 @@ into a namespace holding the demo model; the operator runs its K = 4 folds as
 an Indexed Job on the fake GPU node (one GPU: the folds take turns, as they
 would on a one-GPU cluster) and the merge; the example request of the model
 then names the bank in its record. The test's copy of the calibration
-trains 20 epochs instead of the recipe's 150: the tier checks the cluster's
-side, and 150 epochs would make each fold about seven times longer on two
-busy cores without changing anything that is asserted here (the job's tests
-check the references against the recipe).
+trains 20 epochs instead of the recipe's 150 and K = 4 folds instead of the
+example's 10: the tier checks the cluster's side, and the recipe's would make
+the calibration about seventeen times longer on two busy cores without
+changing anything that is asserted here (the job's tests check the references
+against the recipe and the default K).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ CALIBRATION_TIMEOUT = 600.0
 
 
 def example_calibration(name: str | None = None) -> dict[str, Any]:
-    """The example, with 20 epochs (module docstring)."""
+    """The example, with 20 epochs and 4 folds (module docstring)."""
     manifest: dict[str, Any] = yaml.safe_load(CALIBRATION_EXAMPLE.read_text())
     manifest["spec"]["recipe"]["epochs"] = 20
+    manifest["spec"]["folds"] = 4
     if name is not None:
         manifest["metadata"]["name"] = name
     return manifest

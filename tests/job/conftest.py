@@ -160,7 +160,7 @@ def calibration(
     }
 
 
-# -- the mislabelled model's bank (the demo recipe, K = 4) ----------------------------------------------------
+# -- the mislabelled model's bank (the demo recipe, the default K = 10) ---------------------------------------
 
 
 @dataclass(frozen=True)
@@ -232,14 +232,16 @@ class CleanWorld:
     test_x: np.ndarray
     test_labels: np.ndarray
     typical: list[int]  # a random 10% of the training rows
+    unremarkable: list[int]  # the 10% of rows whose references score them alike whether they trained on them or not
     removed_class: int
     class_rows: list[int]  # every training row of removed_class
     retrained_typical_forget_accuracy: float
     retrained_typical_test_accuracy: float
     retrained_class_forget_accuracy: float
     retrained_class_other_test_accuracy: float  # on the held-out rows of the other classes
+    retrained_unremarkable_forget_accuracy: float
     train_x: np.ndarray
-    retrained: dict[str, torch.nn.Module]  # "typical", "class"
+    retrained: dict[str, torch.nn.Module]  # "typical", "class", "unremarkable"
 
 
 REMOVED_CLASS = 3
@@ -247,7 +249,7 @@ REMOVED_CLASS = 3
 
 @pytest.fixture(scope="session")
 def clean_world(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> CleanWorld:
-    """Calibrates the demo model (K = 4, the demo recipe) and retrains it twice; about four minutes here."""
+    """Calibrates the demo model (the default K = 10, the demo recipe) and retrains it three times."""
     where = tmp_path_factory.mktemp("clean-bank")
     folder = where / "bank"
     model = demo_root / "models" / "digits" / "digits-mlp.pt2"
@@ -267,10 +269,16 @@ def clean_world(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Cl
     train, test = full.take(train_rows), full.take(test_rows)
     typical = np.sort(np.random.default_rng(11).choice(len(train), len(train) // 10, replace=False))
     class_rows = np.flatnonzero(train.y == REMOVED_CLASS)
+    # Rows a model does not remember: the references that trained on them score them (phi) no higher than
+    # the one that did not. Chosen from the bank's references alone, never from the original.
+    bank = load_bank(folder / "bank.npz", record.bank.sha256)
+    everything = np.arange(len(train))
+    remembered = bank.in_phi(everything).mean(axis=1) - bank.out_phi(everything)
+    unremarkable = np.sort(np.argsort(remembered, kind="stable")[: len(train) // 10])
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     numbers = {}
     models = {}
-    for name, rows in (("typical", typical), ("class", class_rows)):
+    for name, rows in (("typical", typical), ("class", class_rows), ("unremarkable", unremarkable)):
         keep = np.setdiff1d(np.arange(len(train)), rows)
         models[name] = retrained = train_digits_model(x[keep], y[keep])
         numbers[name] = (
@@ -287,12 +295,14 @@ def clean_world(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Cl
         test_x=test.x,
         test_labels=test.y,
         typical=[int(i) for i in typical],
+        unremarkable=[int(i) for i in unremarkable],
         removed_class=REMOVED_CLASS,
         class_rows=[int(i) for i in class_rows],
         retrained_typical_forget_accuracy=numbers["typical"][0],
         retrained_typical_test_accuracy=numbers["typical"][1],
         retrained_class_forget_accuracy=numbers["class"][0],
         retrained_class_other_test_accuracy=numbers["class"][2],
+        retrained_unremarkable_forget_accuracy=numbers["unremarkable"][0],
         train_x=train.x,
         retrained=models,
     )

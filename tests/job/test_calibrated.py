@@ -9,8 +9,8 @@ the request has its model's bank) and the default gates:
 * the demo model, its bank, every training row of one class (the class is removed).
 
 And the gates on the evidence, on the models themselves: the untouched model fails on memorised rows
-and on class removal, a model retrained without the forget set passes, and doing nothing passes on the
-typical set (retraining changes almost nothing there either).
+and on class removal, a model retrained without the forget set passes, and doing nothing passes on rows
+the model does not remember (retraining changes nothing there either).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from unlearn.runner import bank_references
 from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT, CompactRecord, Evidence, result_json_schema
 from unlearning_contracts.spec import GatesSpec, MethodSpec
 
-# The first test that uses a bank pays for it (four reference trainings each), on a shared machine.
+# The first test that uses a bank pays for it (ten reference trainings each), on a shared machine.
 pytestmark = [pytest.mark.job, pytest.mark.timeout(1800)]
 
 CPU = Context(device=torch.device("cpu"), num_classes=10, mixed_precision=False)
@@ -116,11 +116,11 @@ def test_a_random_tenth_of_typical_digits_is_left_where_retraining_leaves_it(
         bank_args(clean_world.bank, clean_world.bank_sha256),
     )
     assert record["method"] == "calibrated"
-    # Measured: the bank's targets give 94.8% on these rows (the references, trained on 75% of the rows, err
-    # more than a retrain on 90%), the retrain 97.0%: 2.2 points, over the issue's 2 (docs/calibration.md).
-    # Doing nothing gives 100%. Held to the targets' own interval and to 2.5 points of the retrain.
+    # The default bank (K = 10) trains its references on 90% of the rows, as the retrain here is: measured
+    # 96.3% against the retrain's 97.0 (doing nothing: 100%). With K = 4 (references on 75%) the targets gave
+    # 94.8%, 2.2 points away (docs/calibration.md, "Default K = 10").
     forget_accuracy = record["post"]["forgetAccuracy"]
-    assert abs(forget_accuracy - clean_world.retrained_typical_forget_accuracy) <= 2.5
+    assert abs(forget_accuracy - clean_world.retrained_typical_forget_accuracy) <= 2.0
     evidence = record["evidence"]
     assert evidence["targetLow"] <= forget_accuracy <= evidence["targetHigh"]
     assert abs(record["post"]["testAccuracy"] - clean_world.retrained_typical_test_accuracy) <= 2.0
@@ -244,11 +244,20 @@ def test_evidence_gates_on_class_removal_and_on_a_typical_set(clean_world: Clean
         removed=removed,
     )
     assert retrained.passed, retrained.reasons
-    # Doing nothing to a typical set passes: retraining without it changes almost nothing either.
-    nothing = verdict_of(original, bank, x, labels, clean_world.typical, test=test, original=original)
+    # Doing nothing passes where retraining changes nothing either: on the rows the references do not
+    # remember (the conftest's `unremarkable`), a retrain without them still gets every one right.
+    assert clean_world.retrained_unremarkable_forget_accuracy == 100.0
+    rows = clean_world.unremarkable
+    nothing = verdict_of(original, bank, x, labels, rows, test=test, original=original)
     assert nothing.passed, nothing.reasons
+    assert verdict_of(clean_world.retrained["unremarkable"], bank, x, labels, rows, test=test, original=original).passed
+    # A random 10% is not such a set: retraining moves its forget accuracy from 100% to 97%, and the K = 10
+    # bank tells the original's rows from a retrain's (measured: 11 of 134 flagged, p = 1.3e-7); the retrain
+    # passes.
     typical = clean_world.retrained["typical"]
     assert verdict_of(typical, bank, x, labels, clean_world.typical, test=test, original=original).passed
+    untouched_typical = verdict_of(original, bank, x, labels, clean_world.typical, test=test, original=original)
+    assert untouched_typical.failed_gates == ["minMembershipPValue"], untouched_typical.reasons
 
 
 def utility(verdict: gates.Verdict) -> gates.GateOutcome:

@@ -32,7 +32,7 @@ from unlearn.data import declared_split, load_digits_arrays
 from unlearn.demo import RECIPE, Recipe, export_to, mlp, train_digits_model
 from unlearn.errors import InvalidInputError
 from unlearn.model_io import sha256_file
-from unlearning_contracts.calibration import CalibrationManifest, CalibrationRecord, FoldRecord
+from unlearning_contracts.calibration import DEFAULT_FOLDS, CalibrationManifest, CalibrationRecord, FoldRecord
 from unlearning_contracts.record import TERMINATION_MESSAGE_LIMIT
 
 # The first test that uses the bank pays for it (three retrains of the demo recipe, and the mislabelled
@@ -67,7 +67,7 @@ def invoke(capsys: pytest.CaptureFixture[str], where: Path, manifest: dict[str, 
 
 def test_references_are_as_accurate_on_their_unseen_fold_as_on_test_data(noisy_bank: NoisyBank) -> None:
     """A two-proportion z test per reference: on the clean training rows of its fold (which it never saw)
-    against the test rows, |z| <= 3.29 (two-sided alpha 0.001 each; 0.005 over the four and the pooled test).
+    against the test rows, |z| <= 3.29 (two-sided alpha 0.001 each; 0.011 over the ten and the pooled test).
     The same test rejects the original on those rows (it trained on them), so it has the power to tell."""
     b = noisy_bank.bank
     clean = np.ones(b.train_rows, dtype=bool)
@@ -126,25 +126,27 @@ def test_the_bank_record_cost_and_files(noisy_bank: NoisyBank) -> None:
     with np.load(world.root / "data" / "train.npz") as tr, np.load(world.root / "data" / "test.npz") as te:
         assert record.data_digest == bank_format.data_digest((tr["x"], tr["y"]), (te["x"], te["y"]))
     assert record.data_digest == b.data_digest
-    assert (record.folds, b.k, len(record.references)) == (4, 4, 4)
+    assert (record.folds, b.k, len(record.references)) == (DEFAULT_FOLDS,) * 3 == (10,) * 3
     assert sum(r.held_out_rows for r in record.references) == b.train_rows == 1348
     assert all(r.train_rows + r.held_out_rows == b.train_rows for r in record.references)
     steps = [bank_format.steps_per_training(r.train_rows, RECIPE.epochs, RECIPE.batch) for r in record.references]
     full = bank_format.steps_per_training(b.train_rows, RECIPE.epochs, RECIPE.batch)
     assert record.cost["retrainEquivalents"] == pytest.approx(sum(steps) / full, abs=1e-3)
-    assert record.cost["retrainEquivalents"] == pytest.approx(2.909, abs=0.01)  # 4 x 2,400 steps / 3,300
+    assert record.cost["retrainEquivalents"] == pytest.approx(8.636, abs=0.01)  # 10 x 2,850 steps / 3,300
     assert record.cost["deviceSeconds"] > 0
     assert record.original_test_accuracy == pytest.approx(world.original_test_accuracy, abs=1e-3)
     assert record.likeness is not None
-    # Likeness to the original: each reference trains on 3/4 of the rows, so a little less accurate.
+    # Likeness to the original: each reference trains on 9/10 of the rows, so a little less accurate.
     assert record.likeness.test_accuracy_min >= world.original_test_accuracy - 5.0
     assert record.likeness.agreement_min >= 93.0
     assert b.meta["recipe"] == record.recipe
-    for k in range(4):
+    for k in range(b.k):
         assert (folder / f"fold-{k}.npz").is_file()
         assert FoldRecord.model_validate_json((folder / f"fold-{k}.json").read_text()).exit_code == 0
     assert not list(folder.glob(".*tmp*"))  # no temporary files left
-    assert (folder / "bank.npz").stat().st_size < 300_000
+    # 4 (2C + K + 1) + 2 bytes per training row, 4 (K + 1)(C + 1) per test row (docs/calibration.md):
+    # 1,348 x 126 + 449 x 484 = 387 kB at K = 10, plus the archive's headers.
+    assert (folder / "bank.npz").stat().st_size < 400_000
     compact = json.loads(noisy_bank.termination)
     assert len(noisy_bank.termination.encode()) <= TERMINATION_MESSAGE_LIMIT
     assert compact["bank"]["sha256"] == record.bank.sha256

@@ -189,7 +189,7 @@ def test_calibration_names_columns_and_rules() -> None:
     spec = root["properties"]["spec"]
     assert set(spec["required"]) == {"model", "recipe", "output"}
     folds = spec["properties"]["folds"]
-    assert (folds["minimum"], folds["maximum"], folds["default"]) == (2, 32, 4)
+    assert (folds["minimum"], folds["maximum"], folds["default"]) == (2, 32, 10)
     recipe = spec["properties"]["recipe"]["properties"]
     assert recipe["optimizer"]["properties"]["name"]["enum"] == ["adam", "adamw", "sgd"]
     assert recipe["augmentations"]["items"]["enum"] == ["random-crop", "horizontal-flip"]
