@@ -3,6 +3,7 @@ pushed, rows away from it move toward it, and the stopping rule keeps the best w
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from unlearn import engine
+from unlearn import calibrated, engine
 from unlearn.engine import Context, Monitor, TensorSet
 from unlearn.tuning import resolve
 from unlearning_contracts.spec import MethodSpec
@@ -88,3 +89,59 @@ def test_the_stopping_rule_keeps_the_original_when_it_is_best() -> None:
     assert ctx.monitor.steps == 0
     for a, b in zip(before, weights(model), strict=True):
         assert torch.equal(a, b)
+
+
+def test_log_odds_are_the_evidence_phi() -> None:
+    """The loss's own-label log-odds are the membership test's phi (unlearn.calibrated.phi), in torch."""
+    z = torch.randn(64, 5, dtype=torch.float64) * 8
+    y = torch.randint(0, 5, (64,))
+    found = engine._log_odds(F.log_softmax(z, dim=1), y)
+    torch.testing.assert_close(found, torch.from_numpy(calibrated.phi(z.numpy(), y.numpy())))
+
+
+def test_rows_whose_target_names_another_class_lose_their_log_odds_beyond_the_kl() -> None:
+    """A mislabelled-like row (its target names another class) whose own-label log-odds sit far above its
+    target's, though its probabilities are within AT_TARGET_KL, is pushed down; a typical row, the same
+    distance above a target that still names its own label, is left to the KL (and so is not moved)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(15.0)
+    x = torch.randn(400, 8)
+    with torch.no_grad():
+        logits = model(x)
+    ranked = logits.sort(dim=1, descending=True)
+    # Rows the model is sure of (the top logit 16 above the next): their least likely class is improbable.
+    sure = (ranked.values[:, 0] - ranked.values[:, 1]) > 16.0
+    assert sure.sum() >= 4
+    xs, z = x[sure], logits[sure]
+    top, least = ranked.indices[sure, 0], ranked.indices[sure, 2]
+    rows = torch.arange(len(xs))
+    ctx = Context(device=torch.device("cpu"), num_classes=3, mixed_precision=False)
+    retain = TensorSet(x[~sure], ranked.indices[~sure, 0])
+    hyper = resolve(MethodSpec(name="calibrated"))
+
+    def target_with(label: torch.Tensor) -> torch.Tensor:
+        lowered = z.clone()
+        lowered[rows, label] -= 8.0  # the target's log-odds for the label 8 below the model's
+        target = F.softmax(lowered, dim=1)
+        kl = (target * (F.log_softmax(lowered, dim=1) - F.log_softmax(z, dim=1))).sum(dim=1)
+        assert float(kl.max()) < engine.AT_TARGET_KL  # no KL to speak of
+        return target
+
+    def log_odds(module: nn.Module, label: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return engine._log_odds(F.log_softmax(module(xs), dim=1), label)
+
+    def after(label: torch.Tensor) -> torch.Tensor:
+        moved = copy.deepcopy(model)
+        ctx.targets = target_with(label)
+        engine.unlearn(moved, TensorSet(xs, label), retain, hyper, ctx)
+        return log_odds(moved, label)
+
+    # Labelled with their least likely class, the target names another (the top): pushed down.
+    fall = log_odds(model, least) - after(least)
+    assert float(fall.mean()) > 1.0
+    assert float((fall > 0).float().mean()) >= 0.9
+    # Labelled with their top class, the target still names it: only the KL acts, within AT_TARGET_KL.
+    torch.testing.assert_close(after(top), log_odds(model, top))
