@@ -33,9 +33,10 @@ Methods (``method.name``):
   ``alpha / (1 - alpha) * KL(original || model)`` on a fresh retain sample of
   ``max(256, 4 x forget rows in the step)`` rows per step, so a step costs what
   the forget set costs, not what the data does. Rows already within
-  ``AT_TARGET_KL`` of their target get no gradient; rows whose own-label
-  log-odds stay above their target's (what the membership test reads) are
-  pushed down by a squared term (``MEMBER_WEIGHT``).
+  ``AT_TARGET_KL`` of their target get no gradient; rows whose target names
+  another class than their label, while their own-label log-odds stay above
+  the target's (what the membership test reads), are pushed down by a squared
+  term (``MEMBER_WEIGHT``).
 
 Data parallel: with several ranks (``ctx.ranks``, see distributed.py) every
 batch is made once, in ``_batches``, and each rank takes its share of it;
@@ -617,8 +618,8 @@ def _log_odds(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper, ctx: Context) -> None:
     """KL(target || model) on forget rows + alpha / (1 - alpha) * KL(original || model) on a retain sample,
-    plus the membership term on forget rows whose own-label log-odds stay above their target's
-    (``MEMBER_WEIGHT``).
+    plus the membership term on forget rows whose target names another class and whose own-label log-odds
+    stay above the target's (``MEMBER_WEIGHT``).
 
     One step per ``forget.batchSize`` forget rows (every row each step while the set fits in one batch);
     ``forget.epochs`` passes over the forget set at most. The original is a frozen copy, as SCRUB's
