@@ -378,8 +378,10 @@ def run_banked(
             (predict(module, split.heldout.x, split.ctx), heldout_y),
         )
 
+    objective = calibrated.Objective(the_plan, AUDIT_SEED)
+
     def estimate(module: nn.Module) -> float:
-        return calibrated.objective(the_plan, *outputs(module), seed=AUDIT_SEED)
+        return objective(*outputs(module))
 
     monitor = Monitor(estimate)
     split.ctx.targets = torch.from_numpy(the_plan.targets.probs).float()

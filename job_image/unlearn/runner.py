@@ -372,7 +372,7 @@ class Recipe:
         retain = inputs.audited["retain"]
         keep = min(len(retain), CHECK_RETAIN_ROWS)
         retain_x, retain_y = retain.x[:keep], inputs.labels["retain"][:keep]
-        seed = self.spec.audit.seed
+        objective = calibrated.Objective(the_plan, self.spec.audit.seed)
 
         def estimate(module: nn.Module) -> float:
             # Each rank evaluates its share of the rows and all receive all the logits (the ranks' batch-norm
@@ -382,12 +382,8 @@ class Recipe:
             kept = predict_all(module, retain_x, full)
             heldout = predict_all(module, inputs.audited["heldout"].x, full)
             return self.ranks.decide(
-                lambda: calibrated.objective(
-                    the_plan,
-                    (forget, inputs.labels["forget"]),
-                    (kept, retain_y),
-                    (heldout, inputs.labels["heldout"]),
-                    seed=seed,
+                lambda: objective(
+                    (forget, inputs.labels["forget"]), (kept, retain_y), (heldout, inputs.labels["heldout"])
                 )
             )
 

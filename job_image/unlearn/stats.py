@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -441,18 +442,37 @@ def svc_efficacies(
     seed: int = 0,
 ) -> list[Estimate]:
     """``svc_efficacy`` of several forget sets under one fitted attack (the fit is the costly part)."""
+    attack = fit_svc_attack(retain_confidence, heldout_confidence, seed=seed)
+    return [attack.efficacy(f) for f in forget_confidences]
+
+
+@dataclass(frozen=True)
+class SvcAttack:
+    """MIA-efficacy's fitted attack (``fit_svc_attack``); None where there were too few rows to fit one."""
+
+    model: Any
+
+    def efficacy(self, forget_confidence: npt.ArrayLike) -> Estimate:
+        """Share of these forget rows the attack calls non-members, with its Clopper-Pearson interval."""
+        forget = _as_floats(forget_confidence)
+        if self.model is None or not len(forget):
+            return NAN
+        return proportion(self.model.predict(forget.reshape(-1, 1)) == 0)
+
+
+def fit_svc_attack(retain_confidence: npt.ArrayLike, heldout_confidence: npt.ArrayLike, *, seed: int = 0) -> SvcAttack:
+    """The attack of ``svc_efficacy``, fitted once: retain outputs (members), subsampled to the held-out
+    count under ``seed``, against the held-out outputs (non-members)."""
     from sklearn.svm import SVC  # noqa: PLC0415  (loaded only when the efficacy is asked for)
 
     retain, heldout = _as_floats(retain_confidence), _as_floats(heldout_confidence)
-    forgets = [_as_floats(v) for v in forget_confidences]
     n = min(len(retain), len(heldout))
     if n < 2:
-        return [NAN for _ in forgets]
+        return SvcAttack(None)
     pick = np.random.default_rng(seed).permutation(len(retain))[:n]
     features = np.concatenate([retain[pick], heldout[:n]]).reshape(-1, 1)
     target = np.concatenate([np.ones(n), np.zeros(n)])
-    attack = SVC(C=3, gamma="auto", kernel="rbf").fit(features, target)
-    return [proportion(attack.predict(f.reshape(-1, 1)) == 0) if len(f) else NAN for f in forgets]
+    return SvcAttack(SVC(C=3, gamma="auto", kernel="rbf").fit(features, target))
 
 
 # -- what the intervals are worth ----------------------------------------------------------------

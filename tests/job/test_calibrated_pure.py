@@ -120,6 +120,46 @@ def test_estimate_gap_is_zero_for_a_model_at_every_reference() -> None:
     assert off.gap >= 25.0
 
 
+def test_the_objective_fits_its_attack_once_and_keeps_it() -> None:
+    """The stopping rule's objective fits MIA-efficacy's attack at its first call and keeps it: with the retain
+    and held-out outputs unchanged it equals the refitted objective; once they move, it still reads the
+    first attack (the record's evidence refits on the returned model)."""
+    rng = np.random.default_rng(3)
+    n, c = 600, 3
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(0.0, 1.0, (n, c))
+    logits[np.arange(n), labels] += rng.uniform(0.0, 6.0, n)  # confidences spread over (1/3, 1)
+    forget, retain, heldout = slice(0, 60), slice(60, 360), slice(360, n)
+    the_plan = cal.plan(
+        forget_labels=labels[forget],
+        original_forget_logits=logits[forget],
+        audited=np.arange(60),
+        original_retain_accuracy=100.0,
+        original_heldout=(logits[heldout], labels[heldout]),
+        removed=(),
+        share=0.1,
+        out_logits=logits[forget][:, [1, 2, 0]],
+    )
+
+    def parts(f: np.ndarray, r: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        return (f, labels[forget]), (r, labels[retain]), (logits[heldout], labels[heldout])
+
+    kept = cal.Objective(the_plan)
+    assert kept(*parts(logits[forget], logits[retain])) == cal.objective(
+        the_plan, *parts(logits[forget], logits[retain])
+    )
+    assert kept.attack is not None
+    first = kept.attack
+    moved_forget = logits[forget] - 3.0 * np.eye(c)[labels[forget]]  # forget rows lose confidence
+    assert kept(*parts(moved_forget, logits[retain])) == cal.objective(the_plan, *parts(moved_forget, logits[retain]))
+    sharper = logits[retain] + 20.0 * np.eye(c)[labels[retain]]  # retained rows all at confidence ~1
+    kept(*parts(moved_forget, sharper))
+    assert kept.attack is first
+    refit = cal.estimate_gap(*parts(moved_forget, sharper), the_plan.audited_targets, the_plan.reference)
+    frozen = cal.estimate_gap(*parts(moved_forget, sharper), the_plan.audited_targets, the_plan.reference, attack=first)
+    assert refit.mia != frozen.mia  # the refitted attack reads the moved retain rows; the kept one does not
+
+
 def test_membership_test_counts_rows_above_the_null_at_one_percent() -> None:
     rng = np.random.default_rng(1)
     test_phi = rng.normal(5.0, 1.0, 2000)
