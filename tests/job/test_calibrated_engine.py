@@ -145,3 +145,42 @@ def test_rows_whose_target_names_another_class_lose_their_log_odds_beyond_the_kl
     assert float((fall > 0).float().mean()) >= 0.9
     # Labelled with their top class, the target still names it: only the KL acts, within AT_TARGET_KL.
     torch.testing.assert_close(after(top), log_odds(model, top))
+
+
+def test_the_originals_outputs_are_computed_once_per_pool_row() -> None:
+    model, _, retain, ctx = world()
+    pool = torch.arange(50, 100)  # retained rows 50..99 in slots 0..49
+    cache = engine._TeacherCache(model, retain, pool, ctx)
+    rows_forwarded: list[int] = []
+    model.register_forward_hook(lambda _m, inputs, _o: rows_forwarded.append(len(inputs[0])))
+    cache(torch.tensor([0, 3, 3, 7]))
+    again = cache(torch.tensor([3, 7, 9, 9]))
+    assert rows_forwarded == [3, 1]  # slots 0, 3 and 7 once, then only slot 9
+    with torch.no_grad():
+        expected = model(retain.x[pool[torch.tensor([3, 7, 9, 9])]])
+    assert torch.allclose(again, expected)
+
+
+def test_only_rows_away_from_their_target_are_trained_on() -> None:
+    """Rows at their target take no compute in the training steps: the batches hold only the others."""
+    model, forget, retain, ctx = world()
+    target = torch.full((len(forget), 3), 0.05)
+    target[torch.arange(len(forget)), (forget.y + 1) % 3] = 0.9
+    with torch.no_grad():
+        target[:10] = F.softmax(model(forget.x[:10]), dim=1)  # rows 0-9 already where they should be
+    ctx.targets = target
+    trained: list[torch.Tensor] = []
+
+    def record(m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        if m.training and torch.is_grad_enabled():
+            trained.append(inputs[0].detach().clone())
+
+    model.register_forward_hook(record)
+    engine.unlearn(model, forget, retain, replace(resolve(MethodSpec(name="calibrated")), forget_epochs=5), ctx)
+    seen = torch.cat(trained)
+
+    def was_trained(row: torch.Tensor) -> bool:
+        return bool((seen == row).all(dim=1).any())
+
+    assert not any(was_trained(forget.x[i]) for i in range(10))
+    assert all(was_trained(forget.x[i]) for i in range(10, 20))
