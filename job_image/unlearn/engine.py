@@ -332,15 +332,30 @@ def _adam(module: nn.Module, lr: float) -> torch.optim.Adam:
 
 
 def _run_epochs(
-    name: str, epochs: int, n: int, batch: int, *, ctx: Context, step: Callable[[Batch], torch.Tensor]
+    name: str,
+    epochs: int,
+    n: int,
+    batch: int,
+    *,
+    ctx: Context,
+    step: Callable[[Batch], torch.Tensor],
+    rows: Callable[[], torch.Tensor] | None = None,
 ) -> None:
     """The loop every single-pass stage shares: a fresh permutation of ``n`` rows per epoch,
-    ``step(batch) -> loss`` per batch, one host sync per epoch (in ``end_epoch``)."""
+    ``step(batch) -> loss`` per batch, one host sync per epoch (in ``end_epoch``). ``rows()``, if given,
+    chooses each epoch's rows among the ``n`` (the same on every rank); none left ends the stage."""
     stage = _Stage(name, epochs, -(-n // batch), ctx)
     try:
         for epoch in range(epochs):
+            if rows is None:
+                batches = _batches(n, batch, ctx)
+            else:
+                chosen = rows()
+                if not len(chosen):
+                    log.info("%s: no rows left to train on after %d epochs", name, epoch)
+                    break
+                batches = _split(chosen[torch.randperm(len(chosen), generator=ctx.gen).to(ctx.device)], batch, ctx)
             total = torch.zeros((), device=ctx.device)
-            batches = _batches(n, batch, ctx)
             for b in batches:
                 total += step(b).detach().float()
                 stage.step()
@@ -734,21 +749,7 @@ def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper
         return loss
 
     set_mode(module, True)
-    stage = _Stage("calibrated", h.forget_epochs, -(-len(forget) // batch), ctx)
-    try:
-        for epoch in range(h.forget_epochs):
-            moving = away()
-            if not len(moving):
-                log.info("calibrated: every forget row is at its target after %d passes", epoch)
-                break
-            batches = _split(moving[torch.randperm(len(moving), generator=ctx.gen).to(ctx.device)], batch, ctx)
-            total = torch.zeros((), device=ctx.device)
-            for b in batches:
-                total += step(b).detach().float()
-                stage.step()
-            stage.end_epoch(epoch, total, len(batches))
-    finally:
-        stage.close()
+    _run_epochs("calibrated", h.forget_epochs, len(forget), batch, ctx=ctx, step=step, rows=away)
 
 
 Method = Callable[[nn.Module, TensorSet, TensorSet, Hyper, Context], None]
