@@ -713,11 +713,17 @@ def calibrated(module: nn.Module, forget: TensorSet, retain: TensorSet, h: Hyper
 
     def away() -> torch.Tensor:
         """The forget rows not at their target, in evaluation mode, the same on every rank (each scores its
-        share, all receive every score)."""
+        share, all receive every score), at most as many rows per forward pass as a training step takes (a
+        large forget set in one pass would not fit in a GPU's memory)."""
         mine = every[ctx.ranks.share(len(every))]
         set_mode(module, False)
         with torch.no_grad(), ctx.autocast():
-            scores = per_row(module(forget.x.index_select(0, mine)).float(), mine, forget.y.index_select(0, mine))
+            scores = torch.cat(
+                [
+                    per_row(module(forget.x.index_select(0, part)).float(), part, forget.y.index_select(0, part))
+                    for part in torch.split(mine, batch + largest)
+                ]
+            )
         set_mode(module, True)
         return every[ctx.ranks.gather_rows(scores, len(every)) > AT_TARGET_KL]
 

@@ -161,7 +161,8 @@ def test_the_originals_outputs_are_computed_once_per_pool_row() -> None:
     assert torch.allclose(again, expected)
 
 
-def test_only_rows_away_from_their_target_are_trained_on() -> None:
+@pytest.mark.parametrize("batch", [1024, 4])  # the whole set in one batch; several batches per pass
+def test_only_rows_away_from_their_target_are_trained_on(batch: int) -> None:
     """Rows at their target take no compute in the training steps: the batches hold only the others."""
     model, forget, retain, ctx = world()
     target = torch.full((len(forget), 3), 0.05)
@@ -176,7 +177,8 @@ def test_only_rows_away_from_their_target_are_trained_on() -> None:
             trained.append(inputs[0].detach().clone())
 
     model.register_forward_hook(record)
-    engine.unlearn(model, forget, retain, replace(resolve(MethodSpec(name="calibrated")), forget_epochs=5), ctx)
+    spec = replace(resolve(MethodSpec(name="calibrated")), forget_epochs=5, forget_batch=batch)
+    engine.unlearn(model, forget, retain, spec, ctx)
     seen = torch.cat(trained)
 
     def was_trained(row: torch.Tensor) -> bool:
