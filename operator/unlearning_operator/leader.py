@@ -248,15 +248,29 @@ class Elector:
         self.on_change(False)
 
     async def release(self) -> None:
-        """Hand the Lease back (clean stop), if we still hold it as last written."""
+        """Hand the Lease back (clean stop), if we still hold it.
+
+        A conflict reads the Lease once more and releases it if it is still ours: a renewal cancelled by
+        the stop after its write reached the API server leaves our copy one version behind (seen in the
+        integration tier: "the object has been modified", and the standby waited out the Lease).
+        """
         lease = self.lease
-        if lease is None or lease_spec(lease).get("holderIdentity") != self.identity:
-            return
-        try:
-            await self._call(self.kube.replace_lease, lease, released_spec(lease, self.clock()))
-        except (ApiError, OSError) as error:
-            # Someone took it already, or the API is gone: the Lease then expires on its own.
-            log.warning("could not release Lease %s/%s: %s", self.namespace, self.name, error)
-            return
+        for last_try in (False, True):
+            if lease is None or lease_spec(lease).get("holderIdentity") != self.identity:
+                return
+            try:
+                await self._call(self.kube.replace_lease, lease, released_spec(lease, self.clock()))
+                break
+            except (ApiError, OSError) as error:
+                if not last_try and isinstance(error, ApiError) and error.status == 409:
+                    try:
+                        lease = await self._call(self.kube.read_lease, self.namespace, self.name)
+                        continue
+                    except (ApiError, OSError) as read_error:
+                        error = read_error
+                # Someone took it already, or the API is gone: the Lease then expires on its own.
+                log.warning("could not release Lease %s/%s: %s", self.namespace, self.name, error)
+                return
+        self.lease = lease
         self.on_change(False)
         log.info("released Lease %s/%s", self.namespace, self.name)

@@ -218,6 +218,35 @@ def test_a_clean_stop_releases_the_lease_for_the_standby() -> None:
     asyncio.run(scenario())
 
 
+def test_a_clean_stop_releases_the_lease_after_a_renewal_it_did_not_see() -> None:
+    """A renewal cancelled by the stop after its write landed leaves the elector's copy one version behind:
+    the release conflicts, reads the Lease again and releases it, since it is still ours. Taken by another
+    replica meanwhile, it is left alone."""
+
+    async def scenario() -> None:
+        leases, clock, changes = FakeLeases(), Clock(), []
+        a = elector(leases, clock, "a", changes)
+        await a.acquire()
+        assert leases.lease is not None
+        leases.lease = {**leases.lease, "metadata": {**leases.lease["metadata"], "resourceVersion": "99"}}
+        await a.release()
+        assert leases.lease["spec"]["holderIdentity"] == ""
+        assert changes == [("a", True), ("a", False)]
+
+        b = elector(leases, clock, "b", changes)
+        clock.now += 2
+        assert await b.try_once() is True
+        c = elector(leases, clock, "c", [])
+        c.lease = {**leases.lease, "metadata": {**leases.lease["metadata"], "resourceVersion": "0"}}
+        c.lease["spec"] = {**c.lease["spec"], "holderIdentity": "c"}  # c believes it holds a stale copy
+        writes = len(leases.writes)
+        await c.release()
+        assert len(leases.writes) == writes  # b holds it: c writes nothing
+        assert leases.lease["spec"]["holderIdentity"] == "b"
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("elected", "leading", "contacted", "kopf", "ready"),
     [
