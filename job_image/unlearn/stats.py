@@ -446,18 +446,83 @@ def svc_efficacies(
     return [attack.efficacy(f) for f in forget_confidences]
 
 
+# The attack's kernel width: the papers' gamma "auto", 1 / n_features, with the one feature they use.
+SVC_GAMMA = 1.0
+
+
+@dataclass(frozen=True)
+class RbfSeries:
+    """A one-feature RBF SVC's decision function on [0, 1], exp(-g x^2) * sum_k coef[k] x^k + intercept,
+    within ``bound`` of libsvm's value (``_rbf_series``)."""
+
+    coef: npt.NDArray[np.float64]
+    intercept: float
+    bound: float
+
+    def __call__(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(np.exp(-SVC_GAMMA * x * x) * np.polynomial.polynomial.polyval(x, self.coef) + self.intercept)
+
+
 @dataclass(frozen=True)
 class SvcAttack:
-    """MIA-efficacy's fitted attack (``fit_svc_attack``); None where there were too few rows to fit one."""
+    """MIA-efficacy's fitted attack (``fit_svc_attack``); None where there were too few rows to fit one.
+
+    ``series`` is the decision function as a power series for features in [0, 1], the confidences it is
+    fitted on: libsvm sums a kernel term per support vector for every row it predicts (real MNIST: 6,000
+    forget rows against 1,944 support vectors, 0.35 s, most of the stopping rule's check); the series
+    costs a few dozen multiplications per row.
+    """
 
     model: Any
+    series: RbfSeries | None = None
+
+    def members(self, features: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Whether the attack calls each row a member: what ``SVC.predict`` says, row for row.
+
+        Rows whose series value lies within its error bound of the boundary, or outside [0, 1], are left
+        to libsvm, so no row's verdict depends on the shortcut.
+        """
+        x = _as_floats(features)
+        if self.model is None:
+            raise ValueError("no attack was fitted (fewer than 2 retain or held-out rows)")
+        out = np.zeros(len(x), dtype=bool)
+        left = np.ones(len(x), dtype=bool)
+        if self.series is not None:
+            inside = np.flatnonzero((x >= 0.0) & (x <= 1.0))
+            value = self.series(x[inside])
+            clear = np.abs(value) > self.series.bound
+            out[inside[clear]] = value[clear] > 0
+            left[inside[clear]] = False
+        if left.any():
+            out[left] = self.model.predict(x[left].reshape(-1, 1)) == 1
+        return out
 
     def efficacy(self, forget_confidence: npt.ArrayLike) -> Estimate:
         """Share of these forget rows the attack calls non-members, with its Clopper-Pearson interval."""
         forget = _as_floats(forget_confidence)
         if self.model is None or not len(forget):
             return NAN
-        return proportion(self.model.predict(forget.reshape(-1, 1)) == 0)
+        return proportion(~self.members(forget))
+
+
+def _rbf_series(model: Any) -> RbfSeries | None:
+    """The fitted SVC's decision function as an ``RbfSeries``; None where a support vector leaves [0, 1].
+
+    sum_i a_i exp(-g (x - s_i)^2) + b = exp(-g x^2) sum_i a_i exp(-g s_i^2) exp(2 g s_i x), the last
+    factor as its Taylor series, cut where the remainder is below 1e-16 of the summed weights. The bound
+    (1e-9 of the summed weights) leaves a wide margin over that and over float rounding.
+    """
+    s = np.asarray(model.support_vectors_, dtype=np.float64)[:, 0]
+    a = np.asarray(model.dual_coef_, dtype=np.float64)[0]
+    if not len(s) or s.min() < 0.0 or s.max() > 1.0:
+        return None
+    g = SVC_GAMMA
+    weights = a * np.exp(-g * s * s)
+    intercept = float(model.intercept_[0])
+    # After K terms the remainder is at most sum|w| * (2g)^K / K! * e^(2g) (|2 g s_i x| <= 2g on [0, 1]).
+    count = next(k for k in range(1, 200) if (2 * g) ** k / math.factorial(k) * math.exp(2 * g) < 1e-16)
+    coef = np.array([(2 * g) ** k / math.factorial(k) * float(np.dot(weights, s**k)) for k in range(count)])
+    return RbfSeries(coef, intercept, 1e-9 * (float(np.abs(weights).sum()) + abs(intercept) + 1.0))
 
 
 def fit_svc_attack(retain_confidence: npt.ArrayLike, heldout_confidence: npt.ArrayLike, *, seed: int = 0) -> SvcAttack:
@@ -472,7 +537,8 @@ def fit_svc_attack(retain_confidence: npt.ArrayLike, heldout_confidence: npt.Arr
     pick = np.random.default_rng(seed).permutation(len(retain))[:n]
     features = np.concatenate([retain[pick], heldout[:n]]).reshape(-1, 1)
     target = np.concatenate([np.ones(n), np.zeros(n)])
-    return SvcAttack(SVC(C=3, gamma="auto", kernel="rbf").fit(features, target))
+    model = SVC(C=3, gamma=SVC_GAMMA, kernel="rbf").fit(features, target)
+    return SvcAttack(model, _rbf_series(model))
 
 
 # -- what the intervals are worth ----------------------------------------------------------------

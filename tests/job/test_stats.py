@@ -9,6 +9,7 @@ docstring and docs/audit-record.md quote.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -136,6 +137,57 @@ def test_classifier_attack_uses_every_held_out_row_and_balances_the_classes() ->
     assert estimate.against == 2000
     assert estimate.low < 0.5 < estimate.high
     assert not stats.classifier_attack(RNG.normal(size=(4, 10)), RNG.normal(size=(100, 10))).finite  # < 5 folds
+
+
+# -- MIA-efficacy's attack ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "trained",  # members near 1, non-members spread below: one crossing, as on real models
+        "middle",  # members in the middle, non-members at both ends: two crossings
+    ],
+)
+def test_svc_attack_says_what_libsvm_says_row_for_row(shape: str) -> None:
+    rng = np.random.default_rng(5)
+    if shape == "trained":
+        members, others = 1 - rng.beta(0.3, 30, 1500), 1 - rng.beta(0.5, 6, 1500)
+    else:
+        members = rng.beta(8, 8, 1500)
+        others = np.concatenate([rng.beta(1, 8, 750), rng.beta(8, 1, 750)])
+    attack = stats.fit_svc_attack(members, others, seed=2)
+    assert attack.series is not None
+    grid = np.linspace(0, 1, 20001)
+    libsvm = attack.model.decision_function(grid.reshape(-1, 1))
+    assert np.max(np.abs(attack.series(grid) - libsvm)) < attack.series.bound < 1e-5
+    crossings = int(np.sum(np.diff(np.sign(libsvm)) != 0))
+    assert crossings == (1 if shape == "trained" else 2)
+    # The rows at the boundary itself (found by bisection) go to libsvm; every verdict matches.
+    edges = [
+        _bisect(lambda v: float(attack.model.decision_function([[v]])[0]), grid[i], grid[i + 1])
+        for i in np.flatnonzero(np.diff(np.sign(libsvm)) != 0)
+    ]
+    rows = np.concatenate([rng.uniform(0, 1, 5000), members, others, edges, [0.0, 1.0, -0.1, 1.1]])
+    assert np.array_equal(attack.members(rows), attack.model.predict(rows.reshape(-1, 1)) == 1)
+    efficacy = attack.efficacy(others)
+    assert efficacy.value == pytest.approx(np.mean(attack.model.predict(others.reshape(-1, 1)) == 0))
+    assert 0.3 < efficacy.value < 1.0  # a real attack: it tells most non-members apart
+
+
+def _bisect(f: Callable[[float], float], low: float, high: float) -> float:
+    for _ in range(60):
+        mid = (low + high) / 2
+        if (f(mid) > 0) == (f(low) > 0):
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def test_svc_attack_without_enough_rows_has_no_efficacy() -> None:
+    assert stats.fit_svc_attack([0.9], [0.2, 0.3]).model is None
+    assert not stats.fit_svc_attack([0.9], [0.2, 0.3]).efficacy([0.5]).finite
 
 
 # -- do the intervals hold what they claim? -----------------------------------------------------------
