@@ -47,6 +47,7 @@ forget set would have moved. Per-sample calibration against reference models
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,22 @@ from unlearning_contracts.record import AuditMetrics, Interval
 
 Array = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.integer]
+
+
+def audited_rows(sizes: Mapping[str, int], limit: int, seed: int) -> dict[str, npt.NDArray[np.int64]]:
+    """The rows the audit evaluates in each set: all of them, or a seeded random ``limit`` (sorted).
+
+    One generator under the audit's seed, drawn in the order of ``sizes``: the same model and data get the
+    same audit whatever method runs after it. The job and the benchmark both choose their rows here.
+    """
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name, n in sizes.items():
+        if n <= limit:
+            rows[name] = np.arange(n, dtype=np.int64)
+        else:
+            rows[name] = np.sort(rng.choice(n, size=limit, replace=False)).astype(np.int64)
+    return rows
 
 
 def log_softmax(logits: Array) -> npt.NDArray[np.float64]:

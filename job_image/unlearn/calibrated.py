@@ -69,6 +69,16 @@ AT_TARGET_KL = 0.01
 # The probability floor of targets and their logs (a class-absent target holds exact zeros).
 PROB_FLOOR = 1e-12
 MEMBER_FPR = 0.01
+# Retained rows each check of the stopping rule evaluates, of the audit's: a check runs every few steps, so
+# its cost must stay near a step's.
+CHECK_RETAIN_ROWS = 1000
+
+
+def check_rows(audited_retain: int, seed: int) -> npt.NDArray[np.int64]:
+    """Which of the audit's retained rows the stopping rule's checks evaluate: a seeded random
+    ``CHECK_RETAIN_ROWS`` of them, spread over the set (the first ones would be one corner of data sorted by
+    class)."""
+    return audit.audited_rows({"retain": audited_retain}, CHECK_RETAIN_ROWS, seed)["retain"]
 
 
 def softmax(logits: npt.ArrayLike) -> Floats:

@@ -82,9 +82,6 @@ log = logging.getLogger("unlearn")
 
 EXIT_UNEXPECTED = 1
 SMALL_MODEL_PARAMETERS = 2_000_000
-# Retained rows each check of the stopping rule evaluates (the audit's own sample, capped: a check runs every
-# few steps, so its cost must stay near a step's).
-CHECK_RETAIN_ROWS = 1000
 
 
 __all__ = ["Outcome", "RunOptions", "forget_digest", "next_version", "run"]
@@ -131,13 +128,6 @@ def cpu_threads(parameters: int, processes: int = 1) -> int:
     if parameters < SMALL_MODEL_PARAMETERS:
         return 1
     return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))) // max(1, processes))
-
-
-def _bounded(n: int, limit: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
-    """All of 0..n-1, or a seeded random ``limit`` of them (sorted)."""
-    if n <= limit:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(rng.choice(n, size=limit, replace=False)).astype(np.int64)
 
 
 @dataclass
@@ -302,13 +292,8 @@ class Recipe:
             outputs,
         )
         # The audit's own seed, never the method's: the same model gets the same audit whatever runs after it.
-        rng = np.random.default_rng(spec.audit.seed)
-        limit = spec.audit.max_samples
-        rows = {
-            "forget": _bounded(len(forget), limit, rng),
-            "retain": _bounded(len(retain), limit, rng),
-            "heldout": _bounded(len(test), limit, rng),
-        }
+        sizes = {"forget": len(forget), "retain": len(retain), "heldout": len(test)}
+        rows = audit.audited_rows(sizes, spec.audit.max_samples, spec.audit.seed)
         parts = {"forget": forget, "retain": retain, "heldout": test}
         audited = {k: parts[k].take(torch.from_numpy(v).to(device)) for k, v in rows.items()}
         labels = {k: v.y.cpu().numpy() for k, v in audited.items()}
@@ -364,14 +349,14 @@ class Recipe:
         )
 
     def monitor(self, inputs: Inputs) -> Monitor | None:
-        """The stopping rule (``calibrated.objective``) on the audited rows, at most ``CHECK_RETAIN_ROWS`` retained."""
+        """The stopping rule (``calibrated.objective``) on the audited rows, ``calibrated.check_rows`` retained."""
         the_plan = inputs.plan
         if the_plan is None:
             return None
         full = replace(inputs.ctx, mixed_precision=False)
         retain = inputs.audited["retain"]
-        keep = min(len(retain), CHECK_RETAIN_ROWS)
-        retain_x, retain_y = retain.x[:keep], inputs.labels["retain"][:keep]
+        keep = calibrated.check_rows(len(retain), self.spec.audit.seed)
+        retain_x, retain_y = retain.x[torch.from_numpy(keep).to(retain.x.device)], inputs.labels["retain"][keep]
         objective = calibrated.Objective(the_plan, self.spec.audit.seed)
 
         def estimate(module: nn.Module) -> float:

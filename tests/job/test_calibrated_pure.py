@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from unlearn import audit
 from unlearn import calibrated as cal
 
 pytestmark = pytest.mark.unit
@@ -158,6 +159,26 @@ def test_the_objective_fits_its_attack_once_and_keeps_it() -> None:
     refit = cal.estimate_gap(*parts(moved_forget, sharper), the_plan.audited_targets, the_plan.reference)
     frozen = cal.estimate_gap(*parts(moved_forget, sharper), the_plan.audited_targets, the_plan.reference, attack=first)
     assert refit.mia != frozen.mia  # the refitted attack reads the moved retain rows; the kept one does not
+
+
+def test_the_checks_retained_rows_are_spread_over_the_audited_rows() -> None:
+    """The audit takes every row of a small set and a seeded sorted sample of a large one; the stopping rule's
+    checks take a seeded sample of those, spread over the whole set: the first 1,000 of data sorted by class
+    would hold two of its ten classes."""
+    rows = audit.audited_rows({"forget": 300, "retain": 20_000, "heldout": 4_000}, 5000, seed=0)
+    assert np.array_equal(rows["forget"], np.arange(300))
+    assert len(rows["retain"]) == 5000
+    assert len(np.unique(rows["retain"])) == 5000
+    assert np.all(np.diff(rows["retain"]) > 0)
+    assert rows["retain"].max() < 20_000
+    assert np.array_equal(rows["heldout"], np.arange(4000))
+    assert np.array_equal(audit.audited_rows({"retain": 20_000}, 5000, seed=0)["retain"], rows["retain"])
+    assert not np.array_equal(audit.audited_rows({"retain": 20_000}, 5000, seed=1)["retain"], rows["retain"])
+    sorted_labels = np.repeat(np.arange(10), 500)  # the 5,000 audited retained rows, sorted by class
+    checked = cal.check_rows(5000, seed=0)
+    assert len(checked) == cal.CHECK_RETAIN_ROWS == 1000
+    assert np.bincount(sorted_labels[checked], minlength=10).min() >= 70  # every class, ~100 each
+    assert np.array_equal(cal.check_rows(600, seed=0), np.arange(600))
 
 
 def test_membership_test_counts_rows_above_the_null_at_one_percent() -> None:
