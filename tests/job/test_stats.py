@@ -185,6 +185,21 @@ def _bisect(f: Callable[[float], float], low: float, high: float) -> float:
     return (low + high) / 2
 
 
+def test_the_same_outputs_are_fitted_once() -> None:
+    """The audit and the evidence fit the same attack on the same outputs: the second asks for the first's."""
+    rng = np.random.default_rng(6)
+    members, others = 1 - rng.beta(0.3, 30, 400), 1 - rng.beta(0.5, 6, 400)
+    first = stats.fit_svc_attack(members, others, seed=0)
+    assert stats.fit_svc_attack(members.copy(), list(others), seed=0) is first
+    moved = members.copy()
+    moved[0] = 0.5
+    assert stats.fit_svc_attack(moved, others, seed=0) is not first
+    assert stats.fit_svc_attack(members, others, seed=1) is not first
+    # Where the retained rows end and the held-out rows begin is part of what was fitted.
+    both = np.concatenate([members, others])
+    assert stats.fit_svc_attack(both[:399], both[399:], seed=0) is not first
+
+
 def test_svc_attack_without_enough_rows_has_no_efficacy() -> None:
     assert stats.fit_svc_attack([0.9], [0.2, 0.3]).model is None
     assert not stats.fit_svc_attack([0.9], [0.2, 0.3]).efficacy([0.5]).finite
