@@ -55,6 +55,8 @@ def test_the_table_shows_the_whole_job_speed_up_and_where_the_time_went() -> Non
     )
     assert "**4.0x**" in table
     assert "11.0x" in table
+    assert "banks of K = 4." in table  # a run from before the field: its banks had K = 4
+    assert "banks of K = 10." in job_time.render({**result, "runs": [{**run, "bankFolds": 10}]})
 
 
 def test_the_bench_command_lists_it(capsys: pytest.CaptureFixture[str]) -> None:
