@@ -224,8 +224,8 @@ class AuditMetrics(SummaryMetrics):
     ] = Field(
         default=None,
         description="Percent of the forgotten samples that an attack trained on retained (members) against "
-        "held-out samples (non-members) calls non-members: the papers' MIA-efficacy (SVC on the true-label "
-        "confidence, as in SalUn's SVC_MIA).",
+        "held-out samples (non-members; of the other classes when whole classes are removed) calls non-members: "
+        "the papers' MIA-efficacy (SVC on the true-label confidence, as in SalUn's SVC_MIA).",
     )
     forget_loss: Annotated[float, Number("forget loss", ".3f", "up from `pre`, toward the loss on unseen data")] = (
         Field(description="Mean cross-entropy on the forgotten samples.")

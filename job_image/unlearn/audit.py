@@ -172,8 +172,9 @@ def audit_outputs(
 
     ``heldout_before``: the held-out logits of the model before unlearning (the
     same rows), for the paired fall in held-out accuracy. ``removed_classes``:
-    classes the request removes whole; that fall is then measured on the
-    held-out rows of the other classes (falling to 0 on a removed class is the point).
+    classes the request removes whole; that fall and MIA-efficacy's non-members
+    are then the held-out rows of the other classes (falling to 0 on a removed
+    class is the point).
     """
     f_logits, f_labels = forget
     r_logits, r_labels = retain
@@ -194,11 +195,14 @@ def audit_outputs(
     loss_auc = stats.auc(members, nonmembers, f_labels, h_labels)
     classifier = stats.classifier_attack(f_features, h_features, f_labels, h_labels, seed=seed)
     gap = stats.mean_difference(f_conf, h_conf, f_labels, h_labels)
+    # A class removed whole: held-out rows of the other classes stand for unseen data (falling to 0 on the
+    # removed class is the point), in the held-out accuracy's fall and in MIA-efficacy, as the benchmark
+    # and the evidence measure them.
+    others = ~np.isin(h_labels, list(removed_classes))
     drop = None
     if heldout_before is not None:
-        kept = ~np.isin(h_labels, list(removed_classes))
         change = stats.paired_change(
-            _correct(heldout_before[kept], h_labels[kept]), _correct(h_logits[kept], h_labels[kept])
+            _correct(heldout_before[others], h_labels[others]), _correct(h_logits[others], h_labels[others])
         )
         drop = keep("test_accuracy_drop", change.scaled(100.0))
     values: dict[str, Any] = {
@@ -209,7 +213,9 @@ def audit_outputs(
         "mia_auc": keep("mia_auc", loss_auc),
         "mia_classifier_accuracy": keep("mia_classifier_accuracy", classifier),
         "mia_tpr_at_1fpr": keep("mia_tpr_at_1fpr", stats.tpr_at_fpr(members, nonmembers, 0.01, f_labels, h_labels)),
-        "mia_efficacy": keep("mia_efficacy", mia_efficacy(retain, heldout, forget, seed=seed)),
+        "mia_efficacy": keep(
+            "mia_efficacy", mia_efficacy(retain, (h_logits[others], h_labels[others]), forget, seed=seed)
+        ),
         "forget_loss": float(per_sample_loss(f_logits, f_labels).mean()) if len(f_labels) else float("nan"),
         "test_accuracy_drop": drop,
         "control_mia_auc": keep(

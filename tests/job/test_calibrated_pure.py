@@ -181,6 +181,32 @@ def test_the_checks_retained_rows_are_spread_over_the_audited_rows() -> None:
     assert np.array_equal(cal.check_rows(600, seed=0), np.arange(600))
 
 
+def test_a_class_removals_mia_efficacy_counts_the_other_classes_held_out_rows() -> None:
+    """The record's MIA-efficacy on a class removal fits its attack against held-out rows of the other classes,
+    as the benchmark and the evidence do: the removed class's held-out rows are not unseen data of the kind
+    the forget rows are compared with (here, as before unlearning, the model still knows the class)."""
+    rng = np.random.default_rng(8)
+    c = 3
+
+    def outputs(labels: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = rng.normal(0.0, 0.3, (len(labels), c))
+        logits[np.arange(len(labels)), labels] += own
+        return logits, labels
+
+    retain = outputs(rng.integers(1, c, 600), rng.uniform(3.0, 5.0, 600))
+    # The forget rows (class 0) and the class's held-out rows alike, between the retained and the others.
+    forget = outputs(np.zeros(80, dtype=np.int64), rng.uniform(1.0, 2.0, 80))
+    h_labels = rng.integers(0, c, 900)
+    heldout = outputs(h_labels, np.where(h_labels == 0, rng.uniform(1.0, 2.0, 900), rng.uniform(-2.0, 0.0, 900)))
+    kept = h_labels != 0
+    metrics = audit.audit_outputs(forget, retain, heldout, removed_classes=(0,))
+    others = audit.mia_efficacy(retain, (heldout[0][kept], heldout[1][kept]), forget).value
+    every = audit.mia_efficacy(retain, heldout, forget).value
+    assert metrics.mia_efficacy == pytest.approx(others)
+    assert abs(others - every) > 1.0  # the choice of rows matters here
+    assert audit.audit_outputs(forget, retain, heldout).mia_efficacy == pytest.approx(every)
+
+
 def test_membership_test_counts_rows_above_the_null_at_one_percent() -> None:
     rng = np.random.default_rng(1)
     test_phi = rng.normal(5.0, 1.0, 2000)
